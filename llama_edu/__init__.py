@@ -1,0 +1,24 @@
+"""llama_edu: Llama 2 built from scratch in PyTorch, matching Hugging Face transformers."""
+
+from .attention import LlamaAttention, repeat_kv
+from .cache import Cache, DynamicCache, StaticCache
+from .config import PRESETS, LlamaConfig
+from .mlp import LlamaMLP
+from .model import (
+    LlamaDecoderLayer,
+    LlamaForCausalLM,
+    LlamaForSequenceClassification,
+    LlamaModel,
+    LlamaPreTrainedModel,
+)
+from .rmsnorm import LlamaRMSNorm
+from .rope import LlamaRotaryEmbedding, apply_rotary_pos_emb, rotate_half
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Cache", "DynamicCache", "StaticCache", "LlamaConfig", "PRESETS", "LlamaAttention", "repeat_kv",
+    "LlamaMLP", "LlamaRMSNorm", "LlamaRotaryEmbedding", "apply_rotary_pos_emb", "rotate_half",
+    "LlamaDecoderLayer", "LlamaModel", "LlamaForCausalLM", "LlamaForSequenceClassification",
+    "LlamaPreTrainedModel",
+]

@@ -1,0 +1,299 @@
+"""LlamaConfig: every hyper-parameter of a Llama model, as Hugging Face's ``config.json`` names it.
+
+The fields and defaults are those of ``transformers.LlamaConfig`` (v4.37 documentation), so a
+real ``config.json`` from the hub loads with ``LlamaConfig(**json.load(f))`` and a config saved
+here loads in transformers. Values that cannot work raise a ``ValueError`` naming the field and
+the fix, at construction time rather than deep inside a forward pass.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+ACTIVATIONS = ("silu", "swish", "gelu", "gelu_new", "gelu_pytorch_tanh", "relu")
+ATTENTION_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2")
+ROPE_SCALING_TYPES = ("linear", "dynamic")
+
+
+class LlamaConfig:
+    """The configuration of a Llama model. Defaults describe Llama 2 7B with a 2048 context,
+    exactly as transformers' ``LlamaConfig()`` does; see :data:`PRESETS` for the real shapes.
+
+    Unknown keyword arguments are kept as attributes (and written back by :meth:`to_dict`),
+    as transformers does, so nothing in a ``config.json`` is lost in a round trip.
+    """
+
+    model_type = "llama"
+
+    def __init__(
+        self,
+        vocab_size: int = 32000,
+        hidden_size: int = 4096,
+        intermediate_size: int = 11008,
+        num_hidden_layers: int = 32,
+        num_attention_heads: int = 32,
+        num_key_value_heads: int | None = None,
+        hidden_act: str = "silu",
+        max_position_embeddings: int = 2048,
+        initializer_range: float = 0.02,
+        rms_norm_eps: float = 1e-6,
+        use_cache: bool = True,
+        pad_token_id: int | None = None,
+        bos_token_id: int | None = 1,
+        eos_token_id: int | list[int] | None = 2,
+        pretraining_tp: int = 1,
+        tie_word_embeddings: bool = False,
+        rope_theta: float = 10000.0,
+        rope_scaling: dict | None = None,
+        attention_bias: bool = False,
+        attention_dropout: float = 0.0,
+        attn_implementation: str | None = None,
+        **kwargs: Any,
+    ):
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.intermediate_size = intermediate_size
+        self.num_hidden_layers = num_hidden_layers
+        self.num_attention_heads = num_attention_heads
+        # None means multi-head attention: one key/value head per query head.
+        self.num_key_value_heads = num_attention_heads if num_key_value_heads is None else num_key_value_heads
+        self.hidden_act = hidden_act
+        self.max_position_embeddings = max_position_embeddings
+        self.initializer_range = initializer_range
+        self.rms_norm_eps = rms_norm_eps
+        self.use_cache = use_cache
+        self.pad_token_id = pad_token_id
+        self.bos_token_id = bos_token_id
+        self.eos_token_id = eos_token_id
+        self.pretraining_tp = pretraining_tp
+        self.tie_word_embeddings = tie_word_embeddings
+        self.rope_theta = rope_theta
+        self.rope_scaling = rope_scaling
+        self.attention_bias = attention_bias
+        self.attention_dropout = attention_dropout
+
+        # Generic fields every transformers config has; the heads and forward() read them.
+        num_labels = kwargs.pop("num_labels", None)
+        self.id2label = {int(k): v for k, v in (kwargs.pop("id2label", None) or {}).items()}
+        self.label2id = dict(kwargs.pop("label2id", None) or {})
+        if num_labels is not None and num_labels != len(self.id2label):
+            self.num_labels = num_labels
+        elif not self.id2label:
+            self.num_labels = 2
+        self.problem_type = kwargs.pop("problem_type", None)
+        self.output_attentions = kwargs.pop("output_attentions", False)
+        self.output_hidden_states = kwargs.pop("output_hidden_states", False)
+        self.return_dict = kwargs.pop("return_dict", True)
+        self.torch_dtype = kwargs.pop("torch_dtype", None)
+        self.architectures = kwargs.pop("architectures", None)
+        kwargs.pop("model_type", None)
+        kwargs.pop("_attn_implementation", None)
+        for key, value in kwargs.items():  # keep what we do not know, as transformers does
+            setattr(self, key, value)
+
+        self._attn_implementation = attn_implementation or "sdpa"
+        self.validate()
+
+    # ------------------------------------------------------------------ derived values
+    @property
+    def head_dim(self) -> int:
+        """Size of one attention head: hidden_size / num_attention_heads (128 for every Llama 2)."""
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def num_labels(self) -> int:
+        """Number of classes of the sequence-classification head (from ``id2label``)."""
+        return len(self.id2label)
+
+    @num_labels.setter
+    def num_labels(self, n: int) -> None:
+        if not isinstance(n, int) or n < 1:
+            raise ValueError(f"num_labels must be a positive int, got {n!r}")
+        if len(self.id2label) != n:
+            self.id2label = {i: f"LABEL_{i}" for i in range(n)}
+            self.label2id = {v: k for k, v in self.id2label.items()}
+
+    @property
+    def use_return_dict(self) -> bool:
+        return self.return_dict
+
+    @property
+    def attn_implementation(self) -> str:
+        """Which attention kernel the model uses: "sdpa" (default), "eager" or "flash_attention_2"."""
+        return self._attn_implementation
+
+    @attn_implementation.setter
+    def attn_implementation(self, value: str) -> None:
+        self._attn_implementation = value
+        self._validate_attn_implementation()
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the field and the fix when a value cannot work."""
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                     "num_attention_heads", "num_key_value_heads", "max_position_embeddings",
+                     "pretraining_tp"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
+                f"({self.num_attention_heads}); choose a hidden_size that is a multiple of the head "
+                f"count, e.g. {self.num_attention_heads * max(1, self.hidden_size // self.num_attention_heads)}"
+            )
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_attention_heads ({self.num_attention_heads}) must be divisible by "
+                f"num_key_value_heads ({self.num_key_value_heads}): each key/value head serves a whole "
+                "group of query heads. Use a divisor, e.g. 1 (MQA), 8 (GQA) or num_attention_heads (MHA)"
+            )
+        if self.head_dim % 2:
+            raise ValueError(
+                f"the head size hidden_size/num_attention_heads = {self.head_dim} must be even, "
+                "because rotary embeddings rotate pairs of dimensions"
+            )
+        if self.hidden_act not in ACTIVATIONS:
+            raise ValueError(f"hidden_act {self.hidden_act!r} is not supported; use one of {ACTIVATIONS} (Llama uses 'silu')")
+        if self.rms_norm_eps <= 0:
+            raise ValueError(f"rms_norm_eps must be > 0, got {self.rms_norm_eps}")
+        if not 0.0 <= self.attention_dropout < 1.0:
+            raise ValueError(f"attention_dropout must be in [0, 1), got {self.attention_dropout}")
+        if self.rope_theta <= 0:
+            raise ValueError(f"rope_theta must be > 0, got {self.rope_theta}")
+        for name in ("hidden_size", "intermediate_size", "num_key_value_heads"):
+            if getattr(self, name) % self.pretraining_tp:
+                raise ValueError(f"{name} ({getattr(self, name)}) must be divisible by pretraining_tp ({self.pretraining_tp})")
+        if self.pad_token_id is not None and not 0 <= self.pad_token_id < self.vocab_size:
+            raise ValueError(
+                f"pad_token_id ({self.pad_token_id}) must be a token id in [0, vocab_size={self.vocab_size}); "
+                "after adding a pad token to the tokenizer, call model.resize_token_embeddings(len(tokenizer))"
+            )
+        self._validate_rope_scaling()
+        self._validate_attn_implementation()
+
+    def _validate_rope_scaling(self) -> None:
+        rs = self.rope_scaling
+        if rs is None:
+            return
+        if not isinstance(rs, dict) or set(rs) != {"type", "factor"}:
+            raise ValueError(
+                "rope_scaling must be None or a dict with exactly the fields 'type' and 'factor', "
+                f"e.g. {{'type': 'linear', 'factor': 2.0}}; got {rs!r}"
+            )
+        if rs["type"] not in ROPE_SCALING_TYPES:
+            raise ValueError(f"rope_scaling['type'] must be one of {list(ROPE_SCALING_TYPES)}, got {rs['type']!r}")
+        factor = rs["factor"]
+        if not isinstance(factor, float) or factor <= 1.0:
+            raise ValueError(
+                f"rope_scaling['factor'] must be a float > 1 (it stretches the context by that much), "
+                f"got {factor!r}; write e.g. 2.0, not 2"
+            )
+
+    def _validate_attn_implementation(self) -> None:
+        if self._attn_implementation not in ATTENTION_IMPLEMENTATIONS:
+            raise ValueError(
+                f"attn_implementation {self._attn_implementation!r} is unknown; "
+                f"use one of {list(ATTENTION_IMPLEMENTATIONS)}"
+            )
+
+    # ------------------------------------------------------------------ serialisation
+    def to_dict(self) -> dict[str, Any]:
+        """All fields as a JSON-ready dict, in the form transformers writes to ``config.json``."""
+        out = {k: copy.deepcopy(v) for k, v in self.__dict__.items() if not k.startswith("_")}
+        out["id2label"] = {str(k): v for k, v in self.id2label.items()}
+        out["model_type"] = self.model_type
+        if out.get("torch_dtype") is not None and not isinstance(out["torch_dtype"], str):
+            out["torch_dtype"] = str(out["torch_dtype"]).replace("torch.", "")
+        return dict(sorted(out.items()))
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], **overrides: Any) -> "LlamaConfig":
+        return cls(**{**d, **overrides})
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    def to_json_file(self, path: str | os.PathLike) -> None:
+        """Write ``config.json`` atomically (a temporary file renamed into place)."""
+        path = Path(path)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(self.to_json_string())
+            os.replace(tmp, path)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+
+    @classmethod
+    def from_json_file(cls, path: str | os.PathLike) -> "LlamaConfig":
+        with open(path) as f:
+            try:
+                d = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path} is not valid JSON ({e}); is it really a config.json?") from None
+        mt = d.get("model_type", "llama")
+        if mt != "llama":
+            raise ValueError(f"{path} describes a {mt!r} model, not a Llama ('model_type' should be 'llama')")
+        return cls(**d)
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
+        """Write ``config.json`` into ``save_directory`` (created if needed)."""
+        Path(save_directory).mkdir(parents=True, exist_ok=True)
+        self.to_json_file(Path(save_directory) / "config.json")
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, **overrides: Any) -> "LlamaConfig":
+        """Read ``config.json`` from a directory (or a path to the file itself), or a hub repo id."""
+        from .checkpoint import resolve_file  # local import: checkpoint imports config
+
+        p = Path(path)
+        file = p if p.is_file() else resolve_file(path, "config.json")
+        cfg = cls.from_json_file(file)
+        for k, v in overrides.items():
+            setattr(cfg, k, v)
+        cfg.validate()
+        return cfg
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> "LlamaConfig":
+        """A named shape, e.g. ``LlamaConfig.from_preset("llama2-7b")``; see :data:`PRESETS`."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, LlamaConfig) and self.to_dict() == other.to_dict()
+
+    def __repr__(self) -> str:
+        return f"LlamaConfig {self.to_json_string()}"
+
+
+#: Real shapes. Llama 2 values are those of Meta's released checkpoints in the HF layout.
+PRESETS: dict[str, dict[str, Any]] = {
+    "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
+                      rms_norm_eps=1e-5),
+    "llama2-13b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
+                       num_attention_heads=40, num_key_value_heads=40, max_position_embeddings=4096,
+                       rms_norm_eps=1e-5),
+    "llama2-70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                       num_attention_heads=64, num_key_value_heads=8, max_position_embeddings=4096,
+                       rms_norm_eps=1e-5),
+    # llama2.c's tinyllamas, trained on TinyStories.
+    "stories260k": dict(vocab_size=512, hidden_size=64, intermediate_size=172, num_hidden_layers=5,
+                        num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=512,
+                        rms_norm_eps=1e-5, tie_word_embeddings=True),
+    "stories15m": dict(vocab_size=32000, hidden_size=288, intermediate_size=768, num_hidden_layers=6,
+                       num_attention_heads=6, num_key_value_heads=6, max_position_embeddings=256,
+                       rms_norm_eps=1e-5, tie_word_embeddings=True),
+    # A few-thousand-parameter model for unit tests and shape demos.
+    "tiny": dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64),
+}

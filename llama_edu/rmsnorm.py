@@ -1,0 +1,31 @@
+"""RMSNorm (Zhang & Sennrich, 2019), the normalisation Llama uses instead of LayerNorm.
+
+    y = x / sqrt(mean(x**2) + eps) * weight          (eq. 4 of the paper, no bias, no centring)
+
+It is computed in float32 whatever the input dtype, then cast back: the mean of squares of
+bf16/fp16 activations loses too much precision (and can overflow in fp16) otherwise.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class LlamaRMSNorm(nn.Module):
+    """Root-mean-square normalisation over the last dimension, with a learned gain ``weight``."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """(..., hidden_size) -> (..., hidden_size), in the input's dtype times the weight's."""
+        input_dtype = hidden_states.dtype
+        x = hidden_states.to(torch.float32)
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return self.weight * x.to(input_dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.variance_epsilon}"
