@@ -13,6 +13,7 @@ those of transformers' ``modeling_llama.py``, so weights move between the two li
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -243,6 +244,8 @@ class LlamaModel(LlamaPreTrainedModel):
                 past_key_values = DynamicCache.from_legacy_cache(past_key_values)
         past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
 
+        if past_length + seq_length > cfg.max_position_embeddings and cfg.rope_scaling is None:
+            self._warn_beyond_context(past_length + seq_length)
         if position_ids is None:
             position_ids = torch.arange(past_length, past_length + seq_length, device=inputs_embeds.device)[None]
         impl = "eager" if output_attentions else cfg.attn_implementation
@@ -275,6 +278,18 @@ class LlamaModel(LlamaPreTrainedModel):
             next_cache = past_key_values.to_legacy_cache() if return_legacy_cache else past_key_values
         out = BaseModelOutputWithPast(hidden_states, next_cache, all_hidden_states, all_attentions)
         return out if return_dict else out.to_tuple()
+
+    def _warn_beyond_context(self, length: int) -> None:
+        # RoPE has no hard limit (dynamic NTK scaling exists to go past it), so this is a
+        # warning, once per model; generate() refuses such lengths outright.
+        if not getattr(self, "_warned_context", False):
+            self._warned_context = True
+            warnings.warn(
+                f"the sequence ({length} tokens) is longer than max_position_embeddings "
+                f"({self.config.max_position_embeddings}), the context the model was trained on: expect "
+                "degraded outputs, or set config.rope_scaling (e.g. {'type': 'dynamic', 'factor': 2.0})",
+                stacklevel=3,
+            )
 
     def _check_input_ids(self, input_ids: torch.Tensor) -> None:
         if input_ids.dim() != 2:

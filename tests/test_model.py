@@ -162,3 +162,15 @@ def test_classification_head_shape():
     model = LlamaForSequenceClassification(LlamaConfig(**SMALL, num_labels=4, pad_token_id=0))
     out = model(torch.randint(1, 97, (3, 7)))
     assert out.logits.shape == (3, 4)
+
+
+def test_beyond_context_warns_once_without_rope_scaling():
+    model = _model()  # max_position_embeddings = 32
+    with pytest.warns(UserWarning, match="longer than max_position_embeddings"):
+        model(torch.randint(0, 97, (1, 40)))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model(torch.randint(0, 97, (1, 40)))  # only once
+        _model(rope_scaling={"type": "dynamic", "factor": 2.0})(torch.randint(0, 97, (1, 40)))
