@@ -12,6 +12,8 @@ from .model import (
     LlamaPreTrainedModel,
 )
 from .rmsnorm import LlamaRMSNorm
+from .bpe import SentencePieceBPE, SentencePieceModel, merge_pair, train_bpe, train_sentencepiece
+from .tokenizer import DEFAULT_SYSTEM_PROMPT, BatchEncoding, LlamaTokenizer, LlamaTokenizerFast
 from .rope import LlamaRotaryEmbedding, apply_rotary_pos_emb, rotate_half
 
 __version__ = "0.1.0"
@@ -20,5 +22,6 @@ __all__ = [
     "Cache", "DynamicCache", "StaticCache", "LlamaConfig", "PRESETS", "LlamaAttention", "repeat_kv",
     "LlamaMLP", "LlamaRMSNorm", "LlamaRotaryEmbedding", "apply_rotary_pos_emb", "rotate_half",
     "LlamaDecoderLayer", "LlamaModel", "LlamaForCausalLM", "LlamaForSequenceClassification",
-    "LlamaPreTrainedModel",
+    "LlamaPreTrainedModel", "LlamaTokenizer", "LlamaTokenizerFast", "BatchEncoding", "DEFAULT_SYSTEM_PROMPT",
+    "SentencePieceBPE", "SentencePieceModel", "merge_pair", "train_bpe", "train_sentencepiece",
 ]

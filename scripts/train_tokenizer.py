@@ -7,7 +7,8 @@ This is the exact command that produced ``data/tokenizer.model``::
 
 The trainer settings are Llama 2's (see ``llama_edu.bpe.LLAMA2_TRAINER_SETTINGS``): BPE, byte
 fallback, digits split, identity normalisation, a dummy ``▁`` prefix, one thread (deterministic).
-The file is written atomically (temporary name, then rename).
+The file is written atomically (temporary name, then rename). When the output is named
+``tokenizer.model``, ``tokenizer_config.json`` and ``special_tokens_map.json`` are written beside it.
 """
 
 from __future__ import annotations
@@ -33,6 +34,14 @@ def main(argv: list[str] | None = None) -> None:
     text = Path(args.input) if args.input else find_data_file("tinyshakespeare.txt")
     data = train_sentencepiece(text, vocab_size=args.vocab_size, output_file=args.output)
     print(f"wrote {args.output}: {len(data)} bytes, {args.vocab_size} pieces, sha256 {hashlib.sha256(data).hexdigest()}")
+    output = Path(args.output)
+    if output.name == "tokenizer.model":
+        # tokenizer_config.json + special_tokens_map.json beside it, so that LlamaTokenizer.from_pretrained
+        # and transformers load the folder. legacy=True: Meta's behaviour, and no warning.
+        from llama_edu.tokenizer import LlamaTokenizer
+
+        for f in LlamaTokenizer(output, legacy=True).save_pretrained(output.parent)[:2]:
+            print(f"wrote {f}")
 
 
 if __name__ == "__main__":
