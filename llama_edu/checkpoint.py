@@ -1,0 +1,675 @@
+"""Saving and loading models in the Hugging Face layout, so checkpoints move both ways between
+llama_edu and transformers.
+
+A checkpoint folder holds
+
+    config.json                          the LlamaConfig, plus ``torch_dtype`` and ``architectures``
+    model.safetensors                    all weights, or, above ``max_shard_size``:
+    model-00001-of-00003.safetensors     shards ...
+    model.safetensors.index.json         {"metadata": {"total_size": bytes}, "weight_map": {key: shard}}
+
+(``pytorch_model.bin`` / ``pytorch_model-0000N-of-0000M.bin`` + ``pytorch_model.bin.index.json``
+for the older pickle format, which we read only through ``torch.load(weights_only=True)``.)
+
+Loading keeps peak memory near one copy of the weights: the model is built on the ``meta``
+device (shapes, no storage), then every tensor is read from the memory-mapped file one at a time,
+converted to the target dtype/device and put into the model with
+``load_state_dict(assign=True)``. Saving is atomic: every file is written under a temporary name
+in the target folder and renamed only when all of them are complete, config.json last.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+import re
+import uuid
+import warnings
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import torch
+from torch import nn
+
+from .config import LlamaConfig
+
+CONFIG_NAME = "config.json"
+SAFE_WEIGHTS_NAME = "model.safetensors"
+SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+WEIGHTS_NAME = "pytorch_model.bin"
+WEIGHTS_INDEX_NAME = "pytorch_model.bin.index.json"
+#: What we look for, in transformers' order of preference.
+WEIGHT_FILES = (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_NAME, WEIGHTS_INDEX_NAME)
+
+#: Weights that belong to a task head rather than to the shared LlamaModel body.
+HEAD_KEYS = ("lm_head.weight", "score.weight")
+
+_DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float64": torch.float64, "double": torch.float64,
+}
+# safetensors header dtype names
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+# --------------------------------------------------------------------------------------------
+# Finding files: a local folder or a hub repo id
+# --------------------------------------------------------------------------------------------
+def looks_like_repo_id(name: str) -> bool:
+    """``"meta-llama/Llama-2-7b-hf"`` or ``"gpt2"`` (not ``./x``, ``/abs/path`` or ``a/b/c``)."""
+    return bool(_REPO_ID.match(name)) and not name.endswith((".json", ".safetensors", ".bin", ".pth"))
+
+
+def _hub_offline() -> bool:
+    """HF_HUB_OFFLINE read now (huggingface_hub reads it once, at import)."""
+    if os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
+        return True
+    try:
+        from huggingface_hub import constants
+
+        return bool(constants.HF_HUB_OFFLINE)
+    except ImportError:
+        return False
+
+
+def _how_to_download(repo_id: str) -> str:
+    return (
+        f"download it on a machine with network access: `huggingface-cli download {repo_id} "
+        f"--local-dir DIR` (gated repos such as meta-llama/* also need `huggingface-cli login` and "
+        "an accepted licence), then pass DIR instead of the repo id"
+    )
+
+
+def _hub_download(repo_id: str, filename: str, missing_ok: bool) -> Path | None:
+    """``hf_hub_download`` with errors that say what to do; ``None`` when the repo has no such
+    file and ``missing_ok``."""
+    try:
+        from huggingface_hub import hf_hub_download
+    except ImportError:
+        raise OSError(
+            f"{repo_id!r} is not a local folder, and huggingface_hub is not installed to download it. "
+            f"`pip install huggingface_hub`, or {_how_to_download(repo_id)}"
+        ) from None
+    offline = _hub_offline()
+    try:
+        # local_files_only: offline we may still find it in the hub cache, without a network call.
+        return Path(hf_hub_download(repo_id, filename, local_files_only=offline))
+    except Exception as e:  # noqa: BLE001 - hub errors come in many classes; we sort them by name
+        kind = type(e).__name__
+        if missing_ok and kind in ("EntryNotFoundError", "RemoteEntryNotFoundError", "LocalEntryNotFoundError"):
+            return None
+        if kind == "RepositoryNotFoundError":
+            raise OSError(
+                f"{repo_id!r} is neither a local folder nor a hub repository you can access "
+                "(private or gated repos need `huggingface-cli login`)"
+            ) from None
+        if kind == "GatedRepoError":
+            raise OSError(f"{repo_id!r} is gated: accept its licence on huggingface.co and `huggingface-cli login`") from None
+        why = "HF_HUB_OFFLINE is set and it is not in the hub cache" if offline else f"{kind}: {e}"
+        raise OSError(
+            f"{repo_id!r} is not a local folder, and {filename} could not be fetched from the Hugging Face hub "
+            f"({why}); {_how_to_download(repo_id)}"
+        ) from None
+
+
+def resolve_file(path_or_repo: str | os.PathLike, filename: str, *, missing_ok: bool = False) -> Path | None:
+    """The local path of ``filename`` inside a checkpoint folder or a hub repo.
+
+    - a local folder: the file in it, or ``FileNotFoundError`` naming the folder and the file;
+    - a path that does not exist and is not a repo id: ``FileNotFoundError``;
+    - a repo id such as ``"meta-llama/Llama-2-7b-hf"``: downloaded (and cached) through
+      ``huggingface_hub.hf_hub_download`` with its usual token; offline, or without
+      huggingface_hub, an ``OSError`` that says what to download and where to put it.
+
+    ``missing_ok=True`` returns ``None`` instead of raising when only the file is missing.
+    """
+    p = Path(path_or_repo).expanduser()
+    if p.is_dir():
+        f = p / filename
+        if f.is_file():
+            return f
+        if missing_ok:
+            return None
+        present = sorted(x.name for x in p.iterdir())[:12]
+        raise FileNotFoundError(f"{filename} is missing from the folder {p} (it holds: {present or 'nothing'})")
+    if p.exists():
+        raise FileNotFoundError(f"{p} is a file; pass the checkpoint folder that contains {filename}")
+    name = str(path_or_repo)
+    if not looks_like_repo_id(name):
+        raise FileNotFoundError(f"{name} does not exist (and it is not a hub repo id like 'meta-llama/Llama-2-7b-hf')")
+    return _hub_download(name, filename, missing_ok)
+
+
+# --------------------------------------------------------------------------------------------
+# Small parsers
+# --------------------------------------------------------------------------------------------
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | str:
+    """None -> float32; "auto" stays "auto"; "float16"/"fp16"/"torch.float16"/torch.float16 -> the dtype."""
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        if not dtype.is_floating_point:
+            raise ValueError(f"torch_dtype must be a floating-point dtype, got {dtype}")
+        return dtype
+    if isinstance(dtype, str):
+        key = dtype.lower().removeprefix("torch.")
+        if key == "auto":
+            return "auto"
+        if key in _DTYPES:
+            return _DTYPES[key]
+    raise ValueError(f"unknown torch_dtype {dtype!r}; use 'auto', 'float32', 'float16', 'bfloat16' or a torch.dtype")
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """torch.float16 -> "float16" (the form config.json uses)."""
+    return str(dtype).removeprefix("torch.")
+
+
+def parse_size(size: int | str) -> int:
+    """Bytes from ``5_000_000`` or ``"5MB"``/``"5GB"`` (powers of 1000) or ``"5MiB"``/``"5GiB"``
+    (powers of 1024), as transformers reads ``max_shard_size``."""
+    if isinstance(size, int) and not isinstance(size, bool):
+        if size <= 0:
+            raise ValueError(f"max_shard_size must be positive, got {size}")
+        return size
+    if isinstance(size, str):
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", size, flags=re.IGNORECASE)
+        if m:
+            unit = (m.group(2) or "B").upper()
+            scale = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+                     "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}[unit]
+            n = int(float(m.group(1)) * scale)
+            if n > 0:
+                return n
+    raise ValueError(f"max_shard_size {size!r} is not a size; use bytes (int) or a string like '200MB' or '5GB'")
+
+
+def _parse_device(device: str | torch.device | int | None) -> torch.device:
+    if device is None:
+        return torch.device("cpu")
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"unknown device {device!r} ({e}); use 'cpu', 'cuda', 'cuda:0' or 'mps'") from None
+
+
+# --------------------------------------------------------------------------------------------
+# Reading weight files
+# --------------------------------------------------------------------------------------------
+def find_weight_files(path_or_repo: str | os.PathLike) -> list[Path]:
+    """The weight files of a checkpoint, in order: one file, or the shards its index names."""
+    for name in WEIGHT_FILES:
+        f = resolve_file(path_or_repo, name, missing_ok=True)
+        if f is None:
+            continue
+        if not name.endswith(".index.json"):
+            return [f]
+        try:
+            index = json.loads(f.read_text())
+            shard_names = list(dict.fromkeys(index["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, AttributeError) as e:
+            raise OSError(f"{f} is not a valid weight index (expected {{'weight_map': {{key: file}}}}): {e}") from None
+        files = []
+        for shard in shard_names:
+            sf = resolve_file(path_or_repo, shard, missing_ok=True)
+            if sf is None:
+                raise FileNotFoundError(f"{f.name} in {path_or_repo} names the shard {shard}, which is missing; the download or save is incomplete")
+            files.append(sf)
+        return files
+    raise FileNotFoundError(
+        f"no weights in {path_or_repo}: expected one of {', '.join(WEIGHT_FILES)}"
+    )
+
+
+class _WeightFile:
+    """One safetensors or pickle weight file, opened lazily: keys, shapes and dtypes come from the
+    header (safetensors) or a memory-mapped ``torch.load``; tensors are read one at a time.
+
+    A safetensors file is an 8-byte little-endian header length, a JSON header
+    ``{key: {"dtype": "F32", "shape": [...], "data_offsets": [begin, end]}}`` and the raw bytes.
+    ``safe_open`` validates it; we then read each tensor's bytes straight into a fresh tensor
+    with ``readinto``. (Reading through the memory map would also count every page of the file
+    in the process's resident memory until the map is closed: two copies of the weights.)"""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.is_safetensors = path.suffix == ".safetensors"
+        try:
+            if self.is_safetensors:
+                from safetensors import safe_open
+
+                self._handle = safe_open(str(path), framework="pt", device="cpu")  # validates the file
+                self.keys = list(self._handle.keys())
+                with open(path, "rb") as f:
+                    n = int.from_bytes(f.read(8), "little")
+                    self._header = json.loads(f.read(n))
+                self._data_start = 8 + n
+            else:
+                self._handle = _torch_load(path)
+                self.keys = list(self._handle.keys())
+        except OSError:
+            raise
+        except Exception as e:  # safetensors_rust.SafetensorError, RuntimeError from zip reading, ...
+            raise OSError(f"could not read {path}: it is corrupt or truncated ({type(e).__name__}: {e}); re-download or re-save it") from None
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        if self.is_safetensors:
+            return tuple(self._handle.get_slice(key).get_shape())
+        return tuple(self._handle[key].shape)
+
+    def dtype(self, key: str) -> torch.dtype | None:
+        if self.is_safetensors:
+            return _SAFETENSORS_DTYPES.get(self._handle.get_slice(key).get_dtype())
+        return self._handle[key].dtype
+
+    def tensor(self, key: str) -> torch.Tensor:
+        if not self.is_safetensors:
+            return self._handle[key]
+        info = self._header[key]
+        dtype = _SAFETENSORS_DTYPES.get(info["dtype"])
+        if dtype is None:  # rare dtypes (ints, fp8): let safetensors decode them
+            return self._handle.get_tensor(key)
+        begin, end = info["data_offsets"]
+        t = torch.empty(info["shape"], dtype=dtype)
+        buf = t.reshape(-1).view(torch.uint8).numpy()
+        if buf.nbytes != end - begin:
+            raise OSError(f"{self.path} is corrupt: {key} has {end - begin} bytes for shape {info['shape']} {info['dtype']}")
+        with open(self.path, "rb") as f:
+            f.seek(self._data_start + begin)
+            if f.readinto(buf) != buf.nbytes:
+                raise OSError(f"could not read {key} from {self.path}: the file is truncated")
+        return t
+
+
+def _torch_load(path: Path) -> dict[str, torch.Tensor]:
+    """``torch.load`` of a pickle checkpoint that refuses anything but tensors (weights_only),
+    memory-mapped when the file format allows it."""
+    import pickle
+
+    try:
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            sd = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
+    except pickle.UnpicklingError as e:
+        raise OSError(
+            f"refused to load {path}: it contains Python objects other than tensors, and unpickling "
+            f"them could run arbitrary code ({str(e).splitlines()[0]}). Only if you trust its source, "
+            "convert it yourself with torch.load(..., weights_only=False) and save it as safetensors"
+        ) from None
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise OSError(f"{path} does not hold a state dict (a dict of tensors)")
+    return sd
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _skip_init(cls: type[nn.Module]) -> Iterator[None]:
+    """Build a model without initialising its weights (they are overwritten by the checkpoint),
+    as transformers' ``no_init_weights`` does. On the meta device nothing would be computed
+    anyway, but the first ``normal_`` on a meta tensor imports PyTorch's Python meta kernels
+    (~2 s and ~70 MB once per process)."""
+    def keep(tensor, *args, **kwargs):
+        return tensor
+
+    saved = {name: getattr(nn.init, name) for name in dir(nn.init) if name.endswith("_") and not name.startswith("_")}
+    # The class that defines _init_weights (LlamaPreTrainedModel): the inner LlamaModel uses it too.
+    owner = next((c for c in cls.__mro__ if "_init_weights" in c.__dict__), None)
+    original = owner.__dict__["_init_weights"] if owner is not None else None
+    try:
+        for name in saved:
+            setattr(nn.init, name, keep)
+        if owner is not None:
+            owner._init_weights = lambda self, module: None
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(nn.init, name, fn)
+        if owner is not None:
+            owner._init_weights = original
+
+
+def _rename_keys(ckpt_keys: Iterable[str], model_keys: set[str], prefix: str) -> dict[str, str]:
+    """Map checkpoint keys to model keys, adding or stripping the base-model prefix ``model.``
+    as transformers does when a head checkpoint loads into LlamaModel or the other way round."""
+    ckpt_keys = list(ckpt_keys)
+    model_has = any(k.startswith(prefix) for k in model_keys)
+    ckpt_has = any(k.startswith(prefix) for k in ckpt_keys)
+    if ckpt_has and not model_has:  # LlamaForCausalLM checkpoint -> LlamaModel
+        return {k: k[len(prefix):] if k.startswith(prefix) else k for k in ckpt_keys}
+    if model_has and not ckpt_has:  # LlamaModel checkpoint -> a model with a head
+        return {k: prefix + k for k in ckpt_keys}
+    return {k: k for k in ckpt_keys}
+
+
+def _config_mismatches(config: LlamaConfig, shapes: dict[str, tuple[int, ...]], prefix: str) -> list[str]:
+    """Sentences naming config fields that disagree with the weights' shapes."""
+    def get(key):
+        return shapes.get(prefix + key, shapes.get(key))
+
+    problems = []
+    emb = get("embed_tokens.weight")
+    if emb is not None and len(emb) == 2:
+        if emb[1] != config.hidden_size:
+            problems.append(f"config says hidden_size={config.hidden_size} but the weights have {emb[1]} (embed_tokens.weight is {emb})")
+        if emb[0] != config.vocab_size:
+            problems.append(f"config says vocab_size={config.vocab_size} but the weights have {emb[0]} (embed_tokens.weight is {emb})")
+    layers = {int(m.group(1)) for k in shapes for m in [re.search(r"layers\.(\d+)\.", k)] if m}
+    if layers and max(layers) + 1 != config.num_hidden_layers:
+        problems.append(f"config says num_hidden_layers={config.num_hidden_layers} but the weights have {max(layers) + 1} layers")
+    gate = get("layers.0.mlp.gate_proj.weight")
+    if gate is not None and gate[0] != config.intermediate_size:
+        problems.append(f"config says intermediate_size={config.intermediate_size} but the weights have {gate[0]}")
+    k_proj = get("layers.0.self_attn.k_proj.weight")
+    if k_proj is not None and k_proj[0] != config.num_key_value_heads * config.head_dim:
+        problems.append(
+            f"config says num_key_value_heads={config.num_key_value_heads} (x head_dim {config.head_dim}) "
+            f"but k_proj has {k_proj[0]} output rows"
+        )
+    return problems
+
+
+def load_pretrained(
+    cls: type[nn.Module],
+    path_or_repo: str | os.PathLike,
+    *,
+    config: LlamaConfig | None = None,
+    torch_dtype: str | torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    attn_implementation: str | None = None,
+    progress: bool = True,
+    low_cpu_mem_usage: bool | None = None,
+    **config_overrides: Any,
+) -> nn.Module:
+    """Build ``cls`` (LlamaForCausalLM, LlamaModel or LlamaForSequenceClassification) from a
+    Hugging Face-layout checkpoint folder or hub repo id, as ``transformers``' ``from_pretrained``.
+
+    ``torch_dtype``: None -> float32 (whatever the file holds), "auto" -> config.json's
+    ``torch_dtype`` (else the weights' dtype), or an explicit dtype to convert to.
+    ``device``: where the weights go ("cpu" default, "cuda", ...). ``config_overrides`` set config
+    fields (e.g. ``num_labels=3``). ``low_cpu_mem_usage`` is accepted for compatibility; loading
+    is always low-memory. Returns the model in ``eval()`` mode.
+    """
+    del low_cpu_mem_usage
+    # -- config -------------------------------------------------------------------------------
+    if config is None:
+        config = LlamaConfig.from_pretrained(path_or_repo)
+    elif not isinstance(config, LlamaConfig):
+        raise TypeError(f"config must be a LlamaConfig, got {type(config).__name__}")
+    else:
+        config = copy.deepcopy(config)
+    for key, value in config_overrides.items():
+        if not hasattr(config, key):
+            raise TypeError(f"from_pretrained got an unexpected argument {key!r} (it is not a LlamaConfig field either)")
+        setattr(config, key, value)
+    if attn_implementation is not None:
+        config.attn_implementation = attn_implementation
+    config.validate()
+    target_device = _parse_device(device)
+
+    # -- what the files hold ------------------------------------------------------------------
+    files = [_WeightFile(f) for f in find_weight_files(path_or_repo)]
+    where: dict[str, _WeightFile] = {}
+    for wf in files:
+        for k in wf.keys:
+            where[k] = wf
+
+    dtype = parse_dtype(torch_dtype)
+    if dtype == "auto":
+        if config.torch_dtype:
+            dtype = parse_dtype(config.torch_dtype)
+        else:
+            first = next((k for k in where if not k.endswith("inv_freq")), None)
+            dtype = (where[first].dtype(first) if first else None) or torch.float32
+
+    # -- build without memory, then match keys ------------------------------------------------
+    with torch.device("meta"), _skip_init(cls):
+        model = cls(config)
+    prefix = getattr(cls, "base_model_prefix", "model") + "."
+    expected = {k: tuple(v.shape) for k, v in model.state_dict(keep_vars=True).items()}
+    tied = bool(config.tie_word_embeddings) and model.get_output_embeddings() is not None
+    if tied:
+        expected.pop("lm_head.weight", None)  # comes from embed_tokens after re-tying
+
+    ckpt_keys = [k for k in where if not k.endswith("rotary_emb.inv_freq")]  # old HF files kept these buffers
+    rename = _rename_keys(ckpt_keys, set(expected), prefix)
+    if tied:
+        rename = {src: dst for src, dst in rename.items() if dst != "lm_head.weight"}
+    found = {dst: src for src, dst in rename.items()}
+    shapes = {dst: where[src].shape(src) for src, dst in rename.items()}
+
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected]
+    head_missing = [k for k in missing if k in HEAD_KEYS]
+    head_unused = [k for k in unexpected if k in HEAD_KEYS]
+    body_missing = [k for k in missing if k not in HEAD_KEYS]
+    body_unexpected = [k for k in unexpected if k not in HEAD_KEYS]
+    bad_shapes = [(k, expected[k], shapes[k]) for k in expected if k in found and shapes[k] != expected[k]]
+
+    if body_missing or body_unexpected or bad_shapes:
+        lines = [f"the weights in {path_or_repo} do not fit {cls.__name__} built from its config:"]
+        mismatch = _config_mismatches(config, shapes, prefix)
+        if mismatch:
+            lines.append("the config does not match the weights: " + "; ".join(mismatch) + ". Use the config.json saved with the weights (or fix it).")
+        if bad_shapes:
+            lines.append("shape mismatches: " + "; ".join(f"{k}: expected {tuple(e)}, found {tuple(f)}" for k, e, f in bad_shapes[:10])
+                         + (f" (and {len(bad_shapes) - 10} more)" if len(bad_shapes) > 10 else ""))
+        if body_missing:
+            lines.append(f"missing keys ({len(body_missing)}): {body_missing[:10]}" + (" ..." if len(body_missing) > 10 else ""))
+        if body_unexpected:
+            lines.append(f"unexpected keys ({len(body_unexpected)}): {body_unexpected[:10]}" + (" ..." if len(body_unexpected) > 10 else ""))
+        raise ValueError("\n".join(lines))
+    if head_unused:
+        warnings.warn(
+            f"Some weights of the checkpoint at {path_or_repo} were not used when initializing {cls.__name__}: "
+            f"{head_unused}. This IS expected if you are initializing {cls.__name__} from the checkpoint of a "
+            "model with another head (e.g. LlamaModel from LlamaForCausalLM).",
+            stacklevel=3,
+        )
+    if head_missing:
+        hint = ""
+        if "lm_head.weight" in head_missing and not config.tie_word_embeddings and not head_unused:
+            hint = " If the checkpoint was saved with tied embeddings, pass tie_word_embeddings=True."
+        warnings.warn(
+            f"Some weights of {cls.__name__} were not initialized from the model checkpoint at {path_or_repo} "
+            f"and are newly initialized: {head_missing}. You should probably TRAIN this model on a down-stream "
+            f"task to be able to use it for predictions and inference.{hint}",
+            stacklevel=3,
+        )
+
+    # -- materialise, one tensor at a time ------------------------------------------------------
+    state: dict[str, torch.Tensor] = {}
+    by_file: dict[Path, list[str]] = {}
+    for dst in expected:
+        if dst in found:
+            by_file.setdefault(where[found[dst]].path, []).append(dst)
+    from tqdm.auto import tqdm
+
+    total_bytes = sum(f.path.stat().st_size for f in files)
+    show = progress and (len(files) > 1 or total_bytes > 2**30)
+    bar = tqdm(total=len(found), desc="Loading weights", unit="tensor", disable=not show)
+    for wf in files:
+        for dst in by_file.get(wf.path, []):
+            t = wf.tensor(found[dst])
+            if t.is_floating_point():
+                # copy=True detaches pickle-file tensors from their memory map; safetensors ones
+                # are fresh already, and .to() with nothing to do is free.
+                t = t.to(device=target_device, dtype=dtype, copy=not wf.is_safetensors)
+            state[dst] = t
+            bar.update(1)
+    bar.close()
+    for dst in head_missing:  # fresh heads: real storage now, initialised below
+        state[dst] = torch.empty(expected[dst], device=target_device, dtype=dtype)
+    model.load_state_dict(state, strict=False, assign=True)
+    del state
+    for dst in head_missing:
+        model._init_weights(model.get_submodule(dst.rsplit(".", 1)[0]))
+    model.tie_weights()
+    leftover = [n for n, p in model.named_parameters() if p.is_meta]
+    if leftover:  # every parameter should be real by now; a bug here must not pass silently
+        raise RuntimeError(f"internal error: parameters {leftover} were not loaded")
+    return model.eval()
+
+
+# --------------------------------------------------------------------------------------------
+# Saving
+# --------------------------------------------------------------------------------------------
+def _tensor_bytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _write_weights(tensors: dict[str, torch.Tensor], path: Path, safe_serialization: bool) -> None:
+    """Write one weight file (a helper so tests can make a write fail midway)."""
+    if safe_serialization:
+        from safetensors.torch import save_file
+
+        save_file(tensors, str(path), metadata={"format": "pt"})  # transformers requires "format"
+    else:
+        torch.save(tensors, path)
+
+
+def _write_json(obj: Any, path: Path) -> None:
+    with open(path, "w") as f:
+        f.write(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def write_checkpoint(
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    save_directory: str | os.PathLike,
+    config: dict[str, Any] | None,
+    *,
+    max_shard_size: int | str = "5GB",
+    safe_serialization: bool = True,
+    extra_files: dict[str, Any] | None = None,
+) -> list[Path]:
+    """Stream ``(key, tensor)`` pairs into an HF-layout folder, atomically.
+
+    Shards are cut as transformers cuts them (a new shard when the next tensor would exceed
+    ``max_shard_size``; a bigger tensor gets a shard of its own), so only one shard is in memory
+    at a time: converters can produce tensors lazily. ``config`` (a dict) becomes config.json;
+    ``extra_files`` maps a file name to a dict (written as JSON) or a source Path (copied).
+    Everything is written under temporary names first and renamed at the end, config.json last;
+    on any error the temporary files are removed and the folder is as it was. Returns the
+    final paths.
+    """
+    limit = parse_size(max_shard_size)
+    out = Path(save_directory)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} exists and is not a folder; choose another save_directory")
+    out.mkdir(parents=True, exist_ok=True)
+    tag = uuid.uuid4().hex[:8]
+    temps: list[Path] = []
+
+    def temp(name: str) -> Path:
+        p = out / f".{name}.{tag}.tmp"
+        temps.append(p)
+        return p
+
+    try:
+        shard_tmps: list[tuple[Path, list[str]]] = []
+        current: dict[str, torch.Tensor] = {}
+        current_size = total_size = 0
+
+        def flush():
+            path = temp(f"shard{len(shard_tmps)}")
+            _write_weights(current, path, safe_serialization)
+            shard_tmps.append((path, list(current)))
+
+        seen: dict[str, None] = {}
+        for key, t in tensors:
+            if key in seen:
+                raise ValueError(f"the key {key} appears twice in the state dict")
+            seen[key] = None
+            # safetensors refuses views into shared storage; a contiguous CPU copy is what we store.
+            t = t.detach().to("cpu").contiguous()
+            if not safe_serialization:
+                t = t.clone()  # torch.save would otherwise write the whole underlying storage
+            size = _tensor_bytes(t)
+            if current and current_size + size > limit:
+                flush()
+                current, current_size = {}, 0
+            current[key] = t
+            current_size += size
+            total_size += size
+        if current or not shard_tmps:
+            flush()
+        current = {}
+
+        single = SAFE_WEIGHTS_NAME if safe_serialization else WEIGHTS_NAME
+        stem, ext = single.rsplit(".", 1)
+        n = len(shard_tmps)
+        final_names = [single] if n == 1 else [f"{stem}-{i + 1:05d}-of-{n:05d}.{ext}" for i in range(n)]
+        renames = [(p, out / name) for (p, _), name in zip(shard_tmps, final_names)]
+        if n > 1:
+            index = {
+                "metadata": {"total_size": total_size},
+                "weight_map": {k: name for (_, keys), name in zip(shard_tmps, final_names) for k in keys},
+            }
+            index_name = SAFE_WEIGHTS_INDEX_NAME if safe_serialization else WEIGHTS_INDEX_NAME
+            p = temp(index_name)
+            _write_json(index, p)
+            renames.append((p, out / index_name))
+        for name, content in (extra_files or {}).items():
+            p = temp(name)
+            if isinstance(content, (str, os.PathLike)):
+                p.write_bytes(Path(content).read_bytes())
+            else:
+                _write_json(content, p)
+            renames.append((p, out / name))
+        if config is not None:
+            p = temp(CONFIG_NAME)
+            _write_json(config, p)
+            renames.append((p, out / CONFIG_NAME))  # last: a config only ever points at complete weights
+    except BaseException:
+        for p in temps:
+            p.unlink(missing_ok=True)
+        raise
+
+    # Weights saved earlier in another layout (other shard count, other format) would confuse
+    # a loader: remove them once the new files are in place.
+    keep = {dst.name for _, dst in renames}
+    for src, dst in renames:
+        os.replace(src, dst)
+    stale = re.compile(r"^(model(-\d{5}-of-\d{5})?\.safetensors|pytorch_model(-\d{5}-of-\d{5})?\.bin)(\.index\.json)?$")
+    for f in out.iterdir():
+        if stale.match(f.name) and f.name not in keep:
+            f.unlink()
+    return [dst for _, dst in renames]
+
+
+def save_pretrained(
+    model: nn.Module,
+    save_directory: str | os.PathLike,
+    *,
+    max_shard_size: int | str = "5GB",
+    safe_serialization: bool = True,
+    state_dict: dict[str, torch.Tensor] | None = None,
+) -> None:
+    """Write ``config.json`` (with ``torch_dtype`` and ``architectures``) and the weights as
+    ``model.safetensors`` (or shards + ``model.safetensors.index.json`` above ``max_shard_size``;
+    ``pytorch_model.bin`` when ``safe_serialization=False``), in a form transformers loads.
+
+    A tied LM head is not written (it is the embedding matrix; transformers re-ties it).
+    """
+    sd = model.state_dict() if state_dict is None else state_dict
+    config = model.config
+    if getattr(config, "tie_word_embeddings", False) and "lm_head.weight" in sd:
+        sd = {k: v for k, v in sd.items() if k != "lm_head.weight"}
+    meta = [k for k, v in sd.items() if v.is_meta]
+    if meta:
+        raise ValueError(f"cannot save tensors on the meta device (they hold no values): {meta[:5]}")
+    float_dtypes = [v.dtype for v in sd.values() if v.is_floating_point()]
+    cfg = config.to_dict()
+    cfg["torch_dtype"] = dtype_name(float_dtypes[0]) if float_dtypes else "float32"
+    cfg["architectures"] = [type(model).__name__]
+    cfg.setdefault("transformers_version", "4.37.2")  # the format we write; transformers reads it
+    write_checkpoint(sd.items(), save_directory, cfg, max_shard_size=max_shard_size, safe_serialization=safe_serialization)

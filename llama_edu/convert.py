@@ -1,0 +1,697 @@
+"""Bringing other checkpoint formats into the Hugging Face layout.
+
+1. Meta's original release (``params.json`` + ``consolidated.00.pth`` ... one file per
+   model-parallel rank + ``tokenizer.model``), as ``transformers``'
+   ``convert_llama_weights_to_hf.py`` does, with its known problems fixed:
+
+   - the shard count comes from the files (``--model_size`` is only a cross-check);
+   - grouped-query attention works at any shard count (the reference assumes
+     ``n_heads == n_kv_heads ** 2``-style arithmetic per shard);
+   - ``"vocab_size": -1`` is read from the weights;
+   - Llama 2 gets ``max_position_embeddings`` 4096 (the reference writes 2048, transformers #28241),
+     see :func:`guess_max_position_embeddings` for the rule;
+   - the output dtype is a parameter (default float16) and peak memory stays near one output
+     shard plus memory-mapped inputs (the reference holds the whole model in RAM twice).
+
+2. llama2.c's ``model.bin`` exports (the legacy 7-int header and the version-1 "ak42" format).
+
+Both keep q/k in Meta's *interleaved* rotary layout: Meta's code rotates pairs of neighbouring
+dimensions (0, 1), (2, 3), ... as complex numbers, while HF's ``rotate_half`` pairs dimension i
+with i + head_dim/2. Permuting the output rows of ``wq``/``wk`` inside every head turns one into
+the other (:func:`permute_qk`); the same model, bit for bit. Forgetting it gives a model that
+produces sensible text for a few tokens and then gibberish (llama2.c PR #286).
+
+:func:`meta_reference_forward` runs Meta-layout weights through Meta's own math (complex RoPE)
+so the conversion can be checked against an independent implementation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import struct
+import warnings
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .checkpoint import dtype_name, parse_dtype, write_checkpoint
+from .config import LlamaConfig
+
+# ============================================================================================
+# The q/k permutation
+# ============================================================================================
+
+
+def permute_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Meta's interleaved rotary layout -> HF's rotate_half layout.
+
+    ``w`` is a q or k projection weight (n_heads * head_dim, in_features). Inside each head,
+    Meta's rows are ordered (pair 0 real, pair 0 imag, pair 1 real, pair 1 imag, ...); HF wants
+    (all reals, then all imags) so that dimension i pairs with i + head_dim/2.
+    """
+    rows, cols = w.shape
+    head_dim = rows // n_heads
+    return w.view(n_heads, head_dim // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def unpermute_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """The inverse of :func:`permute_qk`: HF rotate_half layout -> Meta's interleaved layout."""
+    rows, cols = w.shape
+    head_dim = rows // n_heads
+    return w.view(n_heads, 2, head_dim // 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+# ============================================================================================
+# Meta's consolidated.NN.pth checkpoints
+# ============================================================================================
+
+#: Model-parallel shard counts of Meta's releases, used only to cross-check ``--model_size``.
+NUM_SHARDS = {"7B": 1, "7Bf": 1, "13B": 2, "13Bf": 2, "30B": 4, "34B": 4, "65B": 8, "70B": 8, "70Bf": 8}
+
+#: The dimension along which each Meta weight is split across model-parallel ranks
+#: (fairscale's ColumnParallelLinear splits outputs = dim 0, RowParallelLinear inputs = dim 1,
+#: ParallelEmbedding the embedding dim = dim 1); None = replicated on every rank.
+META_SPLIT_DIM = {
+    "tok_embeddings.weight": 1,
+    "output.weight": 0,
+    "norm.weight": None,
+    "attention.wq.weight": 0,
+    "attention.wk.weight": 0,
+    "attention.wv.weight": 0,
+    "attention.wo.weight": 1,
+    "feed_forward.w1.weight": 0,
+    "feed_forward.w2.weight": 1,
+    "feed_forward.w3.weight": 0,
+    "attention_norm.weight": None,
+    "ffn_norm.weight": None,
+}
+
+#: Meta name (per layer) -> HF name.
+META_TO_HF = {
+    "attention.wq.weight": "self_attn.q_proj.weight",
+    "attention.wk.weight": "self_attn.k_proj.weight",
+    "attention.wv.weight": "self_attn.v_proj.weight",
+    "attention.wo.weight": "self_attn.o_proj.weight",
+    "feed_forward.w1.weight": "mlp.gate_proj.weight",
+    "feed_forward.w2.weight": "mlp.down_proj.weight",
+    "feed_forward.w3.weight": "mlp.up_proj.weight",
+    "attention_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+}
+
+
+def _split_dim(meta_key: str) -> int | None:
+    suffix = re.sub(r"^layers\.\d+\.", "", meta_key)
+    if suffix not in META_SPLIT_DIM:
+        raise ValueError(f"unknown key {meta_key!r} in the Meta checkpoint (expected names like layers.0.attention.wq.weight)")
+    return META_SPLIT_DIM[suffix]
+
+
+def meta_intermediate_size(dim: int, multiple_of: int = 256, ffn_dim_multiplier: float | None = None) -> int:
+    """The SwiGLU hidden size of Meta's ``FeedForward``: 2/3 of 4*dim, scaled by
+    ``ffn_dim_multiplier`` and rounded up to a multiple of ``multiple_of`` (11008 for 7B,
+    28672 for 70B)."""
+    hidden = int(2 * (4 * dim) / 3)
+    if ffn_dim_multiplier is not None:
+        hidden = int(ffn_dim_multiplier * hidden)
+    return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
+
+
+def guess_max_position_embeddings(params: dict[str, Any], model_size: str | None = None) -> int:
+    """The context length to write, since Meta's params.json does not say it.
+
+    Rule: ``max_seq_len`` in params.json if present; Code Llama (rope_theta > 10000) 16384;
+    Llama 1 (norm_eps 1e-6, as in every Llama 1 params.json) 2048; everything else, including
+    Llama 2 (norm_eps 1e-5, and the ``*f`` chat sizes) 4096. Pass ``max_position_embeddings``
+    explicitly to override.
+    """
+    if params.get("max_seq_len"):
+        return int(params["max_seq_len"])
+    if float(params.get("rope_theta", 10000.0)) > 10000.0:
+        return 16384
+    if model_size and model_size.endswith("f"):
+        return 4096
+    if math.isclose(float(params.get("norm_eps", 1e-5)), 1e-6):
+        return 2048
+    return 4096
+
+
+def _load_pth(path: Path) -> dict[str, torch.Tensor]:
+    """A consolidated.NN.pth, memory-mapped, refusing anything but tensors."""
+    import pickle
+
+    try:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise OSError(f"refused to load {path}: it holds Python objects other than tensors ({str(e).splitlines()[0]})") from None
+    except Exception as e:  # noqa: BLE001 - truncated zip etc.
+        raise OSError(f"could not read {path}: it is corrupt or truncated ({type(e).__name__}: {e})") from None
+
+
+def merge_meta_shards(shards: list[dict[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+    """(meta_key, full tensor) pairs from the model-parallel shards, one tensor at a time:
+    split weights are concatenated along their split dimension, replicated ones taken from
+    rank 0. Keys come in rank 0's order."""
+    keys = [k for k in shards[0] if not k.endswith("rope.freqs")]  # Llama 1 kept a freqs buffer
+    for i, s in enumerate(shards[1:], 1):
+        if set(k for k in s if not k.endswith("rope.freqs")) != set(keys):
+            raise ValueError(f"consolidated.{i:02d}.pth holds other keys than consolidated.00.pth; are they from the same model?")
+    for key in keys:
+        dim = _split_dim(key)
+        if dim is None or len(shards) == 1:
+            yield key, shards[0][key]
+        else:
+            yield key, torch.cat([s[key] for s in shards], dim=dim)
+
+
+def merged_meta_state_dict(input_dir: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """All of a Meta checkpoint as one unsharded state dict with Meta's key names, and its
+    params.json. For small models (tests, the notebook): it holds the whole model in memory."""
+    params, files = _read_meta_dir(Path(input_dir))
+    shards = [_load_pth(f) for f in files]
+    return {k: v.clone() for k, v in merge_meta_shards(shards)}, params
+
+
+def _read_meta_dir(input_dir: Path) -> tuple[dict[str, Any], list[Path]]:
+    if not input_dir.is_dir():
+        raise FileNotFoundError(f"{input_dir} is not a folder; pass the folder holding params.json and consolidated.*.pth")
+    pfile = input_dir / "params.json"
+    if not pfile.is_file():
+        raise FileNotFoundError(f"params.json is missing from {input_dir}; pass the folder of one model size (e.g. llama-2-7b/)")
+    params = json.loads(pfile.read_text())
+    params = params.get("model", params)
+    files = sorted(input_dir.glob("consolidated.*.pth"))
+    if not files:
+        raise FileNotFoundError(f"no consolidated.*.pth files in {input_dir}")
+    expected = [f"consolidated.{i:02d}.pth" for i in range(len(files))]
+    if [f.name for f in files] != expected:
+        raise FileNotFoundError(f"the shards in {input_dir} are {[f.name for f in files]}, expected {expected}: one is missing")
+    for k in ("dim", "n_layers", "n_heads"):
+        if k not in params:
+            raise ValueError(f"{pfile} has no {k!r}; is it a Meta Llama params.json?")
+    return params, files
+
+
+def _meta_config(params: dict[str, Any], shard0: dict[str, torch.Tensor], num_shards: int,
+                 vocab_size: int, max_position_embeddings: int, bos: int, eos: int) -> LlamaConfig:
+    dim, n_heads = params["dim"], params["n_heads"]
+    n_kv = params.get("n_kv_heads") or n_heads
+    head_dim = dim // n_heads
+    w1 = shard0.get("layers.0.feed_forward.w1.weight")
+    intermediate = w1.shape[0] * num_shards if w1 is not None else None
+    from_params = meta_intermediate_size(dim, params.get("multiple_of", 256), params.get("ffn_dim_multiplier"))
+    if intermediate is not None and intermediate != from_params:
+        raise ValueError(
+            f"params.json gives a feed-forward size of {from_params} (dim {dim}, multiple_of "
+            f"{params.get('multiple_of', 256)}, ffn_dim_multiplier {params.get('ffn_dim_multiplier')}) but the "
+            f"weights have {intermediate}: params.json does not belong to these weights"
+        )
+    wk = shard0.get("layers.0.attention.wk.weight")
+    if wk is not None and wk.shape[0] * num_shards != n_kv * head_dim:
+        raise ValueError(
+            f"params.json says n_kv_heads={n_kv} (x head_dim {head_dim}) but wk has "
+            f"{wk.shape[0]} rows in each of {num_shards} shard(s)"
+        )
+    return LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=dim,
+        intermediate_size=from_params,
+        num_hidden_layers=params["n_layers"],
+        num_attention_heads=n_heads,
+        num_key_value_heads=n_kv,
+        max_position_embeddings=max_position_embeddings,
+        rms_norm_eps=params.get("norm_eps", 1e-5),
+        rope_theta=float(params.get("rope_theta", 10000.0)),
+        bos_token_id=bos,
+        eos_token_id=eos,
+        tie_word_embeddings=False,
+    )
+
+
+def _find_tokenizer(input_dir: Path, tokenizer_path: str | os.PathLike | None) -> Path | None:
+    if tokenizer_path is not None:
+        p = Path(tokenizer_path)
+        if not p.is_file():
+            raise FileNotFoundError(f"tokenizer {p} does not exist")
+        return p
+    # Meta's download puts tokenizer.model next to the size folders (llama-2-7b/../tokenizer.model).
+    for p in (input_dir / "tokenizer.model", input_dir.parent / "tokenizer.model"):
+        if p.is_file():
+            return p
+    return None
+
+
+def tokenizer_files(tokenizer_model: Path, max_position_embeddings: int) -> dict[str, Any]:
+    """The HF tokenizer files for a SentencePiece model: the model itself, copied, plus a
+    ``tokenizer_config.json`` and ``special_tokens_map.json`` that ``LlamaTokenizer`` reads."""
+    special = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+    return {
+        "tokenizer.model": tokenizer_model,
+        "tokenizer_config.json": {
+            **special,
+            "add_bos_token": True,
+            "add_eos_token": False,
+            "clean_up_tokenization_spaces": False,
+            "legacy": False,
+            "model_max_length": max_position_embeddings,
+            "pad_token": None,
+            "sp_model_kwargs": {},
+            "tokenizer_class": "LlamaTokenizer",
+        },
+        "special_tokens_map.json": special,
+    }
+
+
+def convert_meta_checkpoint(
+    input_dir: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    model_size: str | None = None,
+    dtype: str | torch.dtype = torch.float16,
+    max_shard_size: int | str = "5GB",
+    max_position_embeddings: int | None = None,
+    tokenizer_path: str | os.PathLike | None = None,
+    safe_serialization: bool = True,
+) -> LlamaConfig:
+    """Convert Meta's ``params.json`` + ``consolidated.NN.pth`` (+ ``tokenizer.model``) in
+    ``input_dir`` into an HF-layout folder ``output_dir`` (config.json, generation_config.json,
+    safetensors shards + index, tokenizer files). Returns the written config.
+
+    The number of model-parallel shards is read from the files; ``model_size`` ("7B", "70B", ...)
+    only cross-checks it. ``dtype`` is the output dtype (default float16, as the reference).
+    """
+    input_dir = Path(input_dir)
+    params, files = _read_meta_dir(input_dir)
+    num_shards = len(files)
+    if model_size is not None:
+        if model_size not in NUM_SHARDS:
+            raise ValueError(f"unknown model_size {model_size!r}; use one of {sorted(NUM_SHARDS)} or leave it out")
+        if NUM_SHARDS[model_size] != num_shards:
+            warnings.warn(
+                f"model_size {model_size} is released as {NUM_SHARDS[model_size]} shard(s) but {input_dir} holds "
+                f"{num_shards}; converting the {num_shards} found", stacklevel=2)
+    out_dtype = parse_dtype(dtype)
+    if out_dtype == "auto":
+        raise ValueError("dtype must be a concrete dtype for conversion (float16, bfloat16 or float32)")
+
+    shards = [_load_pth(f) for f in files]  # memory-mapped: nothing is read yet
+    shard0 = shards[0]
+    n_heads, n_layers = params["n_heads"], params["n_layers"]
+    n_kv = params.get("n_kv_heads") or n_heads
+
+    if "tok_embeddings.weight" not in shard0:
+        raise ValueError(f"{files[0]} has no tok_embeddings.weight; is it a Meta Llama checkpoint?")
+    emb = shard0["tok_embeddings.weight"]
+    vocab_size = emb.shape[0]  # embeddings are split along dim 1, so rank 0 has every row
+    if params.get("vocab_size", -1) > 0 and params["vocab_size"] != vocab_size:
+        raise ValueError(f"params.json says vocab_size={params['vocab_size']} but tok_embeddings has {vocab_size} rows")
+    if emb.shape[1] * num_shards != params["dim"]:
+        raise ValueError(f"params.json says dim={params['dim']} but tok_embeddings is {emb.shape[1]} wide in each of {num_shards} shard(s)")
+
+    tok = _find_tokenizer(input_dir, tokenizer_path)
+    bos, eos = 1, 2
+    if tok is not None:
+        import sentencepiece as spm
+
+        sp = spm.SentencePieceProcessor(model_file=str(tok))
+        bos, eos = sp.bos_id(), sp.eos_id()
+        if sp.vocab_size() != vocab_size:
+            warnings.warn(f"the tokenizer has {sp.vocab_size()} pieces but the embedding {vocab_size} rows", stacklevel=2)
+    max_pos = max_position_embeddings or guess_max_position_embeddings(params, model_size)
+    config = _meta_config(params, shard0, num_shards, vocab_size, max_pos, bos, eos)
+
+    def hf_tensors() -> Iterator[tuple[str, torch.Tensor]]:
+        for key, t in merge_meta_shards(shards):
+            if key == "tok_embeddings.weight":
+                name = "model.embed_tokens.weight"
+            elif key == "norm.weight":
+                name = "model.norm.weight"
+            elif key == "output.weight":
+                name = "lm_head.weight"
+            else:
+                m = re.fullmatch(r"layers\.(\d+)\.(.+)", key)
+                layer, suffix = int(m.group(1)), m.group(2)
+                if layer >= n_layers:
+                    raise ValueError(f"{key} is beyond n_layers={n_layers} of params.json")
+                name = f"model.layers.{layer}.{META_TO_HF[suffix]}"
+                if suffix == "attention.wq.weight":
+                    t = permute_qk(t, n_heads)
+                elif suffix == "attention.wk.weight":
+                    t = permute_qk(t, n_kv)
+            yield name, t.to(out_dtype)
+
+    config.torch_dtype = dtype_name(out_dtype)
+    cfg = config.to_dict()
+    cfg["architectures"] = ["LlamaForCausalLM"]
+    cfg["transformers_version"] = "4.37.2"
+    extra: dict[str, Any] = {
+        "generation_config.json": {"_from_model_config": True, "bos_token_id": bos, "eos_token_id": eos,
+                                   "transformers_version": "4.37.2"},
+    }
+    if tok is not None:
+        extra.update(tokenizer_files(tok, max_pos))
+    keys_written: list[str] = []
+
+    def counted():
+        for k, t in hf_tensors():
+            keys_written.append(k)
+            yield k, t
+
+    write_checkpoint(counted(), output_dir, cfg, max_shard_size=max_shard_size,
+                     safe_serialization=safe_serialization, extra_files=extra)
+    expected_n = 2 + 9 * n_layers + 1
+    if len(keys_written) != expected_n:
+        warnings.warn(f"wrote {len(keys_written)} tensors, expected {expected_n} for {n_layers} layers", stacklevel=2)
+    return config
+
+
+def hf_to_meta_state_dicts(state_dict: dict[str, torch.Tensor], config: LlamaConfig, num_shards: int = 1) -> list[dict[str, torch.Tensor]]:
+    """The inverse conversion: an HF-layout causal-LM state dict -> Meta's per-rank state dicts
+    (``consolidated.NN.pth`` contents). Used to build test checkpoints and in notebook 07."""
+    n_heads, n_kv = config.num_attention_heads, config.num_key_value_heads
+    meta: dict[str, torch.Tensor] = {}
+    hf_to_meta = {v: k for k, v in META_TO_HF.items()}
+    lm_head = state_dict.get("lm_head.weight", state_dict["model.embed_tokens.weight"])
+    for key, t in state_dict.items():
+        if key == "model.embed_tokens.weight":
+            meta["tok_embeddings.weight"] = t
+        elif key == "model.norm.weight":
+            meta["norm.weight"] = t
+        elif key == "lm_head.weight":
+            continue
+        else:
+            m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", key)
+            suffix = hf_to_meta[m.group(2)]
+            if suffix == "attention.wq.weight":
+                t = unpermute_qk(t, n_heads)
+            elif suffix == "attention.wk.weight":
+                t = unpermute_qk(t, n_kv)
+            meta[f"layers.{m.group(1)}.{suffix}"] = t
+    meta["output.weight"] = lm_head
+    shards: list[dict[str, torch.Tensor]] = [{} for _ in range(num_shards)]
+    for key, t in meta.items():
+        dim = _split_dim(key)
+        pieces = [t] * num_shards if dim is None else t.chunk(num_shards, dim=dim)
+        if dim is not None and t.shape[dim] % num_shards:
+            raise ValueError(f"{key} of shape {tuple(t.shape)} does not split into {num_shards} equal shards")
+        for s, piece in zip(shards, pieces):
+            s[key] = piece.clone().contiguous()
+    return shards
+
+
+def meta_params(config: LlamaConfig) -> dict[str, Any]:
+    """A Meta params.json for a config whose intermediate_size follows Meta's formula with
+    multiple_of (searched) — used to write synthetic Meta checkpoints."""
+    params: dict[str, Any] = {"dim": config.hidden_size, "n_layers": config.num_hidden_layers,
+                              "n_heads": config.num_attention_heads, "norm_eps": config.rms_norm_eps, "vocab_size": -1}
+    if config.num_key_value_heads != config.num_attention_heads:
+        params["n_kv_heads"] = config.num_key_value_heads
+    for multiple_of in (256, 128, 64, 32, 16, 8, 4, 2, 1):
+        if meta_intermediate_size(config.hidden_size, multiple_of) == config.intermediate_size:
+            params["multiple_of"] = multiple_of
+            return params
+    # Fall back to ffn_dim_multiplier with multiple_of 1.
+    base = int(2 * 4 * config.hidden_size / 3)
+    params["multiple_of"] = 1
+    params["ffn_dim_multiplier"] = config.intermediate_size / base
+    if meta_intermediate_size(config.hidden_size, 1, params["ffn_dim_multiplier"]) != config.intermediate_size:
+        params["ffn_dim_multiplier"] = (config.intermediate_size + 0.5) / base
+    return params
+
+
+def write_meta_checkpoint(model: torch.nn.Module, output_dir: str | os.PathLike, num_shards: int = 1) -> Path:
+    """Write an HF-layout LlamaForCausalLM as Meta's release format (params.json +
+    consolidated.NN.pth), e.g. to try :func:`convert_meta_checkpoint` on a small model."""
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    for i, shard in enumerate(hf_to_meta_state_dicts(sd, model.config, num_shards)):
+        torch.save(shard, out / f"consolidated.{i:02d}.pth")
+    (out / "params.json").write_text(json.dumps(meta_params(model.config)))
+    return out
+
+
+# ============================================================================================
+# Meta's forward, for checking (llama/model.py math, without model parallelism or caches)
+# ============================================================================================
+
+
+def meta_reference_forward(sd: dict[str, torch.Tensor], params: dict[str, Any], tokens: torch.Tensor) -> torch.Tensor:
+    """Logits (batch, seq, vocab) of Meta's ``Transformer.forward`` on an unsharded Meta state
+    dict (Meta key names, interleaved q/k), with Meta's complex-number RoPE:
+    ``freqs_cis = polar(1, m * theta_i)`` and ``x_rotated = x_complex * freqs_cis``."""
+    dim, n_heads = params["dim"], params["n_heads"]
+    n_kv = params.get("n_kv_heads") or n_heads
+    head_dim, eps = dim // n_heads, params.get("norm_eps", 1e-5)
+    theta = float(params.get("rope_theta", 10000.0))
+    bsz, seqlen = tokens.shape
+    dev = tokens.device
+
+    def rmsnorm(x, w):
+        return (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)).type_as(x) * w
+
+    # precompute_freqs_cis: one unit complex number per (position, pair)
+    freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=dev)[: head_dim // 2].float() / head_dim))
+    angles = torch.outer(torch.arange(seqlen, device=dev).float(), freqs)  # (seq, head_dim/2): m * theta_i
+    freqs_cis = torch.polar(torch.ones_like(angles), angles)
+
+    def rope(x):  # (b, s, heads, head_dim): neighbours (2i, 2i+1) are one complex number
+        xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+        return torch.view_as_real(xc * freqs_cis[None, :, None, :]).flatten(3).type_as(x)
+
+    mask = torch.full((seqlen, seqlen), float("-inf"), device=dev).triu(1)
+    h = F.embedding(tokens, sd["tok_embeddings.weight"])
+    for i in range(params["n_layers"]):
+        p = f"layers.{i}."
+        x = rmsnorm(h, sd[p + "attention_norm.weight"])
+        xq = (x @ sd[p + "attention.wq.weight"].T).view(bsz, seqlen, n_heads, head_dim)
+        xk = (x @ sd[p + "attention.wk.weight"].T).view(bsz, seqlen, n_kv, head_dim)
+        xv = (x @ sd[p + "attention.wv.weight"].T).view(bsz, seqlen, n_kv, head_dim)
+        xq, xk = rope(xq), rope(xk)
+        rep = n_heads // n_kv  # repeat_kv
+        xk, xv = xk.repeat_interleave(rep, dim=2), xv.repeat_interleave(rep, dim=2)
+        q, k, v = (t.transpose(1, 2) for t in (xq, xk, xv))  # (b, heads, s, head_dim)
+        scores = q @ k.transpose(2, 3) / math.sqrt(head_dim) + mask
+        out = (F.softmax(scores.float(), dim=-1).type_as(q) @ v).transpose(1, 2).reshape(bsz, seqlen, -1)
+        h = h + out @ sd[p + "attention.wo.weight"].T
+        x = rmsnorm(h, sd[p + "ffn_norm.weight"])
+        ff = F.silu(x @ sd[p + "feed_forward.w1.weight"].T) * (x @ sd[p + "feed_forward.w3.weight"].T)
+        h = h + ff @ sd[p + "feed_forward.w2.weight"].T
+    return (rmsnorm(h, sd["norm.weight"]) @ sd["output.weight"].T).float()
+
+
+# ============================================================================================
+# llama2.c model.bin
+# ============================================================================================
+
+LLAMA2C_MAGIC = 0x616B3432  # "ak42" as a little-endian uint32
+_HEADER = struct.Struct("<7i")
+
+
+def _llama2c_layout(dim, hidden, n_layers, n_heads, n_kv, vocab, seq_len, version, shared):
+    """[(name, shape)] in file order for llama2.c's legacy (version 0) and version-1 exports."""
+    head_dim = dim // n_heads
+    kv_dim = n_kv * head_dim
+    per_layer = {
+        "rms_att": (dim,), "rms_ffn": (dim,),
+        "wq": (dim, dim), "wk": (kv_dim, dim), "wv": (kv_dim, dim), "wo": (dim, dim),
+        "w1": (hidden, dim), "w2": (dim, hidden), "w3": (hidden, dim),
+    }
+
+    def layers(name):
+        return [(f"{name}.{i}", per_layer[name]) for i in range(n_layers)]
+
+    if version == 0:
+        order = [("tok_embeddings", (vocab, dim))]
+        for name in ("rms_att", "wq", "wk", "wv", "wo", "rms_ffn", "w1", "w2", "w3"):
+            order += layers(name)
+        order += [("rms_final", (dim,)), ("freq_cis_real", (seq_len, head_dim // 2)),
+                  ("freq_cis_imag", (seq_len, head_dim // 2))]
+    else:
+        order = layers("rms_att") + layers("rms_ffn") + [("rms_final", (dim,)), ("tok_embeddings", (vocab, dim))]
+        for name in ("wq", "wk", "wv", "wo", "w1", "w2", "w3"):
+            order += layers(name)
+    if not shared:
+        order.append(("wcls", (vocab, dim)))
+    return order
+
+
+def read_llama2c(path: str | os.PathLike) -> tuple[LlamaConfig, dict[str, torch.Tensor]]:
+    """Parse a llama2.c ``model.bin`` (legacy or version 1, float32) into an HF config and an HF
+    state dict (q/k permuted to the rotate_half layout)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist")
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(256)
+    if len(head) < 28:
+        raise ValueError(f"{path} is {size} bytes, too short for a llama2.c checkpoint header")
+    (magic,) = struct.unpack("<I", head[:4])
+    if magic == LLAMA2C_MAGIC:
+        (version,) = struct.unpack("<i", head[4:8])
+        if version != 1:
+            raise ValueError(
+                f"{path} is llama2.c export version {version}; only version 1 (float32) and the legacy format "
+                "are supported (version 2 is int8-quantized: re-export with `python export.py --version 1`)")
+        if len(head) < 256:
+            raise ValueError(f"{path} is truncated: the version-1 header is 256 bytes, the file {size}")
+        dim, hidden, n_layers, n_heads, n_kv, vocab, seq_len = _HEADER.unpack(head[8:36])
+        shared = bool(head[36])
+        offset = 256
+    else:
+        version = 0
+        dim, hidden, n_layers, n_heads, n_kv, vocab, seq_len = _HEADER.unpack(head[:28])
+        shared = vocab > 0  # the legacy format marks an unshared classifier by a negative vocab_size
+        vocab = abs(vocab)
+        offset = 28
+    fields = dict(dim=dim, hidden_dim=hidden, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv, vocab_size=vocab, seq_len=seq_len)
+    if min(fields.values()) < 1 or dim % n_heads or n_heads % n_kv or (dim // n_heads) % 2 or max(fields.values()) > 10**7:
+        raise ValueError(
+            f"{path} is not a llama2.c checkpoint: no 'ak42' magic and the legacy header reads {fields}, "
+            "which is not a valid model shape")
+    layout = _llama2c_layout(dim, hidden, n_layers, n_heads, n_kv, vocab, seq_len, version, shared)
+    n_floats = sum(math.prod(s) for _, s in layout)
+    if size != offset + 4 * n_floats:
+        hint = ""
+        if version == 0 and size == offset + 4 * (n_floats + vocab * dim):
+            hint = " (the size fits an unshared classifier: is vocab_size's sign wrong?)"
+        raise ValueError(
+            f"{path} has {size} bytes but a llama2.c {'version-1' if version else 'legacy'} checkpoint with {fields} "
+            f"{'and a shared' if shared else 'and an unshared'} classifier has {offset + 4 * n_floats}: "
+            f"it is truncated or not what its header says{hint}")
+    data = torch.from_numpy(np.fromfile(path, dtype="<f4", offset=offset).copy())
+    raw: dict[str, torch.Tensor] = {}
+    pos = 0
+    for name, shape in layout:
+        n = math.prod(shape)
+        raw[name] = data[pos:pos + n].view(shape)
+        pos += n
+
+    if version == 0:  # the legacy file stores RoPE's cos table: check it is the usual base 10000
+        head_dim = dim // n_heads
+        inv = 1.0 / (10000.0 ** (torch.arange(0, head_dim, 2).float() / head_dim))
+        expected_cos = torch.cos(torch.outer(torch.arange(seq_len).float(), inv))
+        if not torch.allclose(raw["freq_cis_real"], expected_cos, atol=1e-4):
+            warnings.warn(f"{path}'s rotary table is not RoPE with base 10000; the converted model assumes rope_theta=10000",
+                          stacklevel=2)
+
+    config = LlamaConfig(
+        vocab_size=vocab, hidden_size=dim, intermediate_size=hidden, num_hidden_layers=n_layers,
+        num_attention_heads=n_heads, num_key_value_heads=n_kv, max_position_embeddings=seq_len,
+        rms_norm_eps=1e-5, tie_word_embeddings=shared, torch_dtype="float32",
+    )
+    sd: dict[str, torch.Tensor] = {"model.embed_tokens.weight": raw["tok_embeddings"]}
+    for i in range(n_layers):
+        p = f"model.layers.{i}."
+        sd[p + "self_attn.q_proj.weight"] = permute_qk(raw[f"wq.{i}"], n_heads)
+        sd[p + "self_attn.k_proj.weight"] = permute_qk(raw[f"wk.{i}"], n_kv)
+        sd[p + "self_attn.v_proj.weight"] = raw[f"wv.{i}"]
+        sd[p + "self_attn.o_proj.weight"] = raw[f"wo.{i}"]
+        sd[p + "mlp.gate_proj.weight"] = raw[f"w1.{i}"]
+        sd[p + "mlp.down_proj.weight"] = raw[f"w2.{i}"]
+        sd[p + "mlp.up_proj.weight"] = raw[f"w3.{i}"]
+        sd[p + "input_layernorm.weight"] = raw[f"rms_att.{i}"]
+        sd[p + "post_attention_layernorm.weight"] = raw[f"rms_ffn.{i}"]
+    sd["model.norm.weight"] = raw["rms_final"]
+    if not shared:
+        sd["lm_head.weight"] = raw["wcls"]
+    return config, {k: v.contiguous() for k, v in sd.items()}
+
+
+def load_llama2c(path: str | os.PathLike, device: str | torch.device | None = None) -> "LlamaForCausalLM":  # noqa: F821
+    """A llama2.c ``model.bin`` as a ready LlamaForCausalLM (float32, eval mode)."""
+    from .model import LlamaForCausalLM
+
+    config, sd = read_llama2c(path)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    model.load_state_dict(sd, strict=not config.tie_word_embeddings, assign=True)
+    model.tie_weights()
+    return model.to(device or "cpu").eval()
+
+
+def convert_llama2c_checkpoint(
+    path: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    dtype: str | torch.dtype = torch.float32,
+    max_shard_size: int | str = "5GB",
+    tokenizer_path: str | os.PathLike | None = None,
+) -> LlamaConfig:
+    """Convert a llama2.c ``model.bin`` into an HF-layout folder (float32 by default: the file
+    is float32). ``tokenizer_path`` optionally adds a SentencePiece ``tokenizer.model``
+    (llama2.c's own ``tokenizer.bin`` is a different format and is not converted)."""
+    config, sd = read_llama2c(path)
+    out_dtype = parse_dtype(dtype)
+    if out_dtype == "auto":
+        out_dtype = torch.float32
+    config.torch_dtype = dtype_name(out_dtype)
+    cfg = config.to_dict()
+    cfg["architectures"] = ["LlamaForCausalLM"]
+    cfg["transformers_version"] = "4.37.2"
+    extra: dict[str, Any] = {"generation_config.json": {"_from_model_config": True, "bos_token_id": 1, "eos_token_id": 2,
+                                                        "transformers_version": "4.37.2"}}
+    if tokenizer_path is not None:
+        if not Path(tokenizer_path).is_file():
+            raise FileNotFoundError(f"tokenizer {tokenizer_path} does not exist")
+        extra.update(tokenizer_files(Path(tokenizer_path), config.max_position_embeddings))
+    write_checkpoint(((k, v.to(out_dtype)) for k, v in sd.items()), output_dir, cfg,
+                     max_shard_size=max_shard_size, extra_files=extra)
+    return config
+
+
+# ============================================================================================
+# Command line
+# ============================================================================================
+
+
+def _cmd_convert_meta(args: argparse.Namespace) -> int:
+    config = convert_meta_checkpoint(
+        args.input_dir, args.output_dir, model_size=args.model_size, dtype=args.dtype,
+        max_shard_size=args.max_shard_size, max_position_embeddings=args.max_position_embeddings,
+        tokenizer_path=args.tokenizer_path,
+    )
+    print(f"wrote {args.output_dir}: {config.num_hidden_layers} layers, hidden {config.hidden_size}, "
+          f"vocab {config.vocab_size}, context {config.max_position_embeddings}, {config.torch_dtype}")
+    return 0
+
+
+def _cmd_convert_llama2c(args: argparse.Namespace) -> int:
+    config = convert_llama2c_checkpoint(args.input, args.output_dir, dtype=args.dtype,
+                                        max_shard_size=args.max_shard_size, tokenizer_path=args.tokenizer_path)
+    print(f"wrote {args.output_dir}: {config.num_hidden_layers} layers, hidden {config.hidden_size}, "
+          f"vocab {config.vocab_size}, context {config.max_position_embeddings}, {config.torch_dtype}")
+    return 0
+
+
+def add_cli_commands(subparsers: Any) -> None:
+    """Register ``convert-meta`` and ``convert-llama2c`` with ``python -m llama_edu``."""
+    p = subparsers.add_parser("convert-meta", help="Meta consolidated.*.pth checkpoint -> Hugging Face layout")
+    p.add_argument("--input_dir", required=True, help="folder with params.json and consolidated.NN.pth")
+    p.add_argument("--output_dir", required=True, help="where to write the HF-layout checkpoint")
+    p.add_argument("--model_size", default=None, help="7B, 13B, 70B, ... (optional; cross-checks the shard count)")
+    p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"], help="output dtype")
+    p.add_argument("--max_shard_size", default="5GB", help="e.g. 5GB, 500MB")
+    p.add_argument("--max_position_embeddings", type=int, default=None,
+                   help="context length to write (default: 4096 for Llama 2, 2048 for Llama 1, 16384 for Code Llama)")
+    p.add_argument("--tokenizer_path", default=None, help="tokenizer.model (default: in or above input_dir)")
+    p.set_defaults(func=_cmd_convert_meta)
+
+    p = subparsers.add_parser("convert-llama2c", help="llama2.c model.bin -> Hugging Face layout")
+    p.add_argument("--input", required=True, help="llama2.c model.bin (legacy or version-1 export)")
+    p.add_argument("--output_dir", required=True, help="where to write the HF-layout checkpoint")
+    p.add_argument("--dtype", default="float32", choices=["float16", "bfloat16", "float32"], help="output dtype")
+    p.add_argument("--max_shard_size", default="5GB", help="e.g. 5GB, 500MB")
+    p.add_argument("--tokenizer_path", default=None, help="a SentencePiece tokenizer.model to include")
+    p.set_defaults(func=_cmd_convert_llama2c)
