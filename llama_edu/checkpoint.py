@@ -85,9 +85,10 @@ def _how_to_download(repo_id: str) -> str:
     )
 
 
-def _hub_download(repo_id: str, filename: str, missing_ok: bool) -> Path | None:
+def _hub_download(repo_id: str, filename: str, missing_ok: bool, **hub_kwargs: Any) -> Path | None:
     """``hf_hub_download`` with errors that say what to do; ``None`` when the repo has no such
-    file and ``missing_ok``."""
+    file and ``missing_ok``. ``hub_kwargs`` (cache_dir, revision, token, local_files_only) are
+    passed on."""
     try:
         from huggingface_hub import hf_hub_download
     except ImportError:
@@ -95,10 +96,11 @@ def _hub_download(repo_id: str, filename: str, missing_ok: bool) -> Path | None:
             f"{repo_id!r} is not a local folder, and huggingface_hub is not installed to download it. "
             f"`pip install huggingface_hub`, or {_how_to_download(repo_id)}"
         ) from None
-    offline = _hub_offline()
+    offline = _hub_offline() or bool(hub_kwargs.pop("local_files_only", False))
+    hub_kwargs = {k: v for k, v in hub_kwargs.items() if v is not None}
     try:
         # local_files_only: offline we may still find it in the hub cache, without a network call.
-        return Path(hf_hub_download(repo_id, filename, local_files_only=offline))
+        return Path(hf_hub_download(repo_id, filename, local_files_only=offline, **hub_kwargs))
     except Exception as e:  # noqa: BLE001 - hub errors come in many classes; we sort them by name
         kind = type(e).__name__
         if missing_ok and kind in ("EntryNotFoundError", "RemoteEntryNotFoundError", "LocalEntryNotFoundError"):
@@ -117,7 +119,9 @@ def _hub_download(repo_id: str, filename: str, missing_ok: bool) -> Path | None:
         ) from None
 
 
-def resolve_file(path_or_repo: str | os.PathLike, filename: str, *, missing_ok: bool = False) -> Path | None:
+def resolve_file(
+    path_or_repo: str | os.PathLike, filename: str, *, missing_ok: bool = False, **hub_kwargs: Any
+) -> Path | None:
     """The local path of ``filename`` inside a checkpoint folder or a hub repo.
 
     - a local folder: the file in it, or ``FileNotFoundError`` naming the folder and the file;
@@ -142,7 +146,7 @@ def resolve_file(path_or_repo: str | os.PathLike, filename: str, *, missing_ok: 
     name = str(path_or_repo)
     if not looks_like_repo_id(name):
         raise FileNotFoundError(f"{name} does not exist (and it is not a hub repo id like 'meta-llama/Llama-2-7b-hf')")
-    return _hub_download(name, filename, missing_ok)
+    return _hub_download(name, filename, missing_ok, **hub_kwargs)
 
 
 # --------------------------------------------------------------------------------------------

@@ -33,6 +33,7 @@ from typing import Any, Iterable, Sequence
 import torch
 
 from .bpe import BYTE, CONTROL, SPIECE_UNDERLINE, UNKNOWN, atomic_write_bytes, set_add_dummy_prefix
+from .checkpoint import looks_like_repo_id, resolve_file
 
 VOCAB_FILE = "tokenizer.model"
 TOKENIZER_FILE = "tokenizer.json"
@@ -945,8 +946,12 @@ class LlamaTokenizerBase:
                 )
         elif path.is_file():
             files[VOCAB_FILE] = path
-        elif _looks_like_repo_id(name):
-            files = _download_from_hub(name, cls.__name__, cache_dir, revision, token, local_files_only)
+        elif looks_like_repo_id(name):
+            hub = dict(cache_dir=cache_dir, revision=revision, token=token, local_files_only=local_files_only)
+            for f in (VOCAB_FILE, TOKENIZER_CONFIG_FILE, SPECIAL_TOKENS_MAP_FILE):
+                found = resolve_file(name, f, missing_ok=f != VOCAB_FILE, **hub)
+                if found is not None:
+                    files[f] = found
         else:
             raise FileNotFoundError(
                 f"{name} does not exist: pass a folder holding {VOCAB_FILE} (and optionally "
@@ -1031,43 +1036,6 @@ def _init_parameters(cls: type) -> set[str]:
         if "__init__" in vars(klass):
             names |= set(inspect.signature(klass.__init__).parameters) - {"self", "kwargs"}
     return names
-
-
-_REPO_ID_RE = re.compile(r"^[A-Za-z0-9][\w.\-]{0,95}/[\w.\-]{1,96}$")
-
-
-def _looks_like_repo_id(name: str) -> bool:
-    return bool(_REPO_ID_RE.match(name)) and ".." not in name and not name.endswith((".model", ".json"))
-
-
-def _download_from_hub(repo_id: str, cls_name: str, cache_dir: Any, revision: Any, token: Any, local_files_only: bool) -> dict[str, Path]:
-    """Fetch tokenizer.model (required) and the config json files (when the repo has them)."""
-    how_to = (
-        f"Download {VOCAB_FILE} (and {TOKENIZER_CONFIG_FILE}, {SPECIAL_TOKENS_MAP_FILE}) from "
-        f"https://huggingface.co/{repo_id}/tree/main (gated repos need you to accept the licence there) into a "
-        f"folder, and pass that folder: {cls_name}.from_pretrained('path/to/folder')."
-    )
-    try:
-        from huggingface_hub import hf_hub_download
-    except ImportError:
-        raise OSError(
-            f"'{repo_id}' is not a local folder and huggingface_hub is not installed to download it "
-            f"(pip install huggingface_hub). {how_to}"
-        ) from None
-    files: dict[str, Path] = {}
-    for filename in (VOCAB_FILE, TOKENIZER_CONFIG_FILE, SPECIAL_TOKENS_MAP_FILE):
-        try:
-            files[filename] = Path(
-                hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache_dir, token=token,
-                                local_files_only=local_files_only)  # fmt: skip
-            )
-        except Exception as e:  # offline, gated, missing repo or file: all say what to do
-            if filename == VOCAB_FILE:
-                raise OSError(
-                    f"could not download {filename} of '{repo_id}' from the Hugging Face hub "
-                    f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). {how_to}"
-                ) from e
-    return files
 
 
 # ----------------------------------------------------------------------------------------------
