@@ -72,8 +72,8 @@ KNOWN_FILES = {
         DataFile(
             "stories260K/hf",
             None,
-            None,
-            "stories260K in the Hugging Face layout (make it with `python -m llama_edu convert-llama2c`)",
+            None,  # made from stories260K.bin by the llama2.c converter when not found
+            "stories260K in the Hugging Face layout",
         ),
     ]
 }
@@ -141,6 +141,8 @@ def find_data_file(name: str, path: str | os.PathLike | None = None, download: b
         if candidate.exists():
             return candidate
     info = KNOWN_FILES.get(name)
+    if name == "stories260K/hf" and download:
+        return _convert_stories260k()
     if download and info is not None and info.url is not None:
         try:
             return _download(info, cache_dir() / name)
@@ -154,3 +156,13 @@ def find_data_file(name: str, path: str | os.PathLike | None = None, download: b
         f"could not find {what}{name!r}{reason}. Put the file at one of:\n  {where}\n"
         "or set LLAMA_EDU_DATA to the folder that holds it."
     )
+
+
+def _convert_stories260k() -> Path:
+    """Make the HF-layout stories260K in the user cache from llama2.c's ``.bin`` (found or
+    downloaded), with the project's own converter; the same weights as the shared ``hf/`` copy."""
+    from .convert import convert_llama2c_checkpoint
+
+    target = cache_dir() / "stories260K" / "hf"
+    convert_llama2c_checkpoint(find_data_file("stories260K/stories260K.bin"), target)
+    return target
