@@ -11,9 +11,10 @@ from __future__ import annotations
 import copy
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from .files import atomic_write_bytes
 
 ACTIVATIONS = ("silu", "swish", "gelu", "gelu_new", "gelu_pytorch_tanh", "relu")
 ATTENTION_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2")
@@ -221,15 +222,7 @@ class LlamaConfig:
 
     def to_json_file(self, path: str | os.PathLike) -> None:
         """Write ``config.json`` atomically (a temporary file renamed into place)."""
-        path = Path(path)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write(self.to_json_string())
-            os.replace(tmp, path)
-        except BaseException:
-            os.unlink(tmp)
-            raise
+        atomic_write_bytes(path, self.to_json_string().encode())
 
     @classmethod
     def from_json_file(cls, path: str | os.PathLike) -> "LlamaConfig":

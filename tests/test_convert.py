@@ -20,7 +20,6 @@ import llama_edu
 from llama_edu import convert
 from llama_edu.__main__ import main
 from llama_edu.convert import (
-    convert_llama2c_checkpoint,
     convert_meta_checkpoint,
     guess_max_position_embeddings,
     load_llama2c,

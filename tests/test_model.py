@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import SMALL, max_diff, twins
+from conftest import SMALL, max_diff
 from llama_edu import (DynamicCache, LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification,
                        StaticCache, repeat_kv)
 from llama_edu.attention import causal_mask
