@@ -641,8 +641,12 @@ def write_checkpoint(
     # Weights saved earlier in another layout (other shard count, other format) would confuse
     # a loader: remove them once the new files are in place.
     keep = {dst.name for _, dst in renames}
-    for src, dst in renames:
-        os.replace(src, dst)
+    try:
+        for src, dst in renames:
+            os.replace(src, dst)  # config.json comes last: until then it points at the old weights
+    finally:
+        for p in temps:  # after a failed rename, leave no temporary files behind
+            p.unlink(missing_ok=True)
     stale = re.compile(r"^(model(-\d{5}-of-\d{5})?\.safetensors|pytorch_model(-\d{5}-of-\d{5})?\.bin)(\.index\.json)?$")
     for f in out.iterdir():
         if stale.match(f.name) and f.name not in keep:
