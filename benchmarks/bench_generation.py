@@ -1,0 +1,243 @@
+"""Generation speed and memory: llama_edu against transformers, same weights, same run.
+
+    python benchmarks/bench_generation.py                    # CPU, float32, the default cases
+    python benchmarks/bench_generation.py --quick            # fewer repeats and tokens
+    python benchmarks/bench_generation.py --compile          # also generate(compile=True)
+    python benchmarks/bench_generation.py --device cuda --dtype bfloat16 --shape 7b --layers 4
+
+Cases (random weights: speed does not depend on what the weights say):
+  decode   tokens/s generating --new-tokens tokens greedily after an 8-token prompt, batch 1
+           (and batch 8 for "decode b8"), the KV cache on; both libraries stop only at the length
+  prefill  tokens/s for a 512-token prompt (the forward pass generate runs before decoding)
+  memory   peak memory while generating, in a fresh subprocess per library: the growth of the
+           resident set (RSS high-water mark minus RSS before generating) on CPU,
+           torch.cuda.max_memory_allocated on CUDA
+
+Each number is the median of --repeats runs after a warm-up, with ours and theirs interleaved
+so that other load on the machine hits both alike. Ratios > 1 mean llama_edu is faster/smaller.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+SHAPES = {
+    # name: (preset, overrides)
+    "tiny": ("stories260k", dict(max_position_embeddings=1024)),
+    "15m": ("stories15m", dict(max_position_embeddings=1024)),
+    "7b": ("llama2-7b", dict()),
+}
+
+
+def build_pair(shape: str, device: str, dtype: torch.dtype, layers: int | None):
+    """transformers' LlamaForCausalLM and ours with identical random weights, in eval mode."""
+    import transformers
+
+    from llama_edu import LlamaConfig, LlamaForCausalLM
+
+    preset, overrides = SHAPES[shape]
+    if layers:
+        overrides = {**overrides, "num_hidden_layers": layers}
+    cfg = LlamaConfig.from_preset(preset, **overrides)
+    hf_kwargs = {k: v for k, v in cfg.to_dict().items() if k != "attn_implementation"}
+    hf_cfg = transformers.LlamaConfig(**hf_kwargs)
+    hf_cfg._attn_implementation = "sdpa"  # the fastest transformers 4.37 offers; ours uses sdpa too
+    torch.manual_seed(0)
+    with torch.device(device):
+        old = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)  # build in the target dtype: no float32 copy of a big model
+        try:
+            theirs = transformers.LlamaForCausalLM(hf_cfg).eval()
+            ours = LlamaForCausalLM(cfg).eval()
+        finally:
+            torch.set_default_dtype(old)
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    return theirs, ours
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def run_generate(model, ids: torch.Tensor, new_tokens: int, device: str, **kw) -> float:
+    """Seconds for one greedy generate of exactly ``new_tokens`` tokens."""
+    sync(device)
+    t = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(ids, max_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0, **kw)
+    sync(device)
+    elapsed = time.perf_counter() - t
+    assert out.shape == (ids.shape[0], ids.shape[1] + new_tokens), out.shape
+    return elapsed
+
+
+def time_case(variants: dict, ids, new_tokens, repeats, device) -> dict:
+    """Median tokens/s of each variant {name: (model, generate kwargs)}: one warm-up each (it
+    also compiles, for compile=True), then ``repeats`` rounds running the variants in turn."""
+    for model, kw in variants.values():
+        run_generate(model, ids, new_tokens, device, **kw)
+    times = {name: [] for name in variants}
+    for _ in range(repeats):
+        for name, (model, kw) in variants.items():
+            times[name].append(run_generate(model, ids, new_tokens, device, **kw))
+    tokens = ids.shape[0] * (ids.shape[1] if new_tokens == 1 else new_tokens)
+    return {name: tokens / statistics.median(t) for name, t in times.items()}
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise OSError(f"{field} not in /proc/self/status")
+
+
+def memory_child(which: str, shape: str, batch: int, new_tokens: int, device: str, dtype: str, layers: int | None) -> None:
+    """Run in a fresh process: print the peak memory growth of one generate as JSON.
+
+    Only the measured library's model is built (weights are random either way). On CPU the
+    resident-set high-water mark (VmHWM) is reset through /proc/self/clear_refs just before
+    generating, so the peak is that of generation alone, not of imports or model building.
+    """
+    import transformers
+
+    from llama_edu import LlamaConfig, LlamaForCausalLM
+
+    warnings.filterwarnings("ignore")
+    preset, overrides = SHAPES[shape]
+    if layers:
+        overrides = {**overrides, "num_hidden_layers": layers}
+    cfg = LlamaConfig.from_preset(preset, **overrides)
+    torch.manual_seed(0)
+    torch.set_default_dtype(getattr(torch, dtype))
+    with torch.device(device):
+        if which == "ours":
+            model = LlamaForCausalLM(cfg).eval()
+        else:
+            hf_cfg = transformers.LlamaConfig(**{k: v for k, v in cfg.to_dict().items() if k != "attn_implementation"})
+            hf_cfg._attn_implementation = "sdpa"
+            model = transformers.LlamaForCausalLM(hf_cfg).eval()
+    torch.set_default_dtype(torch.float32)
+    ids = torch.randint(3, cfg.vocab_size, (batch, 8), generator=torch.Generator().manual_seed(0)).to(device)
+    run_generate(model, ids, 4, device)  # warm-up: one-time allocations are not generation's cost
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        run_generate(model, ids, new_tokens, device)
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset VmHWM to the current RSS
+        base = _status_kib("VmRSS") * 1024
+        run_generate(model, ids, new_tokens, device)
+        peak = _status_kib("VmHWM") * 1024 - base
+    print(json.dumps({"peak": peak}))
+
+
+def measure_memory(which: str, args, shape: str, batch: int) -> float:
+    cmd = [sys.executable, __file__, "--memory-child", which, "--shape", shape, "--batch", str(batch),
+           "--new-tokens", str(args.new_tokens), "--device", args.device, "--dtype", args.dtype,
+           "--threads", str(args.threads)]
+    if args.layers:
+        cmd += ["--layers", str(args.layers)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])["peak"] / 2**20
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default=None, help="float32 (CPU default) or bfloat16 (CUDA default)")
+    p.add_argument("--shape", default=None, choices=[*SHAPES, "all"], help="default: tiny and 15m on CPU, 7b on CUDA")
+    p.add_argument("--layers", type=int, default=None, help="fewer layers (e.g. 4 for a 7B-shaped slice)")
+    p.add_argument("--new-tokens", type=int, default=256)
+    p.add_argument("--prefill-tokens", type=int, default=512)
+    p.add_argument("--batch", type=int, default=8, help="batch size of the batched-decode case")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
+    p.add_argument("--compile", action="store_true", help="also time generate(compile=True) (compiles first: slow warm-up)")
+    p.add_argument("--quick", action="store_true", help="3 repeats, 64 new tokens")
+    p.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore")
+    if args.memory_child:
+        memory_child(args.memory_child, args.shape, args.batch, args.new_tokens, args.device, args.dtype, args.layers)
+        return
+    if args.quick:
+        args.repeats, args.new_tokens = 3, 64
+    if args.shape in (None, "all"):
+        shapes = ["tiny", "15m"] if args.device == "cpu" else ["7b"]
+        if args.shape == "all":
+            shapes = list(SHAPES)
+    else:
+        shapes = [args.shape]
+    if args.shape == "7b" and args.layers is None and args.device == "cpu":
+        args.layers = 2  # a full 7B in float32 needs 28 GB: time a 2-layer slice instead
+    dtype = getattr(torch, args.dtype)
+
+    import transformers
+
+    print(f"torch {torch.__version__}, transformers {transformers.__version__}, device {args.device}, "
+          f"dtype {args.dtype}, threads {args.threads}, median of {args.repeats}")
+    rows = []
+    for shape in shapes:
+        theirs, ours = build_pair(shape, args.device, dtype, args.layers)
+        vocab = ours.config.vocab_size
+        g = torch.Generator().manual_seed(0)
+        label = shape + (f" ({args.layers} layers)" if args.layers and shape == "7b" else "")
+        ids1 = torch.randint(3, vocab, (1, 8), generator=g).to(args.device)
+        idsb = torch.randint(3, vocab, (args.batch, 8), generator=g).to(args.device)
+        idsp = torch.randint(3, vocab, (1, args.prefill_tokens), generator=g).to(args.device)
+        cases = [
+            (f"decode b1, {args.new_tokens} tok", ids1, args.new_tokens, "tok/s"),
+            (f"decode b{args.batch}, {args.new_tokens} tok", idsb, args.new_tokens, "tok/s"),
+            (f"prefill {args.prefill_tokens} tok", idsp, 1, "tok/s"),
+        ]
+        for name, ids, n, unit in cases:
+            variants = {"ours": (ours, {}), "theirs": (theirs, {})}
+            if args.compile and n > 1:
+                variants["ours compiled"] = (ours, {"compile": True})
+            speed = time_case(variants, ids, n, args.repeats, args.device)
+            t = speed["theirs"]
+            for variant in [v for v in variants if v != "theirs"]:
+                o = speed[variant]
+                label_v = label + (" (compile=True)" if variant == "ours compiled" else "")
+                rows.append((label_v, name, o, t, unit))
+                print(f"  {label_v:>6} {name:<24} ours {o:10.1f}  transformers {t:10.1f}  ratio {o / t:5.2f}x", flush=True)
+        del theirs, ours
+        if not args.no_memory:
+            for batch in (1, args.batch):
+                o, t = measure_memory("ours", args, shape, batch), measure_memory("theirs", args, shape, batch)
+                rows.append((label, f"peak mem b{batch}, {args.new_tokens} tok", o, t, "MiB"))
+                print(f"  {label:>6} peak mem b{batch:<15} ours {o:8.1f} MiB  transformers {t:8.1f} MiB", flush=True)
+
+    print()
+    print("| model | case | llama_edu | transformers 4.37 | ratio |")
+    print("|---|---|---:|---:|---:|")
+    for label, name, o, t, unit in rows:
+        # speed: ours / theirs (higher is better); memory: theirs / ours (higher is better)
+        if unit == "tok/s":
+            ratio = f"{o / t:.2f}x"
+        else:  # below 0.1 MiB the growth is within the allocator's slack: no meaningful ratio
+            ratio = f"{t / o:.2f}x" if o >= 0.1 else "n/a"
+        print(f"| {label} | {name} | {o:.1f} {unit} | {t:.1f} {unit} | {ratio} |")
+
+
+if __name__ == "__main__":
+    main()

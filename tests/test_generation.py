@@ -1,0 +1,426 @@
+"""generate(), the logits processors, streaming and chat, checked against transformers 4.37."""
+
+from __future__ import annotations
+
+import io
+import os
+import threading
+import warnings
+
+import pytest
+import torch
+
+import llama_edu
+from llama_edu import generation as G
+from llama_edu.data import find_data_file
+
+from conftest import twins
+
+transformers = pytest.importorskip("transformers")
+from transformers.generation import logits_process as hf_lp  # noqa: E402
+
+PAD = 0
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models decode fastest on one thread (and the CI machine's 2 cores are shared)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def gqa_twins():
+    # 4 query heads sharing 2 kv heads (GQA), context 64.
+    return twins(num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, seed=1)
+
+
+def left_padded_batch(vocab: int = 97, seed: int = 0):
+    """Three prompts of lengths 7, 4 and 2, left-padded with PAD to length 7."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (3, 7), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    mask[2, :5] = 0
+    ids[mask == 0] = PAD
+    return ids, mask
+
+
+@pytest.fixture(scope="module")
+def stories260k():
+    """The real pretrained stories260K, in transformers and copied into ours."""
+    path = find_data_file("stories260K/hf")
+    hf = transformers.LlamaForCausalLM.from_pretrained(path).eval()
+    ours = llama_edu.LlamaForCausalLM(llama_edu.LlamaConfig.from_json_file(path / "config.json")).eval()
+    ours.load_state_dict(hf.state_dict(), strict=True)
+    return hf, ours
+
+
+# -- greedy parity ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def hf_greedy_batch(gqa_twins):
+    """transformers' greedy continuation of a left-padded batch, with an eos that row 0 emits early
+    (so rows finish at different steps)."""
+    hf, _ = gqa_twins
+    ids, mask = left_padded_batch()
+    free = hf.generate(ids, attention_mask=mask, max_new_tokens=30, do_sample=False, pad_token_id=PAD, eos_token_id=None)
+    eos = int(free[0, 7 + 4])
+    expected = hf.generate(ids, attention_mask=mask, max_new_tokens=30, do_sample=False, pad_token_id=PAD, eos_token_id=eos)
+    return ids, mask, eos, expected
+
+
+@pytest.mark.parametrize("cache", ["static", "dynamic", "none"])
+def test_greedy_matches_transformers_left_padded_batch(gqa_twins, hf_greedy_batch, cache):
+    _, ours = gqa_twins
+    ids, mask, eos, expected = hf_greedy_batch
+    kw = dict(cache_implementation=cache) if cache != "none" else dict(use_cache=False)
+    got = ours.generate(ids, attention_mask=mask, max_new_tokens=30, pad_token_id=PAD, eos_token_id=eos, **kw)
+    assert got.shape == expected.shape
+    assert torch.equal(got, expected)
+    # Row 0 stopped at its eos and was padded afterwards while another row went on.
+    assert got[0, 7 + 4] == eos and (got[0, 7 + 5 :] == PAD).all()
+    assert got.shape[1] > 7 + 5
+
+
+def test_greedy_matches_transformers_on_stories260k(stories260k):
+    hf, ours = stories260k
+    prompt = torch.tensor([[1]])
+    expected = hf.generate(prompt, max_new_tokens=200, do_sample=False)
+    got = ours.generate(prompt, max_new_tokens=200)
+    assert got.shape[1] > 100  # a real story, not an early stop
+    assert torch.equal(got, expected)
+
+
+def test_stories260k_batched_left_padded_matches_transformers(stories260k):
+    hf, ours = stories260k
+    ids = torch.tensor([[0, 0, 0, 1, 403, 407], [1, 403, 407, 261, 378, 260]])
+    mask = (torch.arange(6) >= torch.tensor([[3], [0]])).long()
+    expected = hf.generate(ids, attention_mask=mask, max_new_tokens=40, do_sample=False, pad_token_id=0)
+    got = ours.generate(ids, attention_mask=mask, max_new_tokens=40, pad_token_id=0)
+    assert torch.equal(got, expected)
+    # Left padding does not change what a row generates (same tokens as the row alone).
+    alone = ours.generate(ids[:1, 3:], max_new_tokens=40)
+    assert torch.equal(got[0, 3:], alone[0])
+
+
+def test_static_and_dynamic_cache_give_identical_tokens(stories260k):
+    _, ours = stories260k
+    prompt = torch.tensor([[1, 403, 407]])
+    for kw in (dict(), dict(do_sample=True, seed=3, temperature=0.9, top_p=0.9)):
+        static = ours.generate(prompt, max_new_tokens=80, cache_implementation="static", **kw)
+        dynamic = ours.generate(prompt, max_new_tokens=80, cache_implementation="dynamic", **kw)
+        assert torch.equal(static, dynamic)
+
+
+def test_max_length_and_default_length(gqa_twins):
+    hf, ours = gqa_twins
+    ids = torch.tensor([[5, 6, 7]])
+    got = ours.generate(ids, max_length=12, eos_token_id=None)
+    assert got.shape == (1, 12)
+    with pytest.warns(UserWarning, match="max_length=20"):
+        got = ours.generate(ids, eos_token_id=None)
+    assert torch.equal(got, hf.generate(ids, do_sample=False, eos_token_id=None, pad_token_id=PAD))
+
+
+def test_fixed_shape_decode_path_matches_transformers(gqa_twins, hf_greedy_batch, monkeypatch):
+    """generate(compile=True)'s fixed-shape cache, mask and step, run eagerly (torch.compile
+    replaced by the identity so the test takes a second): same tokens as transformers."""
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
+    monkeypatch.setattr(G, "_COMPILED", __import__("weakref").WeakKeyDictionary())
+    _, ours = gqa_twins
+    ids, mask, eos, expected = hf_greedy_batch
+    for _ in range(2):  # the second call reuses the cache (stale slots must not leak)
+        got = ours.generate(ids, attention_mask=mask, max_new_tokens=30, pad_token_id=PAD, eos_token_id=eos, compile=True)
+        assert torch.equal(got, expected)
+
+
+@pytest.mark.skipif(not os.environ.get("LLAMA_EDU_SLOW_TESTS"), reason="compiles (~30 s); set LLAMA_EDU_SLOW_TESTS=1")
+def test_compiled_generate_matches_eager(stories260k):
+    _, ours = stories260k
+    prompt = torch.tensor([[1]])
+    assert torch.equal(ours.generate(prompt, max_new_tokens=100, compile=True), ours.generate(prompt, max_new_tokens=100))
+
+
+# -- sampling --------------------------------------------------------------------------------
+
+
+def test_sampling_matches_transformers_draw_for_draw(gqa_twins):
+    """Same logits, same processors, same global RNG -> the same multinomial draws."""
+    hf, ours = gqa_twins
+    ids, mask = left_padded_batch(seed=2)
+    kw = dict(attention_mask=mask, max_new_tokens=25, do_sample=True, temperature=0.7, top_k=20, top_p=0.9,
+              repetition_penalty=1.3, min_new_tokens=5, pad_token_id=PAD, eos_token_id=[4, 9],
+              num_return_sequences=2)
+    torch.manual_seed(123)
+    expected = hf.generate(ids, **kw)
+    torch.manual_seed(123)
+    got = ours.generate(ids, **kw)
+    assert got.shape == expected.shape == (6, expected.shape[1])
+    assert torch.equal(got, expected)
+
+
+def test_seeded_sampling_is_reproducible(stories260k):
+    _, ours = stories260k
+    prompt = torch.tensor([[1]])
+    a = ours.generate(prompt, max_new_tokens=40, do_sample=True, seed=0)
+    b = ours.generate(prompt, max_new_tokens=40, do_sample=True, seed=0)
+    c = ours.generate(prompt, max_new_tokens=40, do_sample=True, seed=1)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+    g = torch.Generator().manual_seed(0)
+    assert torch.equal(ours.generate(prompt, max_new_tokens=40, do_sample=True, generator=g), a)
+
+
+def test_top_k_1_sampling_is_greedy(stories260k):
+    _, ours = stories260k
+    prompt = torch.tensor([[1, 403]])
+    greedy = ours.generate(prompt, max_new_tokens=50)
+    assert torch.equal(ours.generate(prompt, max_new_tokens=50, do_sample=True, top_k=1, seed=7), greedy)
+
+
+def test_min_new_tokens_suppresses_eos(stories260k):
+    _, ours = stories260k
+    prompt = torch.tensor([[1]])
+    free = ours.generate(prompt, max_new_tokens=30, eos_token_id=None)
+    stop = int(free[0, 6])  # treat the 6th new token as end-of-sequence
+    first = free[0, 1:].tolist().index(stop)
+    assert ours.generate(prompt, max_new_tokens=30, eos_token_id=stop).shape[1] == 1 + first + 1
+    longer = ours.generate(prompt, max_new_tokens=30, min_new_tokens=12, eos_token_id=stop, pad_token_id=0)
+    assert stop not in longer[0, 1:13].tolist()
+    assert longer.shape[1] > 13
+
+
+# -- logits processors against transformers' ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "ours_fn, theirs_fn",
+    [
+        (lambda: G.RepetitionPenaltyLogitsProcessor(1.5), lambda: hf_lp.RepetitionPenaltyLogitsProcessor(1.5)),
+        (lambda: G.RepetitionPenaltyLogitsProcessor(0.7), lambda: hf_lp.RepetitionPenaltyLogitsProcessor(0.7)),
+        (lambda: G.TemperatureLogitsWarper(0.6), lambda: hf_lp.TemperatureLogitsWarper(0.6)),
+        (lambda: G.TopKLogitsWarper(5), lambda: hf_lp.TopKLogitsWarper(5)),
+        (lambda: G.TopKLogitsWarper(500), lambda: hf_lp.TopKLogitsWarper(500)),
+        (lambda: G.TopPLogitsWarper(0.9), lambda: hf_lp.TopPLogitsWarper(0.9)),
+        (lambda: G.TopPLogitsWarper(0.3), lambda: hf_lp.TopPLogitsWarper(0.3)),
+        (lambda: G.TopPLogitsWarper(0.0), lambda: hf_lp.TopPLogitsWarper(0.0)),
+        (lambda: G.TopPLogitsWarper(0.5, min_tokens_to_keep=3), lambda: hf_lp.TopPLogitsWarper(0.5, min_tokens_to_keep=3)),
+        (lambda: G.MinNewTokensLengthLogitsProcessor(4, 3, [2, 7]), lambda: hf_lp.MinNewTokensLengthLogitsProcessor(4, 3, [2, 7])),
+    ],
+)
+def test_processors_match_transformers(ours_fn, theirs_fn):
+    g = torch.Generator().manual_seed(0)
+    for scale in (0.5, 3.0, 10.0):
+        scores = torch.randn(4, 50, generator=g) * scale
+        scores[1, 10] = scores[1, 11]  # a tie
+        input_ids = torch.randint(0, 50, (4, 6), generator=g)
+        expected = theirs_fn()(input_ids, scores.clone())
+        got = ours_fn()(input_ids, scores.clone())
+        assert torch.equal(got, expected)
+
+
+def test_top_p_keeps_at_least_one_and_filters_with_minus_inf():
+    scores = torch.tensor([[5.0, 1.0, 0.0, -1.0]])
+    out = G.TopPLogitsWarper(0.01)(None, scores.clone())
+    assert out[0, 0] == 5.0 and torch.isinf(out[0, 1:]).all() and (out[0, 1:] < 0).all()
+
+
+def test_processor_order_is_transformers_order():
+    procs = G.build_logits_processors(True, 0.7, 10, 0.9, 1.2, 3, 5, [2])
+    assert [type(p).__name__ for p in procs] == [
+        "RepetitionPenaltyLogitsProcessor", "MinNewTokensLengthLogitsProcessor",
+        "TemperatureLogitsWarper", "TopKLogitsWarper", "TopPLogitsWarper",
+    ]
+    assert G.build_logits_processors(False, 0.7, 10, 0.9) == []  # warpers only when sampling
+
+
+# -- input validation ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(max_new_tokens=None, max_length=3), "max_length"),
+        (dict(max_new_tokens=0), "max_new_tokens"),
+        (dict(max_new_tokens=-2), "max_new_tokens"),
+        (dict(max_new_tokens=100), "context of 64"),
+        (dict(input_ids=torch.tensor([[1, 97]])), "outside the model's vocabulary"),
+        (dict(input_ids=torch.tensor([[-1, 3]])), "outside the model's vocabulary"),
+        (dict(input_ids=torch.tensor([1, 2, 3, 4]).view(1, 2, 2)), "2-D"),
+        (dict(do_sample=True, temperature=0.0), "do_sample=False"),
+        (dict(do_sample=True, top_p=1.5), "top_p"),
+        (dict(top_k=-1), "top_k"),
+        (dict(num_return_sequences=2), "num_return_sequences"),
+        (dict(cache_implementation="paged"), "cache_implementation"),
+        (dict(seed=1, generator=torch.Generator()), "seed or generator"),
+        (dict(attention_mask=torch.ones(1, 3)), "attention_mask"),
+        (dict(compile=True, use_cache=False), "use_cache"),
+    ],
+)
+def test_bad_arguments_raise_clear_errors(gqa_twins, kwargs, match):
+    _, ours = gqa_twins
+    kwargs = {"input_ids": torch.tensor([[1, 5, 6, 7]]), "max_new_tokens": 5, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        ours.generate(**kwargs)
+
+
+def test_rope_scaling_extends_the_allowed_length():
+    cfg = llama_edu.LlamaConfig(**{**dict(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                          num_attention_heads=2, max_position_embeddings=16),
+                                   "rope_scaling": {"type": "linear", "factor": 2.0}})
+    model = llama_edu.LlamaForCausalLM(cfg).eval()
+    assert G.context_limit(cfg) == 32
+    assert model.generate(torch.tensor([[1, 2]]), max_new_tokens=25, eos_token_id=None).shape == (1, 27)
+    with pytest.raises(ValueError, match="context of 32"):
+        model.generate(torch.tensor([[1, 2]]), max_new_tokens=31)
+
+
+def test_pad_defaults_to_eos_with_warning(gqa_twins):
+    _, ours = gqa_twins
+    with pytest.warns(UserWarning, match="pad_token_id"):
+        ours.generate(torch.tensor([[1, 5]]), max_new_tokens=3)
+
+
+def test_right_padding_warns(gqa_twins):
+    _, ours = gqa_twins
+    ids = torch.tensor([[5, 6, 7], [5, 6, PAD]])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    with pytest.warns(UserWarning, match="right padding"):
+        ours.generate(ids, attention_mask=mask, max_new_tokens=3, pad_token_id=PAD)
+
+
+# -- streaming -------------------------------------------------------------------------------
+
+
+class CharTokenizer:
+    """A fake tokenizer: id i is chr(i); 256+ are UTF-8 byte tokens (like SentencePiece byte fallback)."""
+
+    def decode(self, ids, skip_special_tokens=False):
+        out, pending = [], b""
+        for i in ids:
+            if i >= 256:
+                pending += bytes([i - 256])
+            else:
+                out.append(pending.decode("utf-8", errors="replace"))
+                pending = b""
+                out.append(chr(i))
+        out.append(pending.decode("utf-8", errors="replace"))
+        return "".join(out)
+
+
+class Collect(G.TextStreamer):
+    def __init__(self, tokenizer, **kw):
+        super().__init__(tokenizer, **kw)
+        self.pieces: list[str] = []
+
+    def on_finalized_text(self, text, stream_end=False):
+        self.pieces.append(text)
+
+
+def stream(streamer, prompt, tokens):
+    streamer.put(torch.tensor([prompt]))
+    for t in tokens:
+        streamer.put(torch.tensor([t]))
+    streamer.end()
+    return streamer.pieces
+
+
+def test_text_streamer_prints_whole_words_and_waits_for_multibyte_chars():
+    tok = CharTokenizer()
+    smile = [256 + b for b in "😀".encode()]  # 4 byte tokens
+    new = [ord(c) for c in "hi "] + smile + [ord(c) for c in " you\nok"]
+    pieces = stream(Collect(tok), [ord("A"), ord(" ")], new)
+    assert "".join(pieces) == "A hi 😀 you\nok"
+    assert not any("\ufffd" in p for p in pieces)
+    assert pieces[:3] == ["A ", "hi ", "😀 "]  # word by word, the emoji only once complete
+    skipped = stream(Collect(tok, skip_prompt=True), [ord("A"), ord(" ")], new)
+    assert "".join(skipped) == "hi 😀 you\nok"
+
+
+def test_text_streamer_with_metas_tokenizer_emoji():
+    from llama_edu.tokenizer import LlamaTokenizer
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tok = LlamaTokenizer.from_pretrained(find_data_file("llama2-tokenizer.model"))
+    text = "Hello 😀 wörld 日本 🦙!"
+    ids = tok.encode(text)  # with BOS; emoji become <0xF0><0x9F>... byte-fallback tokens
+    assert any(tok.convert_ids_to_tokens(i).startswith("<0x") for i in ids)
+    pieces = stream(Collect(tok, skip_special_tokens=True), ids[:1], ids[1:])
+    assert "".join(pieces) == text
+    assert not any("\ufffd" in p for p in pieces)
+    assert len(pieces) > 3
+
+
+def test_text_streamer_prints_to_stdout_during_generate(stories260k, capsys):
+    _, ours = stories260k
+    tok = CharTokenizer()  # stories260K ids < 512 are printable as chr(); good enough for the plumbing
+    out = ours.generate(torch.tensor([[1]]), max_new_tokens=20, streamer=G.TextStreamer(tok))
+    printed = capsys.readouterr().out
+    assert printed == tok.decode(out[0].tolist()) + "\n"
+
+
+def test_text_iterator_streamer_in_a_thread(stories260k):
+    _, ours = stories260k
+    tok = CharTokenizer()
+    streamer = G.TextIteratorStreamer(tok, skip_prompt=True, timeout=30)
+    result = {}
+    thread = threading.Thread(
+        target=lambda: result.setdefault("ids", ours.generate(torch.tensor([[1]]), max_new_tokens=30, streamer=streamer))
+    )
+    thread.start()
+    text = "".join(streamer)
+    thread.join()
+    assert text == tok.decode(result["ids"][0, 1:].tolist())
+
+
+def test_streamer_refuses_batches(gqa_twins):
+    _, ours = gqa_twins
+    with pytest.raises(ValueError, match="one sequence"):
+        ours.generate(torch.tensor([[1, 2], [3, 4]]), max_new_tokens=2, streamer=Collect(CharTokenizer()))
+
+
+# -- chat ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def chat_model():
+    """A random model with the project tokenizer's vocabulary (shows the mechanics only)."""
+    from llama_edu.tokenizer import LlamaTokenizer
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tok = LlamaTokenizer.from_pretrained(llama_edu.data.PROJECT_DATA_DIR / "tokenizer.model")
+    torch.manual_seed(0)
+    cfg = llama_edu.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                num_attention_heads=4, max_position_embeddings=256)
+    return llama_edu.LlamaForCausalLM(cfg).eval(), tok
+
+
+def test_chat_uses_template_and_stops_at_eos(chat_model):
+    model, tok = chat_model
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Who art thou?"}]
+    prompt = tok.apply_chat_template(messages, add_generation_prompt=True)
+    assert tok.decode(prompt).startswith("<s>[INST] <<SYS>>")  # rendered through the Llama-2 template
+    free = model.generate(torch.tensor([prompt]), max_new_tokens=12, eos_token_id=None)[0, len(prompt):].tolist()
+    stop = free[5]
+    first = free.index(stop)
+    answer = G.chat(model, tok, messages, max_new_tokens=12, eos_token_id=stop)
+    assert answer == tok.decode(free[:first], skip_special_tokens=True).strip()
+    with pytest.raises(ValueError, match="user turn"):
+        G.chat(model, tok, messages[:1])
+
+
+def test_chat_loop_keeps_history_and_resets(chat_model):
+    model, tok = chat_model
+    out = io.StringIO()
+    history = G.chat_loop(model, tok, system="sys", input_stream=io.StringIO("hello\nhow now?\n/reset\nagain\n"),
+                          output_stream=out, max_new_tokens=5)
+    assert [m["role"] for m in history] == ["system", "user", "assistant"]
+    assert history[1]["content"] == "again"
+    text = out.getvalue()
+    assert text.count("assistant> ") == 3 and "(history cleared)" in text
