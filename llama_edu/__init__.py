@@ -3,6 +3,8 @@
 from .attention import LlamaAttention, repeat_kv
 from .cache import Cache, DynamicCache, StaticCache
 from .config import PRESETS, LlamaConfig
+from .convert import convert_llama2c_checkpoint, convert_meta_checkpoint, load_llama2c
+from .generation import TextIteratorStreamer, TextStreamer, chat, generate
 from .mlp import LlamaMLP
 from .model import (
     LlamaDecoderLayer,
@@ -23,5 +25,6 @@ __all__ = [
     "LlamaMLP", "LlamaRMSNorm", "LlamaRotaryEmbedding", "apply_rotary_pos_emb", "rotate_half",
     "LlamaDecoderLayer", "LlamaModel", "LlamaForCausalLM", "LlamaForSequenceClassification",
     "LlamaPreTrainedModel", "LlamaTokenizer", "LlamaTokenizerFast", "BatchEncoding", "DEFAULT_SYSTEM_PROMPT",
+    "convert_meta_checkpoint", "convert_llama2c_checkpoint", "load_llama2c", "generate", "chat", "TextStreamer", "TextIteratorStreamer",
     "SentencePieceBPE", "SentencePieceModel", "merge_pair", "train_bpe", "train_sentencepiece",
 ]

@@ -34,6 +34,12 @@ from .mlp import sliced_linear
 from .rope import apply_rotary_pos_emb
 
 
+def is_compiling() -> bool:
+    """True while torch.compile traces the code: value checks (host syncs) are skipped then."""
+    compiler = getattr(torch, "compiler", None)
+    return bool(compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling())
+
+
 def repeat_kv(hidden_states: torch.Tensor, n_rep: int) -> torch.Tensor:
     """(batch, kv_heads, seq, head_dim) -> (batch, kv_heads * n_rep, seq, head_dim), each kv
     head repeated for the n_rep query heads of its group (like ``repeat_interleave`` on dim 1)."""
@@ -95,7 +101,7 @@ def prepare_attention_mask(
                 f"attention_mask has shape {tuple(attention_mask.shape)} but must be (batch, past + new tokens) = "
                 f"{(batch_size, key_length)}: one 1/0 entry per token, the cached ones included"
             )
-        if bool(attention_mask.all()):
+        if not is_compiling() and bool(attention_mask.all()):  # (a host sync: skipped when compiled)
             attention_mask = None  # no padding: nothing beyond causality to mask
     if attention_mask is None and (query_length == 1 or (implementation != "eager" and past_length == 0)):
         return None  # the kernel's own causal flag (or nothing at all, for a single query)

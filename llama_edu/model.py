@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .attention import LlamaAttention, check_flash_attention_available, prepare_attention_mask
+from .attention import LlamaAttention, check_flash_attention_available, is_compiling, prepare_attention_mask
 from .cache import Cache, DynamicCache
 from .config import LlamaConfig
 from .mlp import LlamaMLP, sliced_linear
@@ -230,7 +230,8 @@ class LlamaModel(LlamaPreTrainedModel):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids (token ids) or inputs_embeds (their vectors)")
         if input_ids is not None:
-            self._check_input_ids(input_ids)
+            if not is_compiling():  # the check reads values: a host sync a compiled graph cannot hold
+                self._check_input_ids(input_ids)
             inputs_embeds = self.embed_tokens(input_ids)
         elif inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != cfg.hidden_size:
             raise ValueError(f"inputs_embeds must be (batch, seq, {cfg.hidden_size}), got {tuple(inputs_embeds.shape)}")

@@ -7,6 +7,10 @@ import torch
 
 import llama_edu
 
+# The models under test are tiny: one thread avoids oversubscribing a 2-core machine, where
+# PyTorch's thread pool competing with other processes made tests many times slower.
+torch.set_num_threads(1)
+
 SMALL = dict(
     vocab_size=97,
     hidden_size=64,
