@@ -174,3 +174,17 @@ def test_beyond_context_warns_once_without_rope_scaling():
         warnings.simplefilter("error")
         model(torch.randint(0, 97, (1, 40)))  # only once
         _model(rope_scaling={"type": "dynamic", "factor": 2.0})(torch.randint(0, 97, (1, 40)))
+
+
+def test_cpu_decode_head_matches_and_follows_weight_changes():
+    model = _model()
+    ids = torch.randint(0, 97, (1, 5))
+    with torch.no_grad():
+        fast = model(ids, logits_to_keep=1).logits  # one row: the column-major copy is used
+        plain = torch.nn.functional.linear(model.model(ids).last_hidden_state[:, -1:], model.lm_head.weight)
+        assert max_diff(fast, plain) <= 1e-5
+        model.lm_head.weight.mul_(2)  # an in-place update must not leave a stale copy
+        assert max_diff(model(ids, logits_to_keep=1).logits, 2 * plain) <= 1e-5
+    out = model(ids, logits_to_keep=1)  # with gradients: the real weight, so it gets a gradient
+    out.logits.sum().backward()
+    assert model.lm_head.weight.grad is not None
