@@ -16,14 +16,6 @@ from llama_edu.data import PROJECT_DATA_DIR
 transformers = pytest.importorskip("transformers")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     """An HF-layout folder written by transformers, with the project's tokenizer.model."""

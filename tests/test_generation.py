@@ -22,15 +22,6 @@ from transformers.generation import logits_process as hf_lp  # noqa: E402
 PAD = 0
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models decode fastest on one thread (and the CI machine's 2 cores are shared)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def gqa_twins():
     # 4 query heads sharing 2 kv heads (GQA), context 64.
