@@ -12,24 +12,11 @@ import torch
 
 from llama_edu import LlamaConfig, LlamaForCausalLM
 from llama_edu.data import DEFAULT_MODEL_DIR, find_data_file
-from llama_edu.train import (DEFAULT_TOKENIZER, TokenDataset, TrainConfig, add_cli_commands, evaluate, get_batch,
+from llama_edu.train import (TokenDataset, TrainConfig, add_cli_commands, evaluate, get_batch,
                              load_checkpoint, lr_at, make_optimizer, save_checkpoint, train)
 
 TINY_MODEL = dict(hidden_size=32, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, tie_word_embeddings=True)
-
-pytestmark = pytest.mark.skipif(not DEFAULT_TOKENIZER.is_file(), reason="data/tokenizer.model not built yet")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: these models are tiny, and on a busy 2-core machine a second
-    thread mostly waits for the first (a 40-step run took 30 s instead of 3 s)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def shakespeare_slice(tmp_path_factory) -> Path:
