@@ -109,7 +109,6 @@ def test_chat_reads_turns_until_eof(model_dir, monkeypatch, capsys):
     assert "(history cleared)" in out
 
 
-@pytest.mark.skipif(not (llama_edu.data.DEFAULT_MODEL_DIR / "model.safetensors").exists(), reason="default model not trained yet")
 def test_generate_with_the_default_model_is_deterministic(capsys):
     args = ["generate", "--prompt", "ROMEO:", "--max-new-tokens", "20"]
     rc, a, err = run(args, capsys)

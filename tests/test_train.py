@@ -171,7 +171,6 @@ def test_cli_missing_data_is_a_clear_error(tmp_path):
     assert not (tmp_path / "o").exists()  # nothing written for a run that could not start
 
 
-@pytest.mark.skipif(not DEFAULT_MODEL_DIR.is_dir(), reason="data/shakespeare-llama not trained yet")
 def test_default_model_loads_in_both_libraries_with_equal_logits():
     transformers = pytest.importorskip("transformers")
     ours = LlamaForCausalLM.from_pretrained(DEFAULT_MODEL_DIR).eval()
