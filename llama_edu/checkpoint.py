@@ -33,7 +33,8 @@ from typing import Any, Iterable, Iterator
 import torch
 from torch import nn
 
-from .config import LlamaConfig
+from .config import TRANSFORMERS_VERSION, LlamaConfig
+from .files import resolve_file
 
 CONFIG_NAME = "config.json"
 SAFE_WEIGHTS_NAME = "model.safetensors"
@@ -54,99 +55,6 @@ _DTYPES = {
 }
 # safetensors header dtype names
 _SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
-_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-
-
-# --------------------------------------------------------------------------------------------
-# Finding files: a local folder or a hub repo id
-# --------------------------------------------------------------------------------------------
-def looks_like_repo_id(name: str) -> bool:
-    """``"meta-llama/Llama-2-7b-hf"`` or ``"gpt2"`` (not ``./x``, ``/abs/path`` or ``a/b/c``)."""
-    return bool(_REPO_ID.match(name)) and not name.endswith((".json", ".safetensors", ".bin", ".pth"))
-
-
-def _hub_offline() -> bool:
-    """HF_HUB_OFFLINE read now (huggingface_hub reads it once, at import)."""
-    if os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
-        return True
-    try:
-        from huggingface_hub import constants
-
-        return bool(constants.HF_HUB_OFFLINE)
-    except ImportError:
-        return False
-
-
-def _how_to_download(repo_id: str) -> str:
-    return (
-        f"download it on a machine with network access: `huggingface-cli download {repo_id} "
-        f"--local-dir DIR` (gated repos such as meta-llama/* also need `huggingface-cli login` and "
-        "an accepted licence), then pass DIR instead of the repo id"
-    )
-
-
-def _hub_download(repo_id: str, filename: str, missing_ok: bool, **hub_kwargs: Any) -> Path | None:
-    """``hf_hub_download`` with errors that say what to do; ``None`` when the repo has no such
-    file and ``missing_ok``. ``hub_kwargs`` (cache_dir, revision, token, local_files_only) are
-    passed on."""
-    try:
-        from huggingface_hub import hf_hub_download
-    except ImportError:
-        raise OSError(
-            f"{repo_id!r} is not a local folder, and huggingface_hub is not installed to download it. "
-            f"`pip install huggingface_hub`, or {_how_to_download(repo_id)}"
-        ) from None
-    offline = _hub_offline() or bool(hub_kwargs.pop("local_files_only", False))
-    hub_kwargs = {k: v for k, v in hub_kwargs.items() if v is not None}
-    try:
-        # local_files_only: offline we may still find it in the hub cache, without a network call.
-        return Path(hf_hub_download(repo_id, filename, local_files_only=offline, **hub_kwargs))
-    except Exception as e:  # noqa: BLE001 - hub errors come in many classes; we sort them by name
-        kind = type(e).__name__
-        if missing_ok and kind in ("EntryNotFoundError", "RemoteEntryNotFoundError", "LocalEntryNotFoundError"):
-            return None
-        if kind == "RepositoryNotFoundError":
-            raise OSError(
-                f"{repo_id!r} is neither a local folder nor a hub repository you can access "
-                "(private or gated repos need `huggingface-cli login`)"
-            ) from None
-        if kind == "GatedRepoError":
-            raise OSError(f"{repo_id!r} is gated: accept its licence on huggingface.co and `huggingface-cli login`") from None
-        why = "HF_HUB_OFFLINE is set and it is not in the hub cache" if offline else f"{kind}: {e}"
-        raise OSError(
-            f"{repo_id!r} is not a local folder, and {filename} could not be fetched from the Hugging Face hub "
-            f"({why}); {_how_to_download(repo_id)}"
-        ) from None
-
-
-def resolve_file(
-    path_or_repo: str | os.PathLike, filename: str, *, missing_ok: bool = False, **hub_kwargs: Any
-) -> Path | None:
-    """The local path of ``filename`` inside a checkpoint folder or a hub repo.
-
-    - a local folder: the file in it, or ``FileNotFoundError`` naming the folder and the file;
-    - a path that does not exist and is not a repo id: ``FileNotFoundError``;
-    - a repo id such as ``"meta-llama/Llama-2-7b-hf"``: downloaded (and cached) through
-      ``huggingface_hub.hf_hub_download`` with its usual token; offline, or without
-      huggingface_hub, an ``OSError`` that says what to download and where to put it.
-
-    ``missing_ok=True`` returns ``None`` instead of raising when only the file is missing.
-    """
-    p = Path(path_or_repo).expanduser()
-    if p.is_dir():
-        f = p / filename
-        if f.is_file():
-            return f
-        if missing_ok:
-            return None
-        present = sorted(x.name for x in p.iterdir())[:12]
-        raise FileNotFoundError(f"{filename} is missing from the folder {p} (it holds: {present or 'nothing'})")
-    if p.exists():
-        raise FileNotFoundError(f"{p} is a file; pass the checkpoint folder that contains {filename}")
-    name = str(path_or_repo)
-    if not looks_like_repo_id(name):
-        raise FileNotFoundError(f"{name} does not exist (and it is not a hub repo id like 'meta-llama/Llama-2-7b-hf')")
-    return _hub_download(name, filename, missing_ok, **hub_kwargs)
 
 
 # --------------------------------------------------------------------------------------------
@@ -193,13 +101,23 @@ def parse_size(size: int | str) -> int:
     raise ValueError(f"max_shard_size {size!r} is not a size; use bytes (int) or a string like '200MB' or '5GB'")
 
 
-def _parse_device(device: str | torch.device | int | None) -> torch.device:
+def parse_device(device: str | torch.device | int | None, default: str = "cpu") -> torch.device:
+    """A torch.device from ``"cpu"``, ``"cuda:0"``, ``0``, a torch.device, ``"auto"`` (cuda when
+    available, else cpu) or None (``default``). Unknown names, the meta device (a model there
+    holds no weights) and a CUDA device on a machine without one are clear errors."""
     if device is None:
-        return torch.device("cpu")
+        device = default
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        return torch.device(device)
+        parsed = torch.device(device)
     except (RuntimeError, TypeError) as e:
-        raise ValueError(f"unknown device {device!r} ({e}); use 'cpu', 'cuda', 'cuda:0' or 'mps'") from None
+        raise ValueError(f"unknown device {device!r} ({e}); use 'cpu', 'cuda', 'cuda:0', 'mps' or 'auto'") from None
+    if parsed.type == "meta":
+        raise ValueError("device 'meta' holds no weights; use 'cpu', 'cuda' or 'auto'")
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asks for CUDA but no CUDA GPU is available here; use 'cpu' or 'auto'")
+    return parsed
 
 
 # --------------------------------------------------------------------------------------------
@@ -254,7 +172,7 @@ class _WeightFile:
                     self._header = json.loads(f.read(n))
                 self._data_start = 8 + n
             else:
-                self._handle = _torch_load(path)
+                self._handle = load_torch_state_dict(path)
                 self.keys = list(self._handle.keys())
         except OSError:
             raise
@@ -290,10 +208,10 @@ class _WeightFile:
         return t
 
 
-def _torch_load(path: Path) -> dict[str, torch.Tensor]:
-    """``torch.load`` of a pickle checkpoint that refuses anything but tensors (weights_only),
-    memory-mapped when the file format allows it."""
-    import pickle
+def load_torch_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """``torch.load`` of a pickle checkpoint (``pytorch_model.bin``, Meta's ``consolidated.NN.pth``)
+    that refuses anything but tensors (weights_only), memory-mapped when the file format allows."""
+    import pickle  # only for its exception class
 
     try:
         try:
@@ -308,6 +226,8 @@ def _torch_load(path: Path) -> dict[str, torch.Tensor]:
             f"them could run arbitrary code ({str(e).splitlines()[0]}). Only if you trust its source, "
             "convert it yourself with torch.load(..., weights_only=False) and save it as safetensors"
         ) from None
+    except Exception as e:  # noqa: BLE001 - a truncated zip, a file of another format, ...
+        raise OSError(f"could not read {path}: it is corrupt or truncated ({type(e).__name__}: {e})") from None
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise OSError(f"{path} does not hold a state dict (a dict of tensors)")
     return sd
@@ -418,7 +338,7 @@ def load_pretrained(
     if attn_implementation is not None:
         config.attn_implementation = attn_implementation
     config.validate()
-    target_device = _parse_device(device)
+    target_device = parse_device(device)
 
     # -- what the files hold ------------------------------------------------------------------
     files = [_WeightFile(f) for f in find_weight_files(path_or_repo)]
@@ -679,5 +599,5 @@ def save_pretrained(
     cfg = config.to_dict()
     cfg["torch_dtype"] = dtype_name(float_dtypes[0]) if float_dtypes else "float32"
     cfg["architectures"] = [type(model).__name__]
-    cfg.setdefault("transformers_version", "4.37.2")  # the format we write; transformers reads it
+    cfg.setdefault("transformers_version", TRANSFORMERS_VERSION)  # the format we write; transformers reads it
     write_checkpoint(sd.items(), save_directory, cfg, max_shard_size=max_shard_size, safe_serialization=safe_serialization)

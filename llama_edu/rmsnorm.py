@@ -9,6 +9,7 @@ bf16/fp16 activations loses too much precision (and can overflow in fp16) otherw
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -23,9 +24,10 @@ class LlamaRMSNorm(nn.Module):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """(..., hidden_size) -> (..., hidden_size), in the input's dtype times the weight's."""
         input_dtype = hidden_states.dtype
-        x = hidden_states.to(torch.float32)
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
-        return self.weight * x.to(input_dtype)
+        x = hidden_states if input_dtype == torch.float32 else hidden_states.float()
+        # F.rms_norm is the formula above (without the weight) in one kernel.
+        x = F.rms_norm(x, x.shape[-1:], eps=self.variance_epsilon)
+        return self.weight * (x if input_dtype == torch.float32 else x.to(input_dtype))
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.variance_epsilon}"

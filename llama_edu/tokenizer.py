@@ -33,8 +33,7 @@ from typing import Any, Iterable, Sequence
 import torch
 
 from .bpe import BYTE, CONTROL, SPIECE_UNDERLINE, UNKNOWN, set_add_dummy_prefix
-from .checkpoint import looks_like_repo_id, resolve_file
-from .files import atomic_write_bytes
+from .files import atomic_write_bytes, looks_like_repo_id, resolve_file
 
 VOCAB_FILE = "tokenizer.model"
 TOKENIZER_FILE = "tokenizer.json"

@@ -33,9 +33,9 @@ import torch
 from torch import nn
 
 from .config import PRESETS, LlamaConfig
-from .data import PROJECT_DATA_DIR
-from .files import atomic_write_bytes
-from .model import LlamaForCausalLM
+from .files import PROJECT_DATA_DIR, atomic_write_bytes
+from .mlp import swiglu_hidden_size
+from .modeling import LlamaForCausalLM
 
 DEFAULT_TOKENIZER = PROJECT_DATA_DIR / "tokenizer.model"
 
@@ -318,7 +318,7 @@ def _train_command(args: argparse.Namespace) -> int:
     if args.num_attention_heads is not None and args.num_key_value_heads is None:
         model["num_key_value_heads"] = args.num_attention_heads  # multi-head attention unless told otherwise
     if args.hidden_size is not None and args.intermediate_size is None and not args.preset:
-        model["intermediate_size"] = _swiglu_hidden(args.hidden_size)
+        model["intermediate_size"] = swiglu_hidden_size(args.hidden_size, multiple_of=16)
     model["max_position_embeddings"] = max(args.block_size, model.get("max_position_embeddings", 0))
     config = TrainConfig(
         data=args.data, out_dir=args.out, tokenizer=args.tokenizer, model=model, steps=args.steps,
@@ -332,12 +332,6 @@ def _train_command(args: argparse.Namespace) -> int:
     print(f"best val {best['val_loss']:.4f} nats/token {best['val_nats_per_char']:.4f} nats/char at step {best['step']}; "
           f"{history['steps']} steps in {history['seconds']:.0f}s; saved to {args.out}/best")
     return 0
-
-
-def _swiglu_hidden(hidden_size: int, multiple_of: int = 16) -> int:
-    """Llama's feed-forward width: 2/3 of 4 * hidden, rounded up to a multiple (256 -> 688)."""
-    n = int(2 * 4 * hidden_size / 3)
-    return multiple_of * ((n + multiple_of - 1) // multiple_of)
 
 
 def add_cli_commands(subparsers: argparse._SubParsersAction) -> None:

@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 import llama_edu
 from llama_edu import checkpoint
 from llama_edu.checkpoint import parse_size, resolve_file
-from llama_edu.data import find_data_file
+from llama_edu.files import find_data_file
 
 from conftest import SMALL, max_diff, twins
 
