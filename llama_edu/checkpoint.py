@@ -11,10 +11,12 @@ A checkpoint folder holds
 (``pytorch_model.bin`` / ``pytorch_model-0000N-of-0000M.bin`` + ``pytorch_model.bin.index.json``
 for the older pickle format, which we read only through ``torch.load(weights_only=True)``.)
 
-Loading keeps peak memory near one copy of the weights: the model is built on the ``meta``
-device (shapes, no storage), then every tensor is read from the memory-mapped file one at a time,
-converted to the target dtype/device and put into the model with
-``load_state_dict(assign=True)``. Saving is atomic: every file is written under a temporary name
+Loading takes no more memory than the weights need: the model is built on the ``meta`` device
+(shapes, no storage). When the file holds the dtype asked for and the model stays on the CPU,
+every parameter is a view of the memory-mapped safetensors file (zero-copy, copy-on-write: a
+LoRA merge or training step copies only what it writes). Otherwise each tensor is read, converted
+to the target dtype/device and placed one at a time. Either way ``load_state_dict(assign=True)``
+puts the tensors in the model without a second copy. Saving is atomic: every file is written under a temporary name
 in the target folder and renamed only when all of them are complete, config.json last.
 """
 
@@ -154,9 +156,11 @@ class _WeightFile:
 
     A safetensors file is an 8-byte little-endian header length, a JSON header
     ``{key: {"dtype": "F32", "shape": [...], "data_offsets": [begin, end]}}`` and the raw bytes.
-    ``safe_open`` validates it; we then read each tensor's bytes straight into a fresh tensor
-    with ``readinto``. (Reading through the memory map would also count every page of the file
-    in the process's resident memory until the map is closed: two copies of the weights.)"""
+    ``safe_open`` validates it. :meth:`mapped` then gives a tensor that *is* the bytes in the file:
+    a private (copy-on-write) memory map, file-backed pages the OS reads on first use and may drop
+    again, so loading takes no memory of its own; writing to the tensor copies only the pages
+    written, never the file. :meth:`tensor` reads the bytes into a fresh tensor instead, for a
+    conversion to another dtype or device."""
 
     def __init__(self, path: Path):
         self.path = path
@@ -188,6 +192,22 @@ class _WeightFile:
         if self.is_safetensors:
             return _SAFETENSORS_DTYPES.get(self._handle.get_slice(key).get_dtype())
         return self._handle[key].dtype
+
+    def mapped(self, key: str) -> torch.Tensor | None:
+        """The tensor ``key`` as a view of the memory-mapped file, or None where that cannot be
+        (a pickle file, an unusual dtype, data not aligned to its element size)."""
+        if not self.is_safetensors:
+            return None
+        info = self._header[key]
+        dtype = _SAFETENSORS_DTYPES.get(info["dtype"])
+        begin, end = (self._data_start + offset for offset in info["data_offsets"])
+        if dtype is None or begin % dtype.itemsize:
+            return None
+        if getattr(self, "_map", None) is None:
+            size = self.path.stat().st_size
+            storage = torch.UntypedStorage.from_file(str(self.path), shared=False, nbytes=size)
+            self._map = torch.empty(0, dtype=torch.uint8).set_(storage)  # the whole file, as bytes
+        return self._map[begin:end].view(dtype).view(info["shape"])
 
     def tensor(self, key: str) -> torch.Tensor:
         if not self.is_safetensors:
@@ -312,6 +332,7 @@ def load_pretrained(
     attn_implementation: str | None = None,
     progress: bool = True,
     low_cpu_mem_usage: bool | None = None,
+    mmap: bool = True,
     **config_overrides: Any,
 ) -> nn.Module:
     """Build ``cls`` (LlamaForCausalLM, LlamaModel or LlamaForSequenceClassification) from a
@@ -321,7 +342,9 @@ def load_pretrained(
     ``torch_dtype`` (else the weights' dtype), or an explicit dtype to convert to.
     ``device``: where the weights go ("cpu" default, "cuda", ...). ``config_overrides`` set config
     fields (e.g. ``num_labels=3``). ``low_cpu_mem_usage`` is accepted for compatibility; loading
-    is always low-memory. Returns the model in ``eval()`` mode.
+    is always low-memory. ``mmap=False`` reads the weights into the process's own memory even
+    when they could stay mapped from the file (then the file may be deleted or changed in place).
+    Returns the model in ``eval()`` mode.
     """
     del low_cpu_mem_usage
     # -- config -------------------------------------------------------------------------------
@@ -423,11 +446,15 @@ def load_pretrained(
     bar = tqdm(total=len(found), desc="Loading weights", unit="tensor", disable=not show)
     for wf in files:
         for dst in by_file.get(wf.path, []):
-            t = wf.tensor(found[dst])
-            if t.is_floating_point():
-                # copy=True detaches pickle-file tensors from their memory map; safetensors ones
-                # are fresh already, and .to() with nothing to do is free.
-                t = t.to(device=target_device, dtype=dtype, copy=not wf.is_safetensors)
+            key = found[dst]
+            # Zero-copy when the file already holds what is asked for, on the CPU.
+            t = wf.mapped(key) if mmap and target_device.type == "cpu" and wf.dtype(key) == dtype else None
+            if t is None:
+                t = wf.tensor(key)
+                if t.is_floating_point():
+                    # copy=True detaches pickle-file tensors from their memory map; safetensors
+                    # ones are fresh already, and .to() with nothing to do is free.
+                    t = t.to(device=target_device, dtype=dtype, copy=not wf.is_safetensors)
             state[dst] = t
             bar.update(1)
     bar.close()

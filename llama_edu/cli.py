@@ -153,10 +153,10 @@ def _cmd_chat(args: argparse.Namespace) -> int:
 
 def _add_common(p: argparse.ArgumentParser, temperature: float) -> None:
     p.add_argument("--model", default=None, help="model folder (HF layout) or hub repo id; default: data/shakespeare-llama")
-    p.add_argument("--max-new-tokens", type=int, default=200, help="how many tokens to generate at most (default 200)")
+    p.add_argument("--max-new-tokens", "--max_new_tokens", type=int, default=200, help="how many tokens to generate at most (default 200)")
     p.add_argument("--temperature", type=float, default=temperature, help=f"sampling temperature, 0 = greedy (default {temperature})")
-    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens, 0 = off (default 0)")
-    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (default 0.95)")
+    p.add_argument("--top-k", "--top_k", type=int, default=0, help="keep the k most likely tokens, 0 = off (default 0)")
+    p.add_argument("--top-p", "--top_p", type=float, default=0.95, help="nucleus sampling mass (default 0.95)")
     p.add_argument("--seed", type=int, default=0, help="random seed, so runs repeat (default 0)")
     p.add_argument("--greedy", action="store_true", help="greedy decoding (same as --temperature 0)")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
