@@ -36,7 +36,7 @@ CHILD = textwrap.dedent(
     import torch
     torch.set_num_threads(1)
     which, path = sys.argv[1], sys.argv[2]
-    if which == "llama_edu":
+    if which.startswith("llama_edu"):
         sys.path.insert(0, sys.argv[3])
         import llama_edu
         mmap = which == "llama_edu"  # "llama_edu mmap=False" reads every tensor into its own memory

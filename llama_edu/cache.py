@@ -5,9 +5,8 @@ not change, so each layer keeps them. A cache stores, per layer, keys *after* Ro
 the grouped-query repeat: (batch, num_key_value_heads, seq, head_dim). Storing the un-repeated
 heads is exactly the memory saving of GQA/MQA.
 
-Both caches speak transformers' ``Cache`` protocol: ``update(key, value, layer_idx,
-cache_position)`` stores the new keys/values and returns what attention should read;
-``get_seq_length()`` is the number of tokens written.
+Both speak transformers' ``Cache`` protocol: ``update(key, value, layer_idx, cache_position)``
+stores the new keys/values and returns what attention reads; ``get_seq_length()`` counts tokens.
 
 - :class:`DynamicCache` grows by concatenation: simple, any length, one allocation per token.
 - :class:`StaticCache` preallocates ``max_cache_len`` slots and writes token t into slot t
