@@ -23,11 +23,12 @@ class LlamaRMSNorm(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """(..., hidden_size) -> (..., hidden_size), in the input's dtype times the weight's."""
-        input_dtype = hidden_states.dtype
-        x = hidden_states if input_dtype == torch.float32 else hidden_states.float()
-        # F.rms_norm is the formula above (without the weight) in one kernel.
-        x = F.rms_norm(x, x.shape[-1:], eps=self.variance_epsilon)
-        return self.weight * (x if input_dtype == torch.float32 else x.to(input_dtype))
+        # F.rms_norm is the formula above in one kernel.
+        if hidden_states.dtype == torch.float32:
+            return F.rms_norm(hidden_states, self.weight.shape, self.weight, self.variance_epsilon)
+        # Half precision: normalise in float32, round to the input dtype, then scale (as transformers).
+        x = F.rms_norm(hidden_states.float(), self.weight.shape, eps=self.variance_epsilon)
+        return self.weight * x.to(hidden_states.dtype)
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.variance_epsilon}"
