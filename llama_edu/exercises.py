@@ -33,10 +33,14 @@ import the reference from its package module at the top of the file and write::
         ],
     )
 
-and add a test in tests/test_exercises.py that the reference passes and each mistake is named
-(``tests/test_exercises.py`` does this for every registered mistake automatically). Optional
-arguments: ``atol``/``rtol`` for float comparisons, ``also=fn`` for a check values cannot show
-(``also(learner_fn) -> problem or None``; see greedy_decode).
+``tests/test_exercises.py`` then checks it automatically (the reference passes, each mistake is
+rejected with its own diagnosis, a stub is "not attempted yet"); in your own test file add that a
+correct answer written differently passes: ``assert check("my_fn", my_alternative)``. A mistake
+must be told apart by the inputs: if two mistakes give the same outputs, the first is named, so
+add the input that separates them. Optional arguments: ``atol``/``rtol`` for float comparisons,
+``also=fn`` for a check the values cannot show (``also(learner_fn) -> problem or None``; see
+greedy_decode). In a notebook: ``check("my_fn", my_fn)`` under the learner's cell, and
+``assert check("my_fn", my_fn_solution)`` in the hidden solution cell.
 """
 
 from __future__ import annotations
