@@ -111,7 +111,8 @@ class LlamaAttention(nn.Module):
         output_attentions: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """hidden_states (batch, seq, hidden) -> (batch, seq, hidden), and the attention weights
-        (batch, heads, seq, keys) when ``output_attentions``. cos/sin (batch, 1, seq, head_dim);
+        (batch, heads, seq, keys) when ``output_attentions``. cos/sin (batch, 1, seq, head_dim), or
+        (batch, seq, head_dim) as the rotary embedding returns them;
         ``mask`` from :func:`causal_mask`, or None for plain causal attention."""
         bsz, q_len, _ = hidden_states.shape
         # The head counts come from the weights, so a tensor-parallel shard (fewer heads per
@@ -120,7 +121,7 @@ class LlamaAttention(nn.Module):
         k = self.k_proj(hidden_states).view(bsz, q_len, -1, self.head_dim).transpose(1, 2)  # (b, kv_heads, q, d)
         v = self.v_proj(hidden_states).view(bsz, q_len, -1, self.head_dim).transpose(1, 2)
 
-        q, k = apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=None)
+        q, k = apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1 if cos.dim() == 3 else None)
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx, cache_position)  # (b, kv_heads, keys, d)
 

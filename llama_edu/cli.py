@@ -6,6 +6,7 @@ Commands:
   convert-meta        Meta consolidated.*.pth -> HF layout   (llama_edu.convert)
   convert-llama2c     llama2.c model.bin -> HF layout        (llama_edu.convert)
   train               train a small Llama on a text file     (llama_edu.train)
+  student-notebooks   the notebooks without their solutions  (llama_edu.handout)
 
 Each module that drives a command defines its arguments in ``add_cli_commands(subparsers)``;
 :func:`build_parser` calls them, in the order listed. A user's mistake (a missing file, a bad
@@ -22,7 +23,7 @@ from typing import Any
 
 import torch
 
-from . import convert, train
+from . import convert, handout, train
 from .chat import chat_loop
 from .checkpoint import parse_device
 from .files import DEFAULT_MODEL_DIR, looks_like_repo_id
@@ -38,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_generation_commands(sub)
     convert.add_cli_commands(sub)
     train.add_cli_commands(sub)
+    handout.add_cli_commands(sub)
     return parser
 
 
