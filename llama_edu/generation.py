@@ -129,6 +129,11 @@ def generate(
         pad_token_id = eos_ids[0]
     if pad_token_id is None:
         pad_token_id = 0  # only fills unused buffer cells: without eos no row finishes early
+    if not isinstance(pad_token_id, int) or not 0 <= pad_token_id < config.vocab_size:
+        raise ValueError(
+            f"pad_token_id={pad_token_id!r} is not a token of the model's vocabulary [0, {config.vocab_size}): finished "
+            "rows are filled with it and fed back to the model; pass pad_token_id=tokenizer.eos_token_id (or another id)"
+        )
 
     # -- lengths ----------------------------------------------------------------------------
     if max_new_tokens is not None:
@@ -184,6 +189,8 @@ def generate(
         raise ValueError("compile=True does not support dynamic NTK RoPE scaling (its angles depend on the length); use compile=False")
     if streamer is not None and batch_size * num_return_sequences != 1:
         raise ValueError("streaming works for one sequence at a time; use batch size 1 and num_return_sequences=1")
+    if use_cache and cache_implementation == "static":
+        _check_cache_fits(config, batch_size * num_return_sequences, max_length, model.dtype, device)
 
     # -- attention mask: as transformers, guess one from pad ids when none is given -----------
     if attention_mask is None:
@@ -214,6 +221,31 @@ def generate(
         if streamer is not None:
             streamer.end()
     return state.sequences[:, : state.length].clone()  # a normal tensor (not an inference tensor)
+
+
+def _check_cache_fits(config, batch_size: int, max_length: int, dtype: torch.dtype, device: torch.device) -> None:
+    """Refuse to preallocate a KV cache larger than the memory the device has free (a config with
+    an enormous context and a large max_new_tokens would otherwise ask for terabytes)."""
+    need = 2 * config.num_hidden_layers * batch_size * config.num_key_value_heads * max_length * config.head_dim
+    need *= torch.empty((), dtype=dtype).element_size()
+    free = _free_memory(device)
+    if free is not None and need > free:
+        raise ValueError(
+            f"the preallocated KV cache for batch {batch_size} x {max_length} positions needs {need / 2**30:.1f} GiB but "
+            f"{device} has {free / 2**30:.1f} GiB free: lower max_new_tokens (or the batch), or pass "
+            "cache_implementation='dynamic', which grows with the text instead"
+        )
+
+
+def _free_memory(device: torch.device) -> int | None:
+    """Bytes free on ``device`` (MemAvailable on a Linux CPU), or None when unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        return None
 
 
 # --------------------------------------------------------------------------------------------

@@ -206,8 +206,10 @@ class LlamaModel(LlamaPreTrainedModel, LlamaDecoder):
                 cache = DynamicCache.from_legacy_cache(_check_legacy_cache(cache, cfg.num_hidden_layers))
             _check_cache(cache, cfg.num_hidden_layers, batch_size, seq_length)
         past_length = cache.get_seq_length() if cache is not None else 0
-        if past_length + seq_length > cfg.max_position_embeddings and cfg.rope_scaling is None:
-            self._warn_beyond_context(past_length + seq_length)
+        if cfg.rope_scaling is None:
+            last = past_length + seq_length if position_ids is None else int(position_ids.max()) + 1
+            if last > cfg.max_position_embeddings:
+                self._warn_beyond_context(last)
 
         device = (input_ids if input_ids is not None else inputs_embeds).device
         if cache_position is None:

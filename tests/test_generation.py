@@ -417,3 +417,23 @@ def test_chat_loop_keeps_history_and_resets(chat_model):
     assert history[1]["content"] == "again"
     text = out.getvalue()
     assert text.count("assistant> ") == 3 and "(history cleared)" in text
+
+
+def test_pad_token_and_cache_size_are_checked_before_anything_runs():
+    torch.manual_seed(0)
+    cfg = llama_edu.LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=112, num_hidden_layers=2,
+                                num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=2**40)
+    model = llama_edu.LlamaForCausalLM(cfg).eval()
+    with pytest.raises(ValueError, match="pad_token_id=500"):
+        model.generate(torch.tensor([[1, 2]]), max_new_tokens=3, pad_token_id=500)
+    with pytest.raises(ValueError, match=r"needs \d+.* GiB .*cache_implementation='dynamic'"):
+        model.generate(torch.tensor([[1, 2]]), max_new_tokens=2**38)  # terabytes of cache: refused up front
+
+
+def test_explicit_positions_past_the_context_warn():
+    torch.manual_seed(0)
+    model = llama_edu.LlamaForCausalLM(llama_edu.LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=112,
+                                                              num_hidden_layers=1, num_attention_heads=8,
+                                                              max_position_embeddings=32)).eval()
+    with pytest.warns(UserWarning, match="longer than max_position_embeddings"):
+        model(torch.tensor([[1, 2]]), position_ids=torch.tensor([[40, 41]]))
