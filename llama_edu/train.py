@@ -577,14 +577,14 @@ def train(
     check_config(config)
     device = check_device(config.device)
     amp_dtype = resolve_precision(config.precision, device)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    dataset = dataset or TokenDataset(config.data, config.tokenizer)
     out_dir = Path(config.out_dir) if config.out_dir else None
     if out_dir:
         prepare_out_dir(out_dir, resume, overwrite)
     elif resume:
         raise ValueError("resume=True needs config.out_dir (the folder holding last/)")
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    dataset = dataset or TokenDataset(config.data, config.tokenizer)
 
     # The model, its optimizer and the batch sampler, fresh ...
     torch.manual_seed(config.seed)
