@@ -658,7 +658,8 @@ def train(
         nonlocal best_state
         res = evaluate(model, dataset.val, dataset.char_lengths, config.block_size, config.batch_size, config.eval_batches)
         if not math.isfinite(res["loss"]):
-            raise NonFiniteLossError(f"the validation loss at step {step} is {res['loss']}; nothing was saved. Lower --lr or check the data")
+            raise NonFiniteLossError(f"the validation loss is {res['loss']} at step {step}; training stopped and this model was "
+                                     f"not saved: best/ and last/ hold the last good checkpoints. Lower --lr, or check the data")
         history["val"].append((step, res["loss"], res["nats_per_char"]))
         improved = history["best"] is None or res["loss"] < history["best"]["val_loss"]
         if improved:
@@ -733,7 +734,7 @@ def _train_command(args: argparse.Namespace) -> int:
     config = TrainConfig(
         data=args.data, out_dir=args.out, tokenizer=args.tokenizer, model=model, steps=args.steps,
         batch_size=args.batch_size, grad_accum=args.grad_accum, block_size=args.block_size, lr=args.lr, min_lr=args.min_lr,
-        warmup_steps=max(0, min(args.warmup_steps, args.steps)), weight_decay=args.weight_decay, beta2=args.beta2,
+        warmup_steps=min(args.warmup_steps, args.steps), weight_decay=args.weight_decay, beta2=args.beta2,
         grad_clip=args.grad_clip, eval_interval=args.eval_interval or max(1, args.steps), eval_batches=args.eval_batches,
         log_interval=args.log_interval, seed=args.seed, threads=args.threads, max_minutes=args.max_minutes,
         device=args.device, precision=args.precision, compile=args.compile, progress=False if args.quiet else None,
