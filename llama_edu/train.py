@@ -145,6 +145,21 @@ def get_batch(
     return windows[:, :-1], windows[:, 1:]
 
 
+# ----------------------------------------------------------------------------- the loss
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The pretraining objective: mean next-token cross-entropy, as ``LlamaForCausalLM(labels=...)``
+    computes it.
+
+    ``logits`` (batch, seq, vocab) at position t score the token at t + 1, so the last position
+    has no target and the first label has no prediction: compare ``logits[:, :-1]`` with
+    ``labels[:, 1:]``. Labels equal to -100 (padding, prompt tokens) count neither in the sum nor
+    in the number of tokens the mean divides by. Returns a float32 scalar.
+    """
+    shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()  # (batch * (seq - 1), vocab)
+    shift_labels = labels[:, 1:].reshape(-1).to(shift_logits.device)  # (batch * (seq - 1),)
+    return nn.functional.cross_entropy(shift_logits, shift_labels, ignore_index=-100)
+
+
 # ----------------------------------------------------------------------------- optimisation
 def lr_at(step: int, max_lr: float, warmup_steps: int, total_steps: int, min_lr: float) -> float:
     """Linear warm-up from ~0 to ``max_lr`` over ``warmup_steps``, then a half cosine down to

@@ -341,3 +341,29 @@ def test_kill_9_at_any_point_of_a_save_leaves_a_whole_checkpoint(tmp_path):
         assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no leftovers
         outcomes.add(state["step"])
     assert outcomes == {1, 2}  # both sides of the swap were hit
+
+
+# ----------------------------------------------------------------------------- the exercise of notebook 10
+def test_causal_lm_loss_is_the_models_loss_and_the_checker_works_both_ways(capsys):
+    from llama_edu.exercises import check
+    from llama_edu.train import causal_lm_loss
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=50, max_position_embeddings=16, **TINY_MODEL)).eval()
+    ids = torch.randint(0, 50, (3, 10))
+    labels = ids.clone()
+    labels[0, 6:] = -100
+    out = model(input_ids=ids, labels=labels)
+    assert torch.equal(causal_lm_loss(out.logits, labels), out.loss)
+
+    def written_out(logits, labels):  # a correct answer written differently: log-softmax, gather, mask
+        logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+        target = labels[:, 1:]
+        keep = target != -100
+        picked = logp.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        return -(picked * keep).sum() / keep.sum()
+
+    assert check("causal_lm_loss", written_out)
+    assert not check("causal_lm_loss", lambda logits, labels: torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)))
+    assert "Likely mistake: the labels are not shifted" in capsys.readouterr().out
