@@ -572,7 +572,7 @@ def train(
     resume: bool = False,
     overwrite: bool = False,
     model: LlamaForCausalLM | None = None,
-    on_step: Callable[[int, float, LlamaForCausalLM], None] | None = None,
+    on_step: Callable[[int, dict[str, Any], LlamaForCausalLM], None] | None = None,
 ) -> dict[str, Any]:
     """Train a LlamaForCausalLM as ``config`` says and return the history:
     ``{"train": [(step, loss), ...], "val": [(step, nats/token, nats/char), ...], "best": {...},
@@ -586,7 +586,8 @@ def train(
 
     ``dataset`` skips re-tokenizing ``config.data``; ``log`` receives the progress lines;
     ``model`` trains that model (its config must match ``config.model``) instead of a fresh one
-    (seeded with ``config.seed``); ``on_step(step, loss, model)`` is called after every step.
+    (seeded with ``config.seed``); ``on_step(step, history, model)`` is called after every step
+    (and its evaluation, if one was due) with the history so far, e.g. to draw a live loss curve.
     A non-finite loss raises :class:`NonFiniteLossError` and saves nothing.
     """
     check_config(config)
@@ -707,11 +708,11 @@ def train(
                 bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_step / max(time.time() - t_step, 1e-9):,.0f}", refresh=False)
                 if step % config.log_interval == 0:
                     say(f"step {step:5d} | loss {loss:.4f} | lr {lr:.2e} | {time.time() - t0:.0f}s")
-                if on_step is not None:
-                    on_step(step, loss, model)
                 out_of_time = config.max_minutes is not None and time.time() - t0 > 60 * config.max_minutes
                 if step % config.eval_interval == 0 or step == config.steps or out_of_time:
                     run_eval(step)
+                if on_step is not None:
+                    on_step(step, history, model)
                 if stop.requested:
                     raise TrainingInterrupted(step, save_last(step))
                 if out_of_time:

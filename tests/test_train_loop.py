@@ -103,7 +103,7 @@ def test_no_clipping_when_grad_clip_is_not_positive(dataset):
 def test_sigint_then_resume_is_bit_identical(dataset, tmp_path):
     whole = train(tiny_config(tmp_path / "whole"), dataset, QUIET)
 
-    def ctrl_c_at_step_6(step, loss, model):
+    def ctrl_c_at_step_6(step, history, model):
         if step == 6:
             os.kill(os.getpid(), signal.SIGINT)  # the real signal, handled by the loop
 
