@@ -38,7 +38,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch import nn
 
-from .data import find_data_file
+from .files import find_data_file
 
 #: Label ids as the model predicts them: 0 = ham (legitimate), 1 = spam.
 LABELS = ("ham", "spam")
@@ -49,7 +49,7 @@ SPAM_FILE = "sms_spam_collection.tsv"
 def load_sms_spam(path: str | Path | None = None) -> tuple[list[str], list[int]]:
     """Read the SMS Spam Collection: ``(texts, labels)`` with label 0 = ham, 1 = spam, in file
     order. ``path`` defaults to ``sms_spam_collection.tsv`` found by
-    :func:`llama_edu.data.find_data_file`. A line that is not ``ham|spam<TAB>text`` is an error
+    :func:`llama_edu.files.find_data_file`. A line that is not ``ham|spam<TAB>text`` is an error
     naming the line."""
     path = Path(path) if path is not None else find_data_file(SPAM_FILE)
     texts, labels = [], []

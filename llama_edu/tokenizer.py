@@ -1050,7 +1050,7 @@ def _read_vocab_file(vocab_file: Any) -> bytes:
     if not path.is_file():
         raise FileNotFoundError(
             f"vocab_file {vocab_file} does not exist; pass the path of a sentencepiece tokenizer.model "
-            "(e.g. llama_edu.data.find_data_file('llama2-tokenizer.model'))"
+            "(e.g. llama_edu.files.find_data_file('llama2-tokenizer.model'))"
         )
     return path.read_bytes()
 

@@ -10,7 +10,7 @@ from llama_edu import LlamaConfig, LlamaForSequenceClassification, LlamaTokenize
 from llama_edu.classification import (LABELS, batches, classification_metrics, evaluate_classifier, fine_tune,
                                       load_sms_spam, load_spam_splits, majority_baseline, predict, set_pad_token,
                                       stratified_split, subsample)
-from llama_edu.data import DEFAULT_MODEL_DIR
+from llama_edu.files import DEFAULT_MODEL_DIR
 
 TINY = dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
 

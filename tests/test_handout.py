@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from llama_edu.__main__ import main
+from llama_edu.cli import main
 from llama_edu.exercises import EXERCISES
 from llama_edu.handout import NOTEBOOKS_DIR, is_solution_cell, strip_solutions, write_student_notebooks
 

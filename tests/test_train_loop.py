@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 from llama_edu import LlamaConfig, LlamaForCausalLM
-from llama_edu.data import REPO_ROOT, find_data_file
+from llama_edu.files import REPO_ROOT, find_data_file
 from llama_edu.train import (NonFiniteLossError, TokenDataset, TrainConfig, TrainingInterrupted, load_checkpoint,
                              recover_folder, save_checkpoint, train, train_step)
 
@@ -228,7 +228,7 @@ BAD_ARGUMENTS = [
 
 @pytest.mark.parametrize("extra, names", BAD_ARGUMENTS, ids=[" ".join(a) for a, _ in BAD_ARGUMENTS])
 def test_bad_argument_is_one_clear_line(text_file, tmp_path, capsys, extra, names):
-    from llama_edu.__main__ import main
+    from llama_edu.cli import main
 
     if extra[-1].startswith("cuda") and torch.cuda.device_count() > 7:
         pytest.skip("this machine has a cuda:7")
@@ -239,7 +239,7 @@ def test_bad_argument_is_one_clear_line(text_file, tmp_path, capsys, extra, name
 
 
 def test_unwritable_or_odd_out_is_one_clear_line(text_file, tmp_path, capsys):
-    from llama_edu.__main__ import main
+    from llama_edu.cli import main
 
     (tmp_path / "file").write_text("x")
     read_only = Path("/proc/llama_edu_run") if os.geteuid() == 0 else tmp_path / "ro" / "run"
