@@ -57,7 +57,11 @@ def _pid_alive(pid: int) -> bool:
         return True
     except OSError:
         return False
-    return True
+    try:  # Linux: a killed process that its parent has not reaped yet is a zombie, not a writer
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
 
 
 @contextlib.contextmanager

@@ -32,6 +32,7 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
+from .atomic_save import replace_folder_files
 from .bpe import BYTE, CONTROL, SPIECE_UNDERLINE, UNKNOWN, set_add_dummy_prefix
 from .checkpoint import looks_like_repo_id, resolve_file
 from .files import atomic_write_bytes
@@ -905,11 +906,22 @@ class LlamaTokenizerBase:
 
     def save_pretrained(self, save_directory: str | os.PathLike, filename_prefix: str | None = None) -> tuple[str, ...]:
         """Write tokenizer.model, tokenizer_config.json and special_tokens_map.json (and, for the
-        fast tokenizer, tokenizer.json) so that this class and transformers can load them."""
+        fast tokenizer, tokenizer.json) so that this class and transformers can load them.
+
+        The files replace the previous tokenizer files all at once (a crash or a concurrent save
+        never leaves a mixture); the other files of the folder (a model's weights) are kept."""
         directory = Path(save_directory)
         if directory.is_file():
             raise FileExistsError(f"{directory} is a file; save_pretrained needs a folder")
-        directory.mkdir(parents=True, exist_ok=True)
+        written: list[str] = []
+        # A tokenizer.json left by an earlier fast save would describe the old tokenizer: replaced too.
+        stale_json = (filename_prefix + "-" if filename_prefix else "") + TOKENIZER_FILE
+        with replace_folder_files(directory, lambda name: name in written or name == stale_json, last=None) as staging:
+            written += [Path(f).name for f in self._save_files(staging, filename_prefix)]
+        return tuple(str(directory / name) for name in written)
+
+    def _save_files(self, directory: Path, filename_prefix: str | None) -> list[str]:
+        """Write the tokenizer's files into ``directory`` (an empty staging folder)."""
         prefix = filename_prefix + "-" if filename_prefix else ""
         config_path = directory / (prefix + TOKENIZER_CONFIG_FILE)
         map_path = directory / (prefix + SPECIAL_TOKENS_MAP_FILE)
@@ -917,7 +929,7 @@ class LlamaTokenizerBase:
         atomic_write_bytes(map_path, (json.dumps(self.special_tokens_map, indent=2, ensure_ascii=False) + "\n").encode())
         files = [str(config_path), str(map_path), *self.save_vocabulary(directory, filename_prefix)]
         files += [str(p) for p in self._save_backend(directory)]
-        return tuple(files)
+        return files
 
     @classmethod
     def from_pretrained(
@@ -1368,16 +1380,14 @@ class LlamaTokenizerFast(LlamaTokenizerBase):
         atomic_write_bytes(path, json.dumps(data, ensure_ascii=False).encode("utf-8"))
         return [path]
 
-    def save_pretrained(self, save_directory: str | os.PathLike, filename_prefix: str | None = None) -> tuple[str, ...]:
+    def _save_files(self, directory: Path, filename_prefix: str | None) -> list[str]:
         if self._model_bytes is None:
-            directory = Path(save_directory)
-            directory.mkdir(parents=True, exist_ok=True)
             prefix = filename_prefix + "-" if filename_prefix else ""
             paths = [directory / (prefix + TOKENIZER_CONFIG_FILE), directory / (prefix + SPECIAL_TOKENS_MAP_FILE)]
             atomic_write_bytes(paths[0], (json.dumps(self._config(), indent=2) + "\n").encode())
             atomic_write_bytes(paths[1], (json.dumps(self.special_tokens_map, indent=2) + "\n").encode())
-            return tuple(str(p) for p in paths + self._save_backend(directory))
-        return super().save_pretrained(save_directory, filename_prefix)
+            return [str(p) for p in paths + self._save_backend(directory)]
+        return super()._save_files(directory, filename_prefix)
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
