@@ -206,19 +206,59 @@ def _parse_device(device: str | torch.device | int | None) -> torch.device:
 # --------------------------------------------------------------------------------------------
 # Reading weight files
 # --------------------------------------------------------------------------------------------
+def _check_inside(folder: Path, name: str, named_by: str) -> None:
+    """Refuse a weight file that is not a plain file inside ``folder``: a name with ``..`` or an
+    absolute path, or a symlink (or a symlinked folder) leading elsewhere, could make a
+    downloaded checkpoint read any file on the machine. The Hugging Face cache's own links
+    (``snapshots/REV/name`` -> ``../../blobs/HASH``) are allowed."""
+    p = Path(name)
+    if p.is_absolute() or ".." in p.parts or not p.parts or name != name.strip():
+        raise ValueError(
+            f"refused to load {folder}: {named_by} names the weight file {name!r}, which is not inside the "
+            "checkpoint folder; a weight_map must name files in the folder, like 'model-00001-of-00002.safetensors'"
+        )
+    real_folder = folder.resolve()
+    target = (folder / p).resolve()
+    if target.is_relative_to(real_folder):
+        inside = True
+    else:
+        repo = next((a.parent for a in real_folder.parents if a.name == "snapshots"), None)
+        inside = repo is not None and target.parent == repo / "blobs"
+    if not inside:
+        raise ValueError(
+            f"refused to load {folder}: the weight file {name!r} is a link to {target}, outside the checkpoint "
+            "folder. If you trust it, replace the link by the file itself (cp -L)"
+        )
+    if target.exists() and not target.is_file():
+        raise ValueError(f"refused to load {folder}: the weight file {name!r} is not a regular file")
+
+
 def find_weight_files(path_or_repo: str | os.PathLike) -> list[Path]:
-    """The weight files of a checkpoint, in order: one file, or the shards its index names."""
+    """The weight files of a checkpoint, in order: one file, or the shards its index names.
+    In a local folder, every file must stay inside it (see :func:`_check_inside`); nothing is
+    read before all names are checked."""
+    local = Path(path_or_repo).expanduser()
+    local = local if local.is_dir() else None
     for name in WEIGHT_FILES:
         f = resolve_file(path_or_repo, name, missing_ok=True)
         if f is None:
             continue
+        if local is not None:
+            _check_inside(local, name, "the folder")
         if not name.endswith(".index.json"):
             return [f]
         try:
             index = json.loads(f.read_text())
             shard_names = list(dict.fromkeys(index["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError, AttributeError) as e:
+            if not all(isinstance(s, str) for s in shard_names):
+                raise ValueError("the weight_map's values must be file names")
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, AttributeError, TypeError, ValueError) as e:
             raise OSError(f"{f} is not a valid weight index (expected {{'weight_map': {{key: file}}}}): {e}") from None
+        for shard in shard_names:  # all names first: refuse before reading any shard
+            if local is not None:
+                _check_inside(local, shard, f.name)
+            elif Path(shard).is_absolute() or ".." in Path(shard).parts:
+                _check_inside(Path("."), shard, f.name)  # raises: a hub repo cannot name files outside it either
         files = []
         for shard in shard_names:
             sf = resolve_file(path_or_repo, shard, missing_ok=True)
