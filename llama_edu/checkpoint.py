@@ -198,9 +198,12 @@ def _parse_device(device: str | torch.device | int | None) -> torch.device:
     if device is None:
         return torch.device("cpu")
     try:
-        return torch.device(device)
+        parsed = torch.device(device)
     except (RuntimeError, TypeError) as e:
         raise ValueError(f"unknown device {device!r} ({e}); use 'cpu', 'cuda', 'cuda:0' or 'mps'") from None
+    if parsed.type == "meta":
+        raise ValueError(f"device '{parsed}' holds shapes but no values, so weights cannot be loaded there; use 'cpu' or 'cuda'")
+    return parsed
 
 
 # --------------------------------------------------------------------------------------------
