@@ -118,7 +118,7 @@ class LlamaConfig:
         num_labels = kwargs.pop("num_labels", None)
         self.id2label = {int(k): v for k, v in (kwargs.pop("id2label", None) or {}).items()}
         self.label2id = dict(kwargs.pop("label2id", None) or {})
-        if num_labels is not None and num_labels != len(self.id2label):
+        if num_labels is not None and (num_labels != len(self.id2label) or not self.id2label):
             self.num_labels = num_labels
         elif not self.id2label:
             self.num_labels = 2
@@ -250,6 +250,11 @@ class LlamaConfig:
         rs = self.rope_scaling
         if rs is None:
             return
+        if isinstance(rs, dict) and rs.get("type") is not None and rs["type"] not in ROPE_SCALING_TYPES:
+            raise ValueError(
+                f"rope_scaling['type'] must be one of {list(ROPE_SCALING_TYPES)}, got {rs['type']!r}"
+                + (" (Llama 3.1-style scaling is not supported by this Llama 2 implementation)" if rs["type"] == "llama3" else "")
+            )
         if not isinstance(rs, dict) or set(rs) != {"type", "factor"}:
             raise ValueError(
                 "rope_scaling must be None or a dict with exactly the fields 'type' and 'factor', "
