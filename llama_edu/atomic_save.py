@@ -18,7 +18,8 @@ save here works on a copy:
    it back first); then delete the old folder.
 
 Readers of the folder see the old files or the new ones, never a mixture. Where the folder
-cannot be swapped (it is a mount point, or its parent is not writable), the files are renamed
+cannot be swapped (it is a mount point, its parent is not writable, or it holds this process's
+working directory), the files are renamed
 into the folder one by one instead, config.json removed first and written last, so a crash
 mid-way leaves a folder that refuses to load rather than one that loads mixed weights.
 """
@@ -130,6 +131,17 @@ def remove_stale_temporaries(folder: Path, prefix: str, target: Path | None = No
     return [e for _, e in stale]
 
 
+def _holds_cwd(folder: Path) -> bool:
+    """True when this process works inside ``folder``: swapping it would leave our working
+    directory in the deleted old copy (``os.getcwd()`` would fail)."""
+    try:
+        cwd = Path.cwd().resolve()
+    except OSError:
+        return False
+    real = folder.resolve()
+    return cwd == real or real in cwd.parents
+
+
 def _exchange(a: Path, b: Path) -> bool:
     """Swap two paths atomically (Linux ``renameat2(RENAME_EXCHANGE)``); False where unsupported."""
     try:
@@ -170,6 +182,7 @@ def _swap_in(staging: Path, target: Path, owned: Callable[[str], bool]) -> None:
     if not target.exists():
         os.rename(staging, target)
         return
+    shutil.copymode(target, staging)  # the folder keeps its permissions (group-writable, ...)
     new_names = {p.name for p in staging.iterdir()}
     for entry in target.iterdir():  # keep what is not ours
         if entry.name not in new_names and not owned(entry.name) and MARKER not in entry.name:
@@ -224,7 +237,7 @@ def replace_folder_files(
     target = target.absolute()
     parent = target.parent
     parent.mkdir(parents=True, exist_ok=True)
-    swap = os.access(parent, os.W_OK) and not (target.exists() and os.path.ismount(target))
+    swap = os.access(parent, os.W_OK) and not (target.exists() and (os.path.ismount(target) or _holds_cwd(target)))
     if not swap and not target.exists():
         raise PermissionError(f"cannot create {target}: its parent folder {parent} is not writable")
     if not swap and not os.access(target, os.W_OK):

@@ -41,6 +41,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .atomic_save import replace_folder_files
 from .checkpoint import dtype_name, parse_dtype, write_checkpoint
 from .config import LlamaConfig
 
@@ -518,11 +519,15 @@ def write_meta_checkpoint(model: torch.nn.Module, output_dir: str | os.PathLike,
     """Write an HF-layout LlamaForCausalLM as Meta's release format (params.json +
     consolidated.NN.pth), e.g. to try :func:`convert_meta_checkpoint` on a small model."""
     out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    for i, shard in enumerate(hf_to_meta_state_dicts(sd, model.config, num_shards)):
-        torch.save(shard, out / f"consolidated.{i:02d}.pth")
-    (out / "params.json").write_text(json.dumps(meta_params(model.config)))
+
+    def owned(name: str) -> bool:  # an earlier export's files, whatever its shard count
+        return name == "params.json" or re.fullmatch(r"consolidated\.\d+\.pth", name) is not None
+
+    with replace_folder_files(out, owned, last="params.json") as staging:
+        for i, shard in enumerate(hf_to_meta_state_dicts(sd, model.config, num_shards)):
+            torch.save(shard, staging / f"consolidated.{i:02d}.pth")
+        (staging / "params.json").write_text(json.dumps(meta_params(model.config)))
     return out
 
 

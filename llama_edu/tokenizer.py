@@ -1107,10 +1107,14 @@ class LlamaTokenizerBase:
             )
         config: dict[str, Any] = {}
         if TOKENIZER_CONFIG_FILE in files:
-            config.update(json.loads(files[TOKENIZER_CONFIG_FILE].read_text(encoding="utf-8")))
+            config.update(_read_json_object(files[TOKENIZER_CONFIG_FILE]))
         if SPECIAL_TOKENS_MAP_FILE in files:
-            for k, v in json.loads(files[SPECIAL_TOKENS_MAP_FILE].read_text(encoding="utf-8")).items():
+            for k, v in _read_json_object(files[SPECIAL_TOKENS_MAP_FILE]).items():
                 config.setdefault(k, v)
+        # Which files to read is decided here, never by the folder's own JSON: a tokenizer_config.json
+        # naming "vocab_file": "/some/other/file" must not make us read outside the folder.
+        config.pop("vocab_file", None)
+        config.pop("tokenizer_file", None)
         config.update(kwargs)
         init_args = _init_parameters(cls)
         config = {k: v for k, v in config.items() if k in init_args}  # hub configs carry other keys too
@@ -1119,7 +1123,11 @@ class LlamaTokenizerBase:
             config["vocab_file"] = str(files[VOCAB_FILE])
         if TOKENIZER_FILE in files and "tokenizer_file" in init_args:
             config.setdefault("tokenizer_file", str(files[TOKENIZER_FILE]))
-        return cls(**config)
+        try:
+            return cls(**config)
+        except (TypeError, ValueError) as e:
+            where = f" (loading the tokenizer from {name}: check its tokenizer_config.json and special_tokens_map.json)"
+            raise (TypeError if isinstance(e, TypeError) else ValueError)(f"{e}{where}") from None
 
     _can_load_tokenizer_json = False
 
@@ -1129,6 +1137,17 @@ class LlamaTokenizerBase:
             f"len={len(self)}, legacy={self.legacy}, padding_side={self.padding_side!r}, "
             f"special_tokens={self.special_tokens_map})"
         )
+
+
+def _read_json_object(path: Path) -> dict:
+    """A tokenizer JSON file as a dict, or a ValueError naming the file."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); re-save the tokenizer or delete that file") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} holds a JSON {type(data).__name__}, not an object; re-save the tokenizer or delete that file")
+    return data
 
 
 def clean_up_tokenization(text: str) -> str:

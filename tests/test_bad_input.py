@@ -326,6 +326,14 @@ CASES = [
     ("tokenizer-folder-without-model", FileNotFoundError, r"has no tokenizer\.model", lambda e, t: LlamaTokenizer.from_pretrained(t)),
     ("tokenizer-fast-garbage-model", ValueError, r"junk\.model is not a sentencepiece model", lambda e, t: LlamaTokenizerFast(
         vocab_file=write(t, "junk.model", b"not a model"))),
+    ("tokenizer-config-not-json", ValueError, r"tokenizer_config\.json is not valid JSON", lambda e, t: LlamaTokenizer.from_pretrained(
+        _tok_folder(t, b"{bad"))),
+    ("tokenizer-config-binary", ValueError, r"tokenizer_config\.json is not valid JSON.*utf-8", lambda e, t: LlamaTokenizer.from_pretrained(
+        _tok_folder(t, b"\xff\xfe"))),
+    ("tokenizer-config-a-list", ValueError, r"tokenizer_config\.json holds a JSON list", lambda e, t: LlamaTokenizer.from_pretrained(
+        _tok_folder(t, b"[1]"))),
+    ("tokenizer-config-pad-int", TypeError, r"got int 5 \(loading the tokenizer from .*tokenizer_config\.json", lambda e, t: LlamaTokenizer.from_pretrained(
+        _tok_folder(t, b'{"pad_token": 5}'))),
     ("tokenizer-encode-not-string", TypeError, r"encode takes one string, got int", lambda e, t: e.tok.encode(5)),
     ("tokenizer-tokenize-not-string", TypeError, r"tokenize takes a string, got list", lambda e, t: e.tok.tokenize(["a"])),
     ("tokenizer-pad-without-pad-token", ValueError, r"pad", lambda e, t: e.tok(["a", "a b c"], padding=True)),
@@ -349,6 +357,14 @@ CASES = [
     ("chat-last-turn-not-user", ValueError, r"must end with a user turn", lambda e, t: llama_edu.chat(
         e.model, e.tok, [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}])),
 ]
+
+
+def _tok_folder(t: Path, config: bytes) -> Path:
+    d = t / "tok"
+    d.mkdir()
+    shutil.copy(PROJECT_TOKENIZER / "tokenizer.model", d)
+    (d / "tokenizer_config.json").write_bytes(config)
+    return d
 
 
 def _index_naming(e: Env, t: Path, shard: str) -> Path:
@@ -475,6 +491,17 @@ def test_inconsistent_params_write_nothing_and_keep_an_existing_output(env, tmp_
     with pytest.raises(ValueError, match="n_layers=3"):
         convert.convert_meta_checkpoint(meta_with(env, tmp_path, params={"n_layers": 3}), out)
     assert os.listdir(out) == ["keep.txt"]
+
+
+def test_tokenizer_config_cannot_name_files_outside_the_folder(tmp_path, monkeypatch):
+    """A downloaded tokenizer_config.json saying which vocab/tokenizer file to read is ignored:
+    the files come from the folder itself."""
+    outside = tmp_path / "outside.model"
+    outside.write_bytes(b"secret")
+    d = _tok_folder(tmp_path, json.dumps({"vocab_file": str(outside), "tokenizer_file": str(outside)}).encode())
+    for cls in (LlamaTokenizer, LlamaTokenizerFast):
+        tok = cls.from_pretrained(d)
+        assert tok.encode("to be") == LlamaTokenizer.from_pretrained(PROJECT_TOKENIZER).encode("to be")
 
 
 def test_hub_cache_links_are_allowed(env, tmp_path):

@@ -279,6 +279,31 @@ def test_save_keeps_user_files_and_replaces_checkpoint_files(tmp_path, models):
     assert which(target, old_logits, new_logits) == "new"
 
 
+def test_saving_into_the_working_directory_keeps_it_usable(tmp_path, models, monkeypatch):
+    """Swapping the folder a process works in would strand it in the deleted old copy: saves
+    into the working directory (or a folder holding it) rename files in place instead."""
+    old, new, old_logits, new_logits = models
+    target = tmp_path / "ckpt"
+    old.save_pretrained(target, max_shard_size=SHARDED)
+    (target / "sub").mkdir()
+    monkeypatch.chdir(target / "sub")
+    new.save_pretrained(target, max_shard_size=SINGLE)
+    assert Path(os.getcwd()) == (target / "sub").resolve()  # still there
+    assert which(target, old_logits, new_logits) == "new"
+    monkeypatch.chdir(target)
+    old.save_pretrained(".", max_shard_size=SHARDED)
+    assert which(target, old_logits, new_logits) == "old"
+    assert Path(os.getcwd()) == target.resolve()
+
+
+def test_swap_keeps_the_folders_permissions(tmp_path, models):
+    target = tmp_path / "ckpt"
+    models[0].save_pretrained(target)
+    target.chmod(0o2770)
+    models[1].save_pretrained(target, max_shard_size=SHARDED)
+    assert target.stat().st_mode & 0o7777 == 0o2770
+
+
 def test_tokenizer_and_model_saves_keep_each_others_files(tmp_path, models, monkeypatch):
     tok = llama_edu.LlamaTokenizer.from_pretrained(REPO / "data")
     target = tmp_path / "ckpt"
