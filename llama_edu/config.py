@@ -116,7 +116,11 @@ class LlamaConfig:
 
         # Generic fields every transformers config has; the heads and forward() read them.
         num_labels = kwargs.pop("num_labels", None)
-        self.id2label = {int(k): v for k, v in (kwargs.pop("id2label", None) or {}).items()}
+        id2label = kwargs.pop("id2label", None) or {}
+        try:
+            self.id2label = {int(k): v for k, v in id2label.items()}
+        except (AttributeError, TypeError, ValueError):
+            raise ValueError(f"id2label must map class ids to names, like {{'0': 'ham', '1': 'spam'}}; got {id2label!r}") from None
         self.label2id = dict(kwargs.pop("label2id", None) or {})
         if num_labels is not None and (num_labels != len(self.id2label) or not self.id2label):
             self.num_labels = num_labels

@@ -300,7 +300,7 @@ def _meta_config(params: dict[str, Any], shard0: dict[str, torch.Tensor], num_sh
     try:
         return _llama_config(vocab_size, dim, from_params, params, n_heads, n_kv, max_position_embeddings, bos, eos)
     except ValueError as e:
-        raise ValueError(f"params.json gives a model that cannot work: {e}") from None
+        raise ValueError(f"params.json (with the options given) describes a model that cannot work: {e}") from None
 
 
 def _llama_config(vocab_size, dim, from_params, params, n_heads, n_kv, max_position_embeddings, bos, eos) -> LlamaConfig:
@@ -413,7 +413,7 @@ def convert_meta_checkpoint(
         bos, eos = sp.bos_id(), sp.eos_id()
         if sp.vocab_size() != vocab_size:
             warnings.warn(f"the tokenizer has {sp.vocab_size()} pieces but the embedding {vocab_size} rows", stacklevel=2)
-    max_pos = max_position_embeddings or guess_max_position_embeddings(params, model_size)
+    max_pos = max_position_embeddings if max_position_embeddings is not None else guess_max_position_embeddings(params, model_size)
     config = _meta_config(params, shard0, num_shards, vocab_size, max_pos, bos, eos)
 
     def hf_tensors() -> Iterator[tuple[str, torch.Tensor]]:

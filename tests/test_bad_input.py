@@ -212,6 +212,7 @@ CASES = [
     ("config-attn-impl-unknown", ValueError, r"attn_implementation 'flash'", lambda e, t: LlamaConfig(**{**TINY, "attn_implementation": "flash"})),
     ("config-pretraining-tp", ValueError, r"num_key_value_heads \(2\).*pretraining_tp \(4\)", lambda e, t: LlamaConfig(**{**TINY, "pretraining_tp": 4})),
     ("config-num-labels-zero", ValueError, r"num_labels.*0", lambda e, t: LlamaConfig(**{**TINY, "num_labels": 0})),
+    ("config-id2label-not-ids", ValueError, r"id2label must map class ids.*'ham'", lambda e, t: LlamaConfig(**{**TINY, "id2label": {"ham": 0}})),
     ("config-unknown-preset", ValueError, r"unknown preset 'llama9'", lambda e, t: LlamaConfig.from_preset("llama9")),
     # ---- config: files -----------------------------------------------------------------------
     ("config-file-not-json", ValueError, r"config\.json is not valid JSON", lambda e, t: LlamaConfig.from_pretrained(
@@ -279,6 +280,8 @@ CASES = [
         e, t, add={"rope.freqs": torch.ones(8)})),
     ("meta-heads-not-dividing", ValueError, r"dim=32, n_heads=5", lambda e, t: convert_meta(e, t, params={"n_heads": 5})),
     ("meta-ffn-mismatch", ValueError, r"multiple_of 32.*weights have 256", lambda e, t: convert_meta(e, t, params={"multiple_of": 32})),
+    ("meta-context-zero", ValueError, r"cannot work: max_position_embeddings must be a positive integer, got 0", lambda e, t: convert.convert_meta_checkpoint(
+        e.meta, t / "out", max_position_embeddings=0)),
     ("meta-model-size-unknown", ValueError, r"model_size '8B'", lambda e, t: convert.convert_meta_checkpoint(e.meta, t / "out", model_size="8B")),
     ("meta-missing-shard-file", FileNotFoundError, r"consolidated\.01\.pth.*one is missing", lambda e, t: convert.convert_meta_checkpoint(
         _renamed(copy_of(e.meta, t), "consolidated.00.pth", "consolidated.01.pth"), t / "out")),
