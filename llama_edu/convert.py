@@ -150,11 +150,16 @@ def _load_pth(path: Path) -> dict[str, torch.Tensor]:
 
     try:
         try:
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except RuntimeError as e:
             if "mmap" not in str(e):
                 raise
-            return torch.load(path, map_location="cpu", weights_only=True)
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
+            raise ValueError(f"{path} holds a {type(sd).__name__}, not a state dict (names -> tensors); is it a Meta checkpoint?")
+        return sd
+    except ValueError:
+        raise
     except pickle.UnpicklingError as e:
         raise OSError(f"refused to load {path}: it holds Python objects other than tensors ({str(e).splitlines()[0]})") from None
     except Exception as e:  # noqa: BLE001 - truncated zip etc.

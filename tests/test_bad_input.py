@@ -282,6 +282,10 @@ CASES = [
     ("meta-ffn-mismatch", ValueError, r"multiple_of 32.*weights have 256", lambda e, t: convert_meta(e, t, params={"multiple_of": 32})),
     ("meta-context-zero", ValueError, r"cannot work: max_position_embeddings must be a positive integer, got 0", lambda e, t: convert.convert_meta_checkpoint(
         e.meta, t / "out", max_position_embeddings=0)),
+    ("meta-pth-not-a-state-dict", ValueError, r"consolidated\.00\.pth holds a list, not a state dict", lambda e, t: convert.convert_meta_checkpoint(
+        _pth_replaced(copy_of(e.meta, t), [torch.ones(2)]), t / "out")),
+    ("meta-pth-garbage", OSError, r"consolidated\.00\.pth: it is corrupt or truncated", lambda e, t: convert.convert_meta_checkpoint(
+        _with_file(copy_of(e.meta, t), "consolidated.00.pth", b"PK\x03\x04garbage"), t / "out")),
     ("meta-model-size-unknown", ValueError, r"model_size '8B'", lambda e, t: convert.convert_meta_checkpoint(e.meta, t / "out", model_size="8B")),
     ("meta-missing-shard-file", FileNotFoundError, r"consolidated\.01\.pth.*one is missing", lambda e, t: convert.convert_meta_checkpoint(
         _renamed(copy_of(e.meta, t), "consolidated.00.pth", "consolidated.01.pth"), t / "out")),
@@ -452,6 +456,11 @@ def _without(d: Path, name: str) -> Path:
 
 def _with_file(d: Path, name: str, data: bytes) -> Path:
     (d / name).write_bytes(data)
+    return d
+
+
+def _pth_replaced(d: Path, obj) -> Path:
+    torch.save(obj, d / "consolidated.00.pth")
     return d
 
 
