@@ -8,8 +8,9 @@ save here works on a copy:
 1. take a lock (``.NAME.llama_edu-lock`` beside the folder; ``fcntl.flock``, or an ``O_EXCL``
    lock file where there is no fcntl) so that two writers of the same folder take turns;
 2. remove what an earlier save killed with ``kill -9`` left behind: hidden temporaries named
-   ``.NAME.llama_edu-tmp-PID-XXXX`` / ``.NAME.llama_edu-old-PID-XXXX`` whose process is gone
-   (a live writer's temporaries cannot exist while we hold the lock, and its PID is alive);
+   ``.NAME.llama_edu-tmp-PID-XXXX`` / ``.NAME.llama_edu-old-PID-XXXX``. Saves make them only
+   while holding the lock, so while we hold it they are all stale (without fcntl: those whose
+   PID is gone);
 3. write the complete new set of files into a fresh hidden folder beside the target;
 4. hard-link in every entry of the old folder that is not ours (a README, a generation config,
    a user's notes: ``owned(name)`` says which names the save replaces);
@@ -110,16 +111,18 @@ def _temp_name(prefix: str, kind: str) -> str:
     return f"{prefix}{MARKER}{kind}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
-def remove_stale_temporaries(folder: Path, prefix: str, target: Path | None = None) -> list[Path]:
-    """Delete ``{prefix}.llama_edu-{tmp,old}-PID-XXXX`` entries of ``folder`` whose writer (PID)
-    is no longer running. When ``target`` is missing and a stale ``old`` folder exists (a crash
-    between the two renames of a swap), that folder is put back at ``target`` first.
-    Returns what was removed."""
+def remove_stale_temporaries(folder: Path, prefix: str, target: Path | None = None, locked: bool = False) -> list[Path]:
+    """Delete the ``{prefix}.llama_edu-{tmp,old}-PID-XXXX`` entries of ``folder`` that a killed
+    save left. ``locked``: the caller holds the target's ``fcntl`` lock, under which every save
+    makes its temporaries, so all of them are stale (a live writer cannot hold the lock at the
+    same time); otherwise only those whose writer (PID) is no longer running. When ``target``
+    is missing and a stale ``old`` folder exists (a crash between the two renames of a swap),
+    that folder is put back at ``target`` first. Returns what was removed."""
     pattern = re.compile(rf"^{re.escape(prefix)}{re.escape(MARKER)}(tmp|old)-(\d+)-[0-9a-f]+$")
     stale = []
     for entry in folder.iterdir() if folder.is_dir() else []:
         m = pattern.match(entry.name)
-        if m and not _pid_alive(int(m.group(2))):
+        if m and (locked or not _pid_alive(int(m.group(2)))):
             stale.append((m.group(1), entry))
     if target is not None and not target.exists():
         olds = sorted((e for kind, e in stale if kind == "old"), key=lambda e: e.stat().st_mtime)
@@ -242,12 +245,13 @@ def replace_folder_files(
         raise PermissionError(f"cannot create {target}: its parent folder {parent} is not writable")
     if not swap and not os.access(target, os.W_OK):
         raise PermissionError(f"cannot save into {target}: the folder is not writable; choose another save_directory")
-    if swap:
-        lock, home, prefix = parent / f".{target.name}{MARKER}lock", parent, f".{target.name}"
-    else:
-        lock, home, prefix = target / f"{MARKER}lock", target, ""
+    # One lock per target whichever way it is saved (swap or in place), so all writers take turns.
+    lock = parent / f".{target.name}{MARKER}lock" if os.access(parent, os.W_OK) else target / f"{MARKER}lock"
+    home, prefix = (parent, f".{target.name}") if swap else (target, "")
     with _locked(lock):
-        remove_stale_temporaries(home, prefix, target if swap else None)
+        locked = fcntl is not None
+        remove_stale_temporaries(parent, f".{target.name}", target, locked)  # swaps' temporaries
+        remove_stale_temporaries(target, "", None, locked)  # in-place saves' temporaries
         staging = home / _temp_name(prefix, "tmp")
         staging.mkdir()
         try:

@@ -158,11 +158,6 @@ def write(tmp: Path, name: str, data: bytes) -> Path:
     return p
 
 
-def cli(argv: list[str]):
-    """Run the CLI in-process; raise SystemExit-like info as (rc, stderr) through the caller."""
-    return main(argv)
-
-
 # ---------------------------------------------------------------------------------------------
 # The table: (id, error class, pattern the message must contain, action(env, tmp))
 # ---------------------------------------------------------------------------------------------

@@ -200,17 +200,25 @@ def test_killed_save_leaves_old_or_new_whole(tmp_path, models, point, sig, old_s
     assert sorted(os.listdir(target)) == ["README.md", "config.json", "model.safetensors"]
 
 
-def test_stale_temporary_of_a_live_writer_is_kept(tmp_path, models):
-    """Only a dead writer's temporaries are stale: one whose PID runs is left alone."""
+def test_only_this_targets_stale_temporaries_are_removed(tmp_path, models):
+    """A save removes its own target's leftovers (made under the lock it now holds), never
+    another folder's; without fcntl only a dead writer's (by PID)."""
     target = tmp_path / "ckpt"
     models[0].save_pretrained(target)
-    live = tmp_path / f".ckpt{atomic_save.MARKER}tmp-{os.getppid()}-0123abcd"
-    dead_pid = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    dead = tmp_path / f".ckpt{atomic_save.MARKER}tmp-{int(dead_pid.stdout)}-89abcdef"
-    live.mkdir()
-    dead.mkdir()
+    dead_pid = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                                  capture_output=True, text=True).stdout)
+    mine = tmp_path / f".ckpt{atomic_save.MARKER}tmp-{dead_pid}-89abcdef"
+    other = tmp_path / f".ckpt2{atomic_save.MARKER}tmp-{dead_pid}-0123abcd"
+    inside = target / f"{atomic_save.MARKER}tmp-{dead_pid}-fedcba98"
+    for p in (mine, other, inside):
+        p.mkdir()
     models[1].save_pretrained(target)
-    assert live.exists() and not dead.exists()
+    assert not mine.exists() and not inside.exists() and other.exists()
+    # the PID rule, for systems without fcntl
+    live = tmp_path / f".ckpt2{atomic_save.MARKER}tmp-{os.getppid()}-00000000"
+    live.mkdir()
+    removed = atomic_save.remove_stale_temporaries(tmp_path, ".ckpt2", locked=False)
+    assert removed == [other] and live.exists()
 
 
 # ---------------------------------------------------------------------------------------------
