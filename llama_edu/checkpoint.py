@@ -16,8 +16,9 @@ Loading takes no more memory than the weights need: the model is built on the ``
 every parameter is a view of the memory-mapped safetensors file (zero-copy, copy-on-write: a
 LoRA merge or training step copies only what it writes). Otherwise each tensor is read, converted
 to the target dtype/device and placed one at a time. Either way ``load_state_dict(assign=True)``
-puts the tensors in the model without a second copy. Saving is atomic: every file is written under a temporary name
-in the target folder and renamed only when all of them are complete, config.json last.
+puts the tensors in the model without a second copy. Saving is atomic: the complete new set of
+files replaces the previous checkpoint at once, or not at all, also under concurrent saves
+(:mod:`atomic_save`).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import copy
 import json
 import os
 import re
-import uuid
+import shutil
 import warnings
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -35,6 +36,7 @@ from typing import Any, Iterable, Iterator
 import torch
 from torch import nn
 
+from .atomic_save import replace_folder_files
 from .config import TRANSFORMERS_VERSION, LlamaConfig
 from .files import resolve_file
 
@@ -125,19 +127,59 @@ def parse_device(device: str | torch.device | int | None, default: str = "cpu") 
 # --------------------------------------------------------------------------------------------
 # Reading weight files
 # --------------------------------------------------------------------------------------------
+def _check_inside(folder: Path, name: str, named_by: str) -> None:
+    """Refuse a weight file that is not a plain file inside ``folder``: a name with ``..`` or an
+    absolute path, or a symlink (or a symlinked folder) leading elsewhere, could make a
+    downloaded checkpoint read any file on the machine. The Hugging Face cache's own links
+    (``snapshots/REV/name`` -> ``../../blobs/HASH``) are allowed."""
+    p = Path(name)
+    if p.is_absolute() or ".." in p.parts or not p.parts or name != name.strip():
+        raise ValueError(
+            f"refused to load {folder}: {named_by} names the weight file {name!r}, which is not inside the "
+            "checkpoint folder; a weight_map must name files in the folder, like 'model-00001-of-00002.safetensors'"
+        )
+    real_folder = folder.resolve()
+    target = (folder / p).resolve()
+    if target.is_relative_to(real_folder):
+        inside = True
+    else:
+        repo = next((a.parent for a in real_folder.parents if a.name == "snapshots"), None)
+        inside = repo is not None and target.parent == repo / "blobs"
+    if not inside:
+        raise ValueError(
+            f"refused to load {folder}: the weight file {name!r} is a link to {target}, outside the checkpoint "
+            "folder. If you trust it, replace the link by the file itself (cp -L)"
+        )
+    if target.exists() and not target.is_file():
+        raise ValueError(f"refused to load {folder}: the weight file {name!r} is not a regular file")
+
+
 def find_weight_files(path_or_repo: str | os.PathLike) -> list[Path]:
-    """The weight files of a checkpoint, in order: one file, or the shards its index names."""
+    """The weight files of a checkpoint, in order: one file, or the shards its index names.
+    In a local folder, every file must stay inside it (see :func:`_check_inside`); nothing is
+    read before all names are checked."""
+    local = Path(path_or_repo).expanduser()
+    local = local if local.is_dir() else None
     for name in WEIGHT_FILES:
         f = resolve_file(path_or_repo, name, missing_ok=True)
         if f is None:
             continue
+        if local is not None:
+            _check_inside(local, name, "the folder")
         if not name.endswith(".index.json"):
             return [f]
         try:
             index = json.loads(f.read_text())
             shard_names = list(dict.fromkeys(index["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError, AttributeError) as e:
+            if not all(isinstance(s, str) for s in shard_names):
+                raise ValueError("the weight_map's values must be file names")
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, AttributeError, TypeError, ValueError) as e:
             raise OSError(f"{f} is not a valid weight index (expected {{'weight_map': {{key: file}}}}): {e}") from None
+        for shard in shard_names:  # all names first: refuse before reading any shard
+            if local is not None:
+                _check_inside(local, shard, f.name)
+            elif Path(shard).is_absolute() or ".." in Path(shard).parts:
+                _check_inside(Path("."), shard, f.name)  # raises: a hub repo cannot name files outside it either
         files = []
         for shard in shard_names:
             sf = resolve_file(path_or_repo, shard, missing_ok=True)
@@ -248,38 +290,40 @@ def load_torch_state_dict(path: Path) -> dict[str, torch.Tensor]:
         ) from None
     except Exception as e:  # noqa: BLE001 - a truncated zip, a file of another format, ...
         raise OSError(f"could not read {path}: it is corrupt or truncated ({type(e).__name__}: {e})") from None
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise OSError(f"{path} does not hold a state dict (a dict of tensors)")
+    if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
+        raise ValueError(f"{path} holds a {type(sd).__name__}, not a state dict (names -> tensors); is it a checkpoint?")
     return sd
 
 
 # --------------------------------------------------------------------------------------------
 # Loading
 # --------------------------------------------------------------------------------------------
+#: In-place tensor methods that only (re)initialise values: skipped while loading.
+_INIT_METHODS = frozenset({torch.Tensor.normal_, torch.Tensor.uniform_, torch.Tensor.zero_, torch.Tensor.fill_})
+
+
+class _SkipInitMode(torch.overrides.TorchFunctionMode):
+    """Turns every ``torch.nn.init.*_`` call and every ``normal_``/``uniform_``/``zero_``/``fill_``
+    into a no-op that returns its tensor. A torch-function mode is thread-local, so a model
+    built at the same time in another thread is initialised as usual (patching ``nn.init`` or
+    ``_init_weights`` globally, as transformers' ``no_init_weights`` does, would reach it)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in _INIT_METHODS or (getattr(func, "__module__", None) == "torch.nn.init" and func.__name__.endswith("_")):
+            return args[0] if args else kwargs.get("tensor")
+        return func(*args, **(kwargs or {}))
+
+
 @contextlib.contextmanager
 def _skip_init(cls: type[nn.Module]) -> Iterator[None]:
     """Build a model without initialising its weights (they are overwritten by the checkpoint),
-    as transformers' ``no_init_weights`` does. On the meta device nothing would be computed
-    anyway, but the first ``normal_`` on a meta tensor imports PyTorch's Python meta kernels
-    (~2 s and ~70 MB once per process)."""
-    def keep(tensor, *args, **kwargs):
-        return tensor
-
-    saved = {name: getattr(nn.init, name) for name in dir(nn.init) if name.endswith("_") and not name.startswith("_")}
-    # The class that defines _init_weights (LlamaPreTrainedModel): the inner LlamaModel uses it too.
-    owner = next((c for c in cls.__mro__ if "_init_weights" in c.__dict__), None)
-    original = owner.__dict__["_init_weights"] if owner is not None else None
-    try:
-        for name in saved:
-            setattr(nn.init, name, keep)
-        if owner is not None:
-            owner._init_weights = lambda self, module: None
+    as transformers' ``no_init_weights`` does, but for this thread only. On the meta device
+    nothing would be computed anyway, but the first ``normal_`` on a meta tensor imports
+    PyTorch's Python meta kernels (~2 s and ~70 MB once per process). ``cls`` is unused: kept
+    so callers need not change."""
+    del cls
+    with _SkipInitMode():
         yield
-    finally:
-        for name, fn in saved.items():
-            setattr(nn.init, name, fn)
-        if owner is not None:
-            owner._init_weights = original
 
 
 def _rename_keys(ckpt_keys: Iterable[str], model_keys: set[str], prefix: str) -> dict[str, str]:
@@ -493,6 +537,13 @@ def _write_json(obj: Any, path: Path) -> None:
         f.write(json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
+#: Names of the files a checkpoint save replaces (any shard layout, either format); everything
+#: else in the folder (a README, generation_config.json, tokenizer files, notes) is kept.
+CHECKPOINT_FILE = re.compile(
+    r"^(config\.json|(model(-\d{5}-of-\d{5})?\.safetensors|pytorch_model(-\d{5}-of-\d{5})?\.bin)(\.index\.json)?)$"
+)
+
+
 def write_checkpoint(
     tensors: Iterable[tuple[str, torch.Tensor]],
     save_directory: str | os.PathLike,
@@ -508,32 +559,32 @@ def write_checkpoint(
     ``max_shard_size``; a bigger tensor gets a shard of its own), so only one shard is in memory
     at a time: converters can produce tensors lazily. ``config`` (a dict) becomes config.json;
     ``extra_files`` maps a file name to a dict (written as JSON) or a source Path (copied).
-    Everything is written under temporary names first and renamed at the end, config.json last;
-    on any error the temporary files are removed and the folder is as it was. Returns the
+
+    The whole set of files replaces the previous checkpoint at once, or not at all (see
+    :mod:`llama_edu.atomic_save`): it is written into a hidden folder beside ``save_directory``
+    and swapped in, under a lock, so a crash, Ctrl-C or a concurrent save never leaves a mixture
+    of two models. The previous checkpoint's files (config.json and weights in any layout) and
+    the ``extra_files`` names are replaced; every other file in the folder is kept. Returns the
     final paths.
     """
     limit = parse_size(max_shard_size)
     out = Path(save_directory)
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"{out} exists and is not a folder; choose another save_directory")
-    out.mkdir(parents=True, exist_ok=True)
-    tag = uuid.uuid4().hex[:8]
-    temps: list[Path] = []
+    extra_names = set(extra_files or {})
+    for name in extra_names:
+        if Path(name).name != name or name in (".", ".."):
+            raise ValueError(f"extra file name {name!r} must be a plain file name, without folders")
 
-    def temp(name: str) -> Path:
-        p = out / f".{name}.{tag}.tmp"
-        temps.append(p)
-        return p
+    def owned(name: str) -> bool:
+        return bool(CHECKPOINT_FILE.match(name)) or name in extra_names
 
-    try:
-        shard_tmps: list[tuple[Path, list[str]]] = []
+    with replace_folder_files(out, owned) as staging:
+        shards: list[list[str]] = []
         current: dict[str, torch.Tensor] = {}
         current_size = total_size = 0
 
         def flush():
-            path = temp(f"shard{len(shard_tmps)}")
-            _write_weights(current, path, safe_serialization)
-            shard_tmps.append((path, list(current)))
+            _write_weights(current, staging / f"shard{len(shards)}.tmp", safe_serialization)
+            shards.append(list(current))
 
         seen: dict[str, None] = {}
         for key, t in tensors:
@@ -551,54 +602,35 @@ def write_checkpoint(
             current[key] = t
             current_size += size
             total_size += size
-        if current or not shard_tmps:
+        if current or not shards:
             flush()
         current = {}
 
         single = SAFE_WEIGHTS_NAME if safe_serialization else WEIGHTS_NAME
         stem, ext = single.rsplit(".", 1)
-        n = len(shard_tmps)
+        n = len(shards)
         final_names = [single] if n == 1 else [f"{stem}-{i + 1:05d}-of-{n:05d}.{ext}" for i in range(n)]
-        renames = [(p, out / name) for (p, _), name in zip(shard_tmps, final_names)]
+        for i, name in enumerate(final_names):
+            os.rename(staging / f"shard{i}.tmp", staging / name)
+        written = list(final_names)
         if n > 1:
             index = {
                 "metadata": {"total_size": total_size},
-                "weight_map": {k: name for (_, keys), name in zip(shard_tmps, final_names) for k in keys},
+                "weight_map": {k: name for keys, name in zip(shards, final_names) for k in keys},
             }
             index_name = SAFE_WEIGHTS_INDEX_NAME if safe_serialization else WEIGHTS_INDEX_NAME
-            p = temp(index_name)
-            _write_json(index, p)
-            renames.append((p, out / index_name))
+            _write_json(index, staging / index_name)
+            written.append(index_name)
         for name, content in (extra_files or {}).items():
-            p = temp(name)
             if isinstance(content, (str, os.PathLike)):
-                p.write_bytes(Path(content).read_bytes())
+                shutil.copyfile(content, staging / name)
             else:
-                _write_json(content, p)
-            renames.append((p, out / name))
+                _write_json(content, staging / name)
+            written.append(name)
         if config is not None:
-            p = temp(CONFIG_NAME)
-            _write_json(config, p)
-            renames.append((p, out / CONFIG_NAME))  # last: a config only ever points at complete weights
-    except BaseException:
-        for p in temps:
-            p.unlink(missing_ok=True)
-        raise
-
-    # Weights saved earlier in another layout (other shard count, other format) would confuse
-    # a loader: remove them once the new files are in place.
-    keep = {dst.name for _, dst in renames}
-    try:
-        for src, dst in renames:
-            os.replace(src, dst)  # config.json comes last: until then it points at the old weights
-    finally:
-        for p in temps:  # after a failed rename, leave no temporary files behind
-            p.unlink(missing_ok=True)
-    stale = re.compile(r"^(model(-\d{5}-of-\d{5})?\.safetensors|pytorch_model(-\d{5}-of-\d{5})?\.bin)(\.index\.json)?$")
-    for f in out.iterdir():
-        if stale.match(f.name) and f.name not in keep:
-            f.unlink()
-    return [dst for _, dst in renames]
+            _write_json(config, staging / CONFIG_NAME)
+            written.append(CONFIG_NAME)
+    return [out / name for name in written]
 
 
 def save_pretrained(

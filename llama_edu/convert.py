@@ -40,6 +40,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
+from .atomic_save import replace_folder_files
 from .checkpoint import dtype_name, load_torch_state_dict, parse_dtype, write_checkpoint
 from .config import TRANSFORMERS_VERSION, LlamaConfig
 from .files import cache_dir, find_data_file
@@ -165,7 +166,12 @@ def _read_meta_dir(input_dir: Path) -> tuple[dict[str, Any], list[Path]]:
     pfile = input_dir / "params.json"
     if not pfile.is_file():
         raise FileNotFoundError(f"params.json is missing from {input_dir}; pass the folder of one model size (e.g. llama-2-7b/)")
-    params = json.loads(pfile.read_text())
+    try:
+        params = json.loads(pfile.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{pfile} is not valid JSON ({e}); it should be Meta's params.json") from None
+    if not isinstance(params, dict):
+        raise ValueError(f"{pfile} holds a JSON {type(params).__name__}, not an object; it should be Meta's params.json")
     params = params.get("model", params)
     files = sorted(input_dir.glob("consolidated.*.pth"))
     if not files:
@@ -176,7 +182,74 @@ def _read_meta_dir(input_dir: Path) -> tuple[dict[str, Any], list[Path]]:
     for k in ("dim", "n_layers", "n_heads"):
         if k not in params:
             raise ValueError(f"{pfile} has no {k!r}; is it a Meta Llama params.json?")
+    for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "multiple_of"):
+        v = params.get(k)
+        if (k in ("n_kv_heads", "multiple_of") and v is None) or (isinstance(v, int) and not isinstance(v, bool) and v > 0):
+            continue
+        raise ValueError(f"{pfile}: {k!r} must be a positive integer, got {v!r}; fix params.json")
+    if params["dim"] % params["n_heads"] or params["n_heads"] % (params.get("n_kv_heads") or params["n_heads"]):
+        raise ValueError(
+            f"{pfile}: dim={params['dim']}, n_heads={params['n_heads']}, n_kv_heads={params.get('n_kv_heads')} do not fit: "
+            "dim must be a multiple of n_heads and n_heads a multiple of n_kv_heads; fix params.json"
+        )
     return params, files
+
+
+def _check_meta_weights(params: dict[str, Any], shards: list[dict[str, torch.Tensor]], files: list[Path],
+                        vocab_size: int, intermediate: int) -> None:
+    """Compare params.json with the weights' keys and shapes (read from the memory-mapped
+    files' headers, nothing else) and raise one ``ValueError`` listing every disagreement,
+    before anything is written."""
+    dim, n_heads, n_layers = params["dim"], params["n_heads"], params["n_layers"]
+    n_kv = params.get("n_kv_heads") or n_heads
+    head_dim, num_shards = dim // n_heads, len(shards)
+    per_layer = {
+        "attention.wq.weight": (n_heads * head_dim, dim), "attention.wk.weight": (n_kv * head_dim, dim),
+        "attention.wv.weight": (n_kv * head_dim, dim), "attention.wo.weight": (dim, n_heads * head_dim),
+        "feed_forward.w1.weight": (intermediate, dim), "feed_forward.w2.weight": (dim, intermediate),
+        "feed_forward.w3.weight": (intermediate, dim), "attention_norm.weight": (dim,), "ffn_norm.weight": (dim,),
+    }
+    expected = {"tok_embeddings.weight": (vocab_size, dim), "norm.weight": (dim,), "output.weight": (vocab_size, dim)}
+    for i in range(n_layers):
+        expected.update({f"layers.{i}.{k}": v for k, v in per_layer.items()})
+    keys = [k for k in shards[0] if not k.endswith("rope.freqs")]
+    problems = []
+    unknown = [k for k in keys if re.sub(r"^layers\.\d+\.", "", k) not in META_SPLIT_DIM]
+    if unknown:
+        problems.append(f"unknown keys {unknown[:5]} (expected names like layers.0.attention.wq.weight)")
+    layers = sorted({int(m.group(1)) for k in keys for m in [re.match(r"layers\.(\d+)\.", k)] if m})
+    if layers and layers[-1] + 1 != n_layers:
+        problems.append(f"params.json says n_layers={n_layers} but the weights have {layers[-1] + 1} layers")
+    missing = [k for k in expected if k not in shards[0]]
+    if missing and not (layers and layers[-1] + 1 < n_layers and all(k.startswith("layers.") for k in missing)
+                        and all(int(k.split(".")[1]) > layers[-1] for k in missing)):
+        problems.append(f"the weights lack {len(missing)} tensor(s): {missing[:6]}{' ...' if len(missing) > 6 else ''}")
+    bad = []
+    for key in keys:
+        if key not in expected:
+            continue
+        dim_split = _split_dim(key)
+        shape = list(shards[0][key].shape)
+        if dim_split is not None:
+            shape[dim_split] *= num_shards
+        if tuple(shape) != expected[key]:
+            bad.append(f"{key} is {tuple(shape)}, expected {expected[key]}")
+    if bad:
+        problems.append(
+            f"shapes do not fit dim={dim}, n_heads={n_heads}, n_kv_heads={n_kv}, feed-forward {intermediate}: "
+            + "; ".join(bad[:4]) + (f" (and {len(bad) - 4} more)" if len(bad) > 4 else "")
+        )
+    freqs = next((t for k, t in shards[0].items() if k.endswith("rope.freqs")), None)
+    if freqs is not None and freqs.shape[0] * 2 != head_dim:  # Llama 1's buffer reveals the head size
+        problems.append(
+            f"params.json gives head_dim dim/n_heads = {head_dim} but rope.freqs is for head_dim {freqs.shape[0] * 2} "
+            f"(n_heads={dim // (freqs.shape[0] * 2)}?)"
+        )
+    if problems:
+        raise ValueError(
+            f"params.json in {files[0].parent} does not belong to these weights, nothing was written: "
+            + "; ".join(problems) + ". Use the params.json that came with the consolidated.*.pth files"
+        )
 
 
 def _meta_config(params: dict[str, Any], shard0: dict[str, torch.Tensor], num_shards: int,
@@ -199,6 +272,13 @@ def _meta_config(params: dict[str, Any], shard0: dict[str, torch.Tensor], num_sh
             f"params.json says n_kv_heads={n_kv} (x head_dim {head_dim}) but wk has "
             f"{wk.shape[0]} rows in each of {num_shards} shard(s)"
         )
+    try:
+        return _llama_config(vocab_size, dim, from_params, params, n_heads, n_kv, max_position_embeddings, bos, eos)
+    except ValueError as e:
+        raise ValueError(f"params.json (with the options given) describes a model that cannot work: {e}") from None
+
+
+def _llama_config(vocab_size, dim, from_params, params, n_heads, n_kv, max_position_embeddings, bos, eos) -> LlamaConfig:
     return LlamaConfig(
         vocab_size=vocab_size,
         hidden_size=dim,
@@ -294,6 +374,11 @@ def convert_meta_checkpoint(
     if emb.shape[1] * num_shards != params["dim"]:
         raise ValueError(f"params.json says dim={params['dim']} but tok_embeddings is {emb.shape[1]} wide in each of {num_shards} shard(s)")
 
+    w1 = shard0.get("layers.0.feed_forward.w1.weight")
+    intermediate = w1.shape[0] * num_shards if w1 is not None else swiglu_hidden_size(
+        params["dim"], params.get("multiple_of", 256), params.get("ffn_dim_multiplier"))
+    _check_meta_weights(params, shards, files, vocab_size, intermediate)
+
     tok = _find_tokenizer(input_dir, tokenizer_path)
     bos, eos = 1, 2
     if tok is not None:
@@ -303,7 +388,7 @@ def convert_meta_checkpoint(
         bos, eos = sp.bos_id(), sp.eos_id()
         if sp.vocab_size() != vocab_size:
             warnings.warn(f"the tokenizer has {sp.vocab_size()} pieces but the embedding {vocab_size} rows", stacklevel=2)
-    max_pos = max_position_embeddings or guess_max_position_embeddings(params, model_size)
+    max_pos = max_position_embeddings if max_position_embeddings is not None else guess_max_position_embeddings(params, model_size)
     config = _meta_config(params, shard0, num_shards, vocab_size, max_pos, bos, eos)
 
     def hf_tensors() -> Iterator[tuple[str, torch.Tensor]]:
@@ -409,11 +494,15 @@ def write_meta_checkpoint(model: torch.nn.Module, output_dir: str | os.PathLike,
     """Write an HF-layout LlamaForCausalLM as Meta's release format (params.json +
     consolidated.NN.pth), e.g. to try :func:`convert_meta_checkpoint` on a small model."""
     out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    for i, shard in enumerate(hf_to_meta_state_dicts(sd, model.config, num_shards)):
-        torch.save(shard, out / f"consolidated.{i:02d}.pth")
-    (out / "params.json").write_text(json.dumps(meta_params(model.config)))
+
+    def owned(name: str) -> bool:  # an earlier export's files, whatever its shard count
+        return name == "params.json" or re.fullmatch(r"consolidated\.\d+\.pth", name) is not None
+
+    with replace_folder_files(out, owned, last="params.json") as staging:
+        for i, shard in enumerate(hf_to_meta_state_dicts(sd, model.config, num_shards)):
+            torch.save(shard, staging / f"consolidated.{i:02d}.pth")
+        (staging / "params.json").write_text(json.dumps(meta_params(model.config)))
     return out
 
 
