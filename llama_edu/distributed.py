@@ -163,6 +163,30 @@ def _heads_divisible(config: LlamaConfig, tp: int) -> bool:
     return config.num_attention_heads % tp == 0 and config.num_key_value_heads % tp == 0
 
 
+def spawn(fn, nprocs: int, *args: Any) -> None:
+    """Run ``fn(rank, nprocs, *args)`` in ``nprocs`` local processes started as torchrun starts
+    them (the RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT variables, a free port), one
+    thread each; for tests and benchmarks on one machine. ``fn`` must be importable (defined at
+    module level) and the caller guarded by ``if __name__ == "__main__"`` in a script."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_spawned, args=(nprocs, port, fn, args), nprocs=nprocs, join=True)
+
+
+def _spawned(rank: int, world: int, port: int, fn, args: tuple) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    try:
+        fn(rank, world, *args)
+    finally:
+        shutdown()
+
+
 def shutdown() -> None:
     """Leave the process group (at the end of a run, on every rank)."""
     if dist.is_initialized():

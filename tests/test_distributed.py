@@ -12,11 +12,9 @@ further on tiny Shakespeare tokens; the MHA case is a small random-weight config
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from llama_edu import LlamaConfig, LlamaForCausalLM
@@ -81,23 +79,6 @@ def shakespeare_model() -> LlamaForCausalLM:
     return LlamaForCausalLM.from_pretrained(DEFAULT_MODEL_DIR)
 
 
-def spawn(fn, nprocs: int, *args) -> None:
-    """Run ``fn(rank, nprocs, *args)`` in ``nprocs`` processes set up as torchrun would."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_entry, args=(nprocs, port, fn, args), nprocs=nprocs, join=True)
-
-
-def _entry(rank: int, world: int, port: int, fn, args) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    try:
-        fn(rank, world, *args)
-    finally:
-        D.shutdown()
-
-
 def max_weight_diff(a: dict, b: dict) -> float:
     """The largest |difference| between two state dicts, after checking that only a few weights
     differ by more than 1e-5 (see WEIGHT_TOL)."""
@@ -158,7 +139,7 @@ def _data_parallel_worker(rank, world, strategy, tokens, ref_dcp, out):
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_data_parallel_matches_one_process_and_reshards(strategy, tokens, reference, tmp_path):
-    spawn(_data_parallel_worker, 2, strategy, tokens, reference["dcp"], tmp_path)
+    D.spawn(_data_parallel_worker, 2, strategy, tokens, reference["dcp"], tmp_path)
     res = torch.load(tmp_path / "result.pt")
     config = shakespeare_model().config
     # the same loss curve and the same weights as one process with the whole batch
@@ -224,7 +205,7 @@ def _tensor_parallel_worker(rank, world, tokens, out):
 
 
 def test_tensor_parallel_matches_one_process(tokens, reference, tmp_path):
-    spawn(_tensor_parallel_worker, 2, tokens, tmp_path)
+    D.spawn(_tensor_parallel_worker, 2, tokens, tmp_path)
     res = torch.load(tmp_path / "result.pt")
     prompt = tokens[:12][None]
     model = shakespeare_model().eval()
@@ -261,7 +242,7 @@ def _fsdp_tp_worker(rank, world, tokens, out):
 
 
 def test_fsdp_plus_tp_on_a_2x2_mesh_matches_one_process(tokens, reference, tmp_path):
-    spawn(_fsdp_tp_worker, 4, tokens, tmp_path)
+    D.spawn(_fsdp_tp_worker, 4, tokens, tmp_path)
     res = torch.load(tmp_path / "result.pt")
     assert same_curve(res["losses"], reference["first"])
     diff = max_weight_diff(res["weights"], reference["mid"])
