@@ -45,6 +45,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from .config import LlamaConfig
@@ -187,6 +188,11 @@ def _spawned(rank: int, world: int, port: int, fn, args: tuple) -> None:
         shutdown()
 
 
+def is_main() -> bool:
+    """True in a single process and on rank 0 of a process group."""
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
 def shutdown() -> None:
     """Leave the process group (at the end of a run, on every rank)."""
     if dist.is_initialized():
@@ -307,8 +313,6 @@ def clip_grad_norm_(parameters, max_norm: float) -> float:
     holds, and one all-reduce per kind of sharding (over the mesh dimensions it is sharded on)
     adds the other shards. Replicated gradients are the same on every rank and are not summed.
     """
-    from torch.distributed.tensor import DTensor
-
     grads = [p.grad for p in parameters if p.grad is not None]
     if not grads:
         return 0.0
@@ -341,8 +345,6 @@ def clip_grad_norm_(parameters, max_norm: float) -> float:
 def local_memory(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict[str, int]:
     """Bytes of parameters, gradients and optimizer state this rank actually holds (its own
     shards for DTensors; a tied weight once), to check :func:`per_rank_memory` against."""
-    from torch.distributed.tensor import DTensor
-
     def nbytes(t: torch.Tensor) -> int:
         t = t.to_local() if isinstance(t, DTensor) else t
         return t.numel() * t.element_size()
@@ -356,6 +358,65 @@ def local_memory(model: nn.Module, optimizer: torch.optim.Optimizer | None = Non
     return out
 
 
+def no_sync(model: nn.Module, sync: bool):
+    """A context for one micro-batch of gradient accumulation: when ``sync`` is False the
+    gradients are only accumulated locally (DDP's ``no_sync``; FSDP2's
+    ``set_requires_gradient_sync(False)``), and the last micro-batch, with ``sync``, averages
+    them over the ranks once. A plain model ignores it."""
+    import contextlib
+
+    if sync:
+        if hasattr(model, "set_requires_gradient_sync"):
+            model.set_requires_gradient_sync(True)
+        return contextlib.nullcontext()
+    if hasattr(model, "no_sync"):
+        return model.no_sync()
+    if hasattr(model, "set_requires_gradient_sync"):
+        model.set_requires_gradient_sync(False)
+    return contextlib.nullcontext()
+
+
+def any_rank(flag: bool, par: Parallel | None) -> bool:
+    """True on every rank when ``flag`` is True on any (a Ctrl-C seen by one rank stops all at
+    the same step, so none is left waiting in a collective)."""
+    if par is None:
+        return flag
+    t = torch.tensor(int(flag), device=par.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def on_main(fn, par: Parallel | None) -> Any:
+    """Run ``fn()`` on rank 0 only (file-system work: checking and writing OUT), then make every
+    rank raise the same error if it failed, so no rank is left waiting. Returns fn's result on
+    rank 0, None elsewhere. Collective."""
+    if par is None:
+        return fn()
+    result, error = None, None
+    if par.is_main:
+        try:
+            result = fn()
+        except Exception as e:  # noqa: BLE001 - handed to every rank below
+            error = e
+    box = [None if error is None else (type(error).__name__, str(error))]
+    dist.broadcast_object_list(box, src=0)
+    if box[0] is not None:
+        if error is not None:
+            raise error
+        kind, message = box[0]
+        raise (ValueError if kind == "ValueError" else RuntimeError)(f"rank 0: {message}")
+    return result
+
+
+def broadcast_object(obj: Any, par: Parallel | None) -> Any:
+    """Rank 0's ``obj`` on every rank."""
+    if par is None:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 # ----------------------------------------------------------------------------- checkpoints
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The whole model's weights as plain CPU tensors, on rank 0 (other ranks get an empty
@@ -365,18 +426,41 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
+def hf_shell(model: nn.Module) -> LlamaForCausalLM:
+    """A LlamaForCausalLM on the meta device with ``model``'s config: what ``save_pretrained``
+    needs besides a state dict (the config and the class name; FSDP renames the class)."""
+    with torch.device("meta"):
+        return LlamaForCausalLM(unwrap(model).config)
+
+
+def load_full_state(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
+    """Load whole (unsharded) tensors, e.g. from an HF checkpoint, into a sharded or plain model:
+    each rank keeps its own shard."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    set_model_state_dict(unwrap(model), state_dict, options=StateDictOptions(full_state_dict=True))
+
+
+def load_one_process_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> None:
+    """Load an optimizer state dict saved by one process (``optimizer.state_dict()``, keyed by
+    parameter position) into the optimizer of a parallel model built the same way: positions
+    become parameter names, and each rank keeps the shards of the moments it owns."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    names = {id(p): n for n, p in unwrap(model).named_parameters()}
+    order = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+    state = {order[int(i)]: s for i, s in saved["state"].items()}
+    groups = [{**g, "params": [order[int(i)] for i in g["params"]]} for g in saved["param_groups"]]
+    set_optimizer_state_dict(unwrap(model), optimizer, {"state": state, "param_groups": groups},
+                             options=StateDictOptions(full_state_dict=True))
+
+
 def save_consolidated(model: nn.Module, out_dir: str | os.PathLike, par: Parallel | None) -> None:
     """Write the whole model to ``out_dir`` in the Hugging Face layout, as one process would
     (``config.json`` + ``model.safetensors``; ours and transformers' ``from_pretrained`` load it).
     Collective: call on every rank; rank 0 writes."""
     sd = full_state_dict(model)
-    if par is None or par.is_main:
-        config = unwrap(model).config
-        with torch.device("meta"):
-            shell = LlamaForCausalLM(config)  # only its config and class name are used
-        shell.save_pretrained(out_dir, state_dict=sd)
-    if par is not None:
-        dist.barrier()
+    on_main(lambda: hf_shell(model).save_pretrained(out_dir, state_dict=sd), par)
 
 
 def sharded_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:

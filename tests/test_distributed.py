@@ -11,7 +11,12 @@ further on tiny Shakespeare tokens; the MHA case is a small random-weight config
 
 from __future__ import annotations
 
+import json
 import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,7 +25,7 @@ import torch.nn.functional as F
 from llama_edu import LlamaConfig, LlamaForCausalLM
 from llama_edu import distributed as D
 from llama_edu.data import DEFAULT_MODEL_DIR, find_data_file
-from llama_edu.train import make_optimizer
+from llama_edu.train import TrainConfig, TrainingInterrupted, make_optimizer, train
 
 BATCH, BLOCK, STEPS, LR = 4, 32, 3, 3e-3
 MHA = dict(vocab_size=97, hidden_size=64, intermediate_size=112, num_hidden_layers=2, num_attention_heads=4,
@@ -116,6 +121,22 @@ def same_curve(got: list[float], expected: list[float]) -> bool:
 
 
 # ----------------------------------------------------------------------------- data parallel
+def _two_rank_worker(rank, world, tokens, ref_dcp, out):
+    """One pair of processes runs every 2-rank check (starting processes is the expensive part)."""
+    for strategy in ("ddp", "fsdp"):
+        (out / strategy).mkdir(exist_ok=True)
+        _data_parallel_worker(rank, world, strategy, tokens, ref_dcp, out / strategy)
+    (out / "tp").mkdir(exist_ok=True)
+    _tensor_parallel_worker(rank, world, tokens, out / "tp")
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tokens, reference, tmp_path_factory):
+    out = tmp_path_factory.mktemp("two_ranks")
+    D.spawn(_two_rank_worker, 2, tokens, reference["dcp"], out)
+    return out
+
+
 def _data_parallel_worker(rank, world, strategy, tokens, ref_dcp, out):
     par = D.init_parallel(strategy, shakespeare_model().config)
     model = D.parallelize(shakespeare_model(), par)
@@ -138,8 +159,8 @@ def _data_parallel_worker(rank, world, strategy, tokens, ref_dcp, out):
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_data_parallel_matches_one_process_and_reshards(strategy, tokens, reference, tmp_path):
-    D.spawn(_data_parallel_worker, 2, strategy, tokens, reference["dcp"], tmp_path)
+def test_data_parallel_matches_one_process_and_reshards(strategy, tokens, reference, two_ranks):
+    tmp_path = two_ranks / strategy
     res = torch.load(tmp_path / "result.pt")
     config = shakespeare_model().config
     # the same loss curve and the same weights as one process with the whole batch
@@ -204,8 +225,8 @@ def _tensor_parallel_worker(rank, world, tokens, out):
         torch.save(results, out / "result.pt")
 
 
-def test_tensor_parallel_matches_one_process(tokens, reference, tmp_path):
-    D.spawn(_tensor_parallel_worker, 2, tokens, tmp_path)
+def test_tensor_parallel_matches_one_process(tokens, reference, two_ranks):
+    tmp_path = two_ranks / "tp"
     res = torch.load(tmp_path / "result.pt")
     prompt = tokens[:12][None]
     model = shakespeare_model().eval()
@@ -285,3 +306,117 @@ def test_parameter_count_and_7b_memory():
     assert D.count_parameters(cfg) == 6_738_415_616  # Llama-2-7b-hf's parameter count
     ddp, fsdp = D.per_rank_memory(cfg, "ddp", 8), D.per_rank_memory(cfg, "fsdp", 8)
     assert ddp["total"] == 16 * 6_738_415_616 and fsdp["total"] == ddp["total"] / 8
+
+
+# ----------------------------------------------------------------------------- the train command
+TINY = dict(hidden_size=32, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            tie_word_embeddings=True)
+
+
+def run_config(data, out, parallel=None) -> TrainConfig:
+    model = {**TrainConfig.__dataclass_fields__["model"].default_factory(), **TINY}  # as the command line builds it
+    return TrainConfig(data=str(data), out_dir=str(out), model=model, steps=6, batch_size=4, block_size=32, lr=3e-3,
+                       warmup_steps=2, eval_interval=3, eval_batches=2, log_interval=1, threads=1, progress=False,
+                       parallel=parallel)
+
+
+def interrupt_at(stop_step: int):
+    """An on_step callback that presses Ctrl-C after ``stop_step``: train() then saves OUT/last/
+    and raises TrainingInterrupted, on every rank at the same step."""
+    def on_step(step, loss, model):
+        if step == stop_step:
+            os.kill(os.getpid(), signal.SIGINT)
+    return on_step
+
+
+def _train_worker(rank, world, data, out):
+    """2 FSDP ranks train out/a and are interrupted after step 3; then 2 TP ranks resume out/b,
+    which one process left at step 3."""
+    try:
+        train(run_config(data, out / "a", "fsdp"), log=lambda s: None, on_step=interrupt_at(3))
+    except TrainingInterrupted:
+        pass
+    else:
+        raise AssertionError("the interrupted run did not stop")
+    train(run_config(data, out / "b", "tp"), log=lambda s: None, resume=True)
+
+
+@pytest.fixture(scope="module")
+def train_runs(shakespeare_slice, tmp_path_factory):
+    out = tmp_path_factory.mktemp("train_runs")
+    with pytest.raises(TrainingInterrupted):
+        train(run_config(shakespeare_slice, out / "b"), log=lambda s: None, on_step=interrupt_at(3))
+    assert (out / "b" / "last" / "optimizer.pt").is_file()  # a one-process checkpoint: no dcp/
+    D.spawn(_train_worker, 2, shakespeare_slice, out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def shakespeare_slice(tmp_path_factory):
+    path = tmp_path_factory.mktemp("text") / "slice.txt"
+    path.write_text(find_data_file("tinyshakespeare.txt").read_text(encoding="utf-8")[:30_000], encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def one_process_run(shakespeare_slice, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run1")
+    history = train(run_config(shakespeare_slice, out), log=lambda s: None)
+    return history, out
+
+
+def test_train_interrupted_on_2_fsdp_ranks_resumes_in_1_process(shakespeare_slice, one_process_run, train_runs):
+    ref, ref_out = one_process_run
+    tmp_path = train_runs / "a"
+    assert sorted(os.listdir(tmp_path / "last")) == ["config.json", "dcp", "model.safetensors", "rng.pt", "train_state.json"]
+    state = json.loads((tmp_path / "last" / "train_state.json").read_text())
+    assert state["step"] == 3
+    assert [l for _, l in state["history"]["train"]] == pytest.approx([l for _, l in ref["train"][:3]], abs=1e-5)
+    history = train(run_config(shakespeare_slice, tmp_path), log=lambda s: None, resume=True)  # one process, from dcp/
+    assert [s for s, _ in history["train"]] == [1, 2, 3, 4, 5, 6]
+    assert [l for _, l in history["train"]] == pytest.approx([l for _, l in ref["train"]], abs=1e-5)
+    assert [v[1] for v in history["val"]] == pytest.approx([v[1] for v in ref["val"]], abs=1e-5)
+    got = LlamaForCausalLM.from_pretrained(tmp_path / "last").state_dict()
+    diff = max_weight_diff(got, LlamaForCausalLM.from_pretrained(ref_out / "last").state_dict())
+    print(f"train: fsdp x2 for 3 steps, resumed in 1 process for 3 more: max |weight difference| {diff:.2e}")
+    assert diff < 0.05 * 3e-3 * 6
+
+
+def test_train_interrupted_in_1_process_resumes_on_2_tp_ranks(shakespeare_slice, one_process_run, train_runs):
+    ref, ref_out = one_process_run
+    tmp_path = train_runs / "b"
+    state = json.loads((tmp_path / "last" / "train_state.json").read_text())
+    assert state["step"] == 6
+    assert [l for _, l in state["history"]["train"]] == pytest.approx([l for _, l in ref["train"]], abs=1e-5)
+    got = LlamaForCausalLM.from_pretrained(tmp_path / "last").state_dict()
+    diff = max_weight_diff(got, LlamaForCausalLM.from_pretrained(ref_out / "last").state_dict())
+    print(f"train: 3 steps in 1 process, resumed as tp x2 for 3 more: max |weight difference| {diff:.2e}")
+    assert diff < 0.05 * 3e-3 * 6
+
+
+def test_torchrun_train_command_with_ddp(shakespeare_slice, one_process_run, tmp_path):
+    """The command a learner types; rank 0 alone prints; the run equals the one-process run."""
+    ref, _ = one_process_run
+    c = run_config(shakespeare_slice, tmp_path / "run")
+    args = ["--data", c.data, "--out", c.out_dir, "--steps", "6", "--batch-size", "4", "--block-size", "32", "--lr", "3e-3",
+            "--warmup-steps", "2", "--eval-interval", "3", "--eval-batches", "2", "--log-interval", "1", "--threads", "1",
+            "--hidden-size", "32", "--intermediate-size", "96", "--num-hidden-layers", "2", "--num-attention-heads", "4",
+            "--num-key-value-heads", "2", "--parallel", "ddp"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "llama_edu", "train", *args],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("step     1 | loss") == 1  # rank 0 only
+    assert "--parallel ddp on 2 ranks" in proc.stdout
+    history = json.loads((tmp_path / "run" / "history.json").read_text())
+    assert [l for _, l in history["train"]] == pytest.approx([l for _, l in ref["train"]], abs=1e-5)
+
+
+def test_parallel_without_torchrun_and_batch_that_does_not_split(shakespeare_slice, tmp_path, monkeypatch, capsys):
+    from llama_edu.__main__ import main
+
+    for name in D.TORCHRUN_VARS:
+        monkeypatch.delenv(name, raising=False)
+    assert main(["train", "--data", str(shakespeare_slice), "--out", str(tmp_path / "x"), "--parallel", "fsdp", "--steps", "1"]) == 1
+    assert "torchrun --nproc_per_node N -m llama_edu train ... --parallel fsdp" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()  # nothing written
