@@ -152,6 +152,21 @@ def get_batch(
     return windows[:, :-1], windows[:, 1:]
 
 
+# ----------------------------------------------------------------------------- the loss
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The pretraining objective: mean next-token cross-entropy, as ``LlamaForCausalLM(labels=...)``
+    computes it.
+
+    ``logits`` (batch, seq, vocab) at position t score the token at t + 1, so the last position
+    has no target and the first label has no prediction: compare ``logits[:, :-1]`` with
+    ``labels[:, 1:]``. Labels equal to -100 (padding, prompt tokens) count neither in the sum nor
+    in the number of tokens the mean divides by. Returns a float32 scalar.
+    """
+    shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()  # (batch * (seq - 1), vocab)
+    shift_labels = labels[:, 1:].reshape(-1).to(shift_logits.device)  # (batch * (seq - 1),)
+    return nn.functional.cross_entropy(shift_logits, shift_labels, ignore_index=-100)
+
+
 # ----------------------------------------------------------------------------- optimisation
 def lr_at(step: int, max_lr: float, warmup_steps: int, total_steps: int, min_lr: float) -> float:
     """Linear warm-up from ~0 to ``max_lr`` over ``warmup_steps``, then a half cosine down to
@@ -595,7 +610,7 @@ def train(
     resume: bool = False,
     overwrite: bool = False,
     model: LlamaForCausalLM | None = None,
-    on_step: Callable[[int, float, LlamaForCausalLM], None] | None = None,
+    on_step: Callable[[int, dict[str, Any], LlamaForCausalLM], None] | None = None,
 ) -> dict[str, Any]:
     """Train a LlamaForCausalLM as ``config`` says and return the history:
     ``{"train": [(step, loss), ...], "val": [(step, nats/token, nats/char), ...], "best": {...},
@@ -609,7 +624,8 @@ def train(
 
     ``dataset`` skips re-tokenizing ``config.data``; ``log`` receives the progress lines;
     ``model`` trains that model (its config must match ``config.model``) instead of a fresh one
-    (seeded with ``config.seed``); ``on_step(step, loss, model)`` is called after every step.
+    (seeded with ``config.seed``); ``on_step(step, history, model)`` is called after every step
+    (and its evaluation, if one was due) with the history so far, e.g. to draw a live loss curve.
     A non-finite loss raises :class:`NonFiniteLossError` and saves nothing.
     """
     check_config(config)
@@ -748,7 +764,8 @@ def train(
         else:  # FSDP/TP: the weights are spread over the ranks, so all of them run the forward
             res = measure()
         if not math.isfinite(res["loss"]):
-            raise NonFiniteLossError(f"the validation loss at step {step} is {res['loss']}; nothing was saved. Lower --lr or check the data")
+            raise NonFiniteLossError(f"the validation loss is {res['loss']} at step {step}; training stopped and this model was "
+                                     f"not saved: best/ and last/ hold the last good checkpoints. Lower --lr, or check the data")
         history["val"].append((step, res["loss"], res["nats_per_char"]))
         improved = history["best"] is None or res["loss"] < history["best"]["val_loss"]
         if improved:
@@ -782,11 +799,11 @@ def train(
                 bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_step / max(time.time() - t_step, 1e-9):,.0f}", refresh=False)
                 if step % config.log_interval == 0:
                     say(f"step {step:5d} | loss {loss:.4f} | lr {lr:.2e} | {time.time() - t0:.0f}s")
-                if on_step is not None:
-                    on_step(step, loss, model)
                 out_of_time = config.max_minutes is not None and time.time() - t0 > 60 * config.max_minutes
                 if step % config.eval_interval == 0 or step == config.steps or out_of_time:
                     run_eval(step)
+                if on_step is not None:
+                    on_step(step, history, model)
                 if distributed.any_rank(stop.requested, par):  # all ranks stop after the same step
                     raise TrainingInterrupted(step, save_last(step))
                 if out_of_time:
@@ -827,7 +844,7 @@ def _train_command(args: argparse.Namespace) -> int:
     config = TrainConfig(
         data=args.data, out_dir=args.out, tokenizer=args.tokenizer, model=model, steps=args.steps,
         batch_size=args.batch_size, grad_accum=args.grad_accum, block_size=args.block_size, lr=args.lr, min_lr=args.min_lr,
-        warmup_steps=max(0, min(args.warmup_steps, args.steps)), weight_decay=args.weight_decay, beta2=args.beta2,
+        warmup_steps=min(args.warmup_steps, args.steps), weight_decay=args.weight_decay, beta2=args.beta2,
         grad_clip=args.grad_clip, eval_interval=args.eval_interval or max(1, args.steps), eval_batches=args.eval_batches,
         log_interval=args.log_interval, seed=args.seed, threads=args.threads, max_minutes=args.max_minutes,
         device=args.device, precision=args.precision, compile=args.compile, progress=False if args.quiet else None,

@@ -323,7 +323,7 @@ def run_config(data, out, parallel=None) -> TrainConfig:
 def interrupt_at(stop_step: int):
     """An on_step callback that presses Ctrl-C after ``stop_step``: train() then saves OUT/last/
     and raises TrainingInterrupted, on every rank at the same step."""
-    def on_step(step, loss, model):
+    def on_step(step, history, model):
         if step == stop_step:
             os.kill(os.getpid(), signal.SIGINT)
     return on_step
