@@ -34,10 +34,10 @@ def computed_tables(n: int = 8) -> None:
         cfg = LlamaConfig(**PRESETS[name])
         params = D.count_parameters(cfg)
         print(f"\n{name}: {params / 1e9:.2f}B parameters, per GPU on {n} GPUs (GB; activations not counted)")
-        print(f"| strategy | precision | params | grads | Adam states | total |")
+        print("| strategy | precision | params | grads | optimizer (Adam moments; + fp32 master weights in mixed) | total |")
         print("|---|---|---:|---:|---:|---:|")
         for prec, kw in (("fp32", {}), ("bf16 mixed", dict(param_bytes=2, grad_bytes=2, optim_bytes=12))):
-            for strategy, label in (("ddp", "DDP"), ("fsdp", "FSDP"), (f"tp", f"TP {n}"), ("fsdp+tp:4", "FSDP 2 x TP 4")):
+            for strategy, label in (("ddp", "DDP"), ("fsdp", "FSDP"), ("tp", f"TP {n}"), ("fsdp+tp:4", "FSDP 2 x TP 4")):
                 if strategy == "tp" and not (cfg.num_attention_heads % n == 0 and cfg.num_key_value_heads % n == 0):
                     continue
                 m = D.per_rank_memory(cfg, strategy, n, **kw)

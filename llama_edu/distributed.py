@@ -37,7 +37,9 @@ Several machines: the same line on every node, with a rendezvous point::
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -169,9 +171,7 @@ def spawn(fn, nprocs: int, *args: Any) -> None:
     them (the RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT variables, a free port), one
     thread each; for tests and benchmarks on one machine. ``fn`` must be importable (defined at
     module level) and the caller guarded by ``if __name__ == "__main__"`` in a script."""
-    import socket
-
-    import torch.multiprocessing as mp
+    import torch.multiprocessing as mp  # only here: tests and benchmarks
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -363,8 +363,6 @@ def no_sync(model: nn.Module, sync: bool):
     gradients are only accumulated locally (DDP's ``no_sync``; FSDP2's
     ``set_requires_gradient_sync(False)``), and the last micro-batch, with ``sync``, averages
     them over the ranks once. A plain model ignores it."""
-    import contextlib
-
     if sync:
         if hasattr(model, "set_requires_gradient_sync"):
             model.set_requires_gradient_sync(True)
@@ -541,19 +539,24 @@ def count_parameters(config: LlamaConfig, tp_split_only: bool = False) -> int:
 
 
 def bytes_per_step(config: LlamaConfig, strategy: str, n: int, grad_bytes: int = 4, param_bytes: int = 4, tokens: int | None = None) -> dict[str, float]:
-    """Bytes handed to the collectives in one training step (no gradient accumulation), per rank.
+    """Bytes the collectives carry in one training step (no gradient accumulation) on each of
+    ``n`` ranks, by kind (``all_reduce``, ``all_gather``, ``reduce_scatter``), plus two totals.
 
-    "payload" is the size of the tensors the collectives combine (the full gradient for an
-    all-reduce, the full gathered parameters for an all-gather, the full gradient going into a
-    reduce-scatter); "wire" is what a ring algorithm then sends from each rank:
-    2 (n-1)/n x payload for an all-reduce, (n-1)/n x payload for an all-gather or a reduce-scatter.
+    "payload" is the size of the whole tensors the collectives combine (the gradient for an
+    all-reduce, the gathered weights for an all-gather, the gradient going into a
+    reduce-scatter): what :class:`CollectiveCounter` counts. "wire" is what a ring algorithm then
+    sends from each rank: 2 (n-1)/n x payload for an all-reduce, (n-1)/n x payload for an
+    all-gather or a reduce-scatter. ``param_bytes`` is also the activations' size for TP.
 
     * ddp: one all-reduce of all gradients;
-    * fsdp: parameters all-gathered twice (forward, and again in backward since each layer's
-      are freed after its forward; the root's stay gathered), one reduce-scatter of gradients;
-    * tp: two all-reduces of the activations per layer forward and two in backward
-      (``tokens`` x hidden each), plus the replicated parameters' gradients... which are
-      identical on every rank, so nothing; needs ``tokens`` = rows x sequence length per rank.
+    * fsdp: the weights all-gathered twice (in the forward, and again in the backward because
+      each layer's are freed after its forward; the root's stay gathered in between), and one
+      reduce-scatter of the gradients;
+    * tp: two all-reduces of the (``tokens``, hidden) activations per layer in the forward
+      (after o_proj, after down_proj) and two in the backward (their input gradients);
+      ``tokens`` = rows x sequence length on a rank. Replicated weights' gradients are equal on
+      every rank already, so they are not communicated;
+    * ``fsdp+tp:T``: tp within groups of T ranks, FSDP of each tp rank's share over n / T.
     """
     total = count_parameters(config)
     f = (n - 1) / n
@@ -571,6 +574,8 @@ def bytes_per_step(config: LlamaConfig, strategy: str, n: int, grad_bytes: int =
         payload = {"all_reduce": 4 * config.num_hidden_layers * act}
         wire = 2 * f * payload["all_reduce"]
     elif strategy.startswith("fsdp+tp:"):
+        if tokens is None:
+            raise ValueError("tensor parallelism communicates activations: pass tokens = batch rows x sequence length")
         tp = int(strategy.split(":")[1])
         dp = n // tp
         split = count_parameters(config, tp_split_only=True)
@@ -578,7 +583,7 @@ def bytes_per_step(config: LlamaConfig, strategy: str, n: int, grad_bytes: int =
         root = _root_parameters(config)
         fsdp_ag = (2 * (held - root) + root) * param_bytes
         payload = {"all_gather": fsdp_ag, "reduce_scatter": held * grad_bytes,
-                   "all_reduce": 4 * config.num_hidden_layers * (tokens or 0) * config.hidden_size * param_bytes}
+                   "all_reduce": 4 * config.num_hidden_layers * tokens * config.hidden_size * param_bytes}
         wire = (dp - 1) / dp * (fsdp_ag + held * grad_bytes) + 2 * (tp - 1) / tp * payload["all_reduce"]
     else:
         raise ValueError(f"strategy must be ddp, fsdp, tp or fsdp+tp:T, got {strategy!r}")
