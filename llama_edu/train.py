@@ -859,8 +859,8 @@ def _train_command(args: argparse.Namespace) -> int:
         where = f"saved {e.checkpoint}; continue with the same command and --resume" if e.checkpoint else "nothing saved"
         print(f"interrupted after step {e.step}: {where}", file=sys.stderr)
         return 130
-    except KeyboardInterrupt:
-        print("interrupted before training started: nothing saved", file=sys.stderr)
+    except KeyboardInterrupt:  # before the loop started, or a second Ctrl-C that stops at once
+        print(f"interrupted: stopped at once; {args.out}/last/ holds the last complete checkpoint, if any", file=sys.stderr)
         return 130
     except NonFiniteLossError as e:
         print(f"error: {e}", file=sys.stderr)
