@@ -39,12 +39,18 @@ Command line::
     python -m llama_edu train --data input.txt --out runs/shakespeare --steps 2000 \\
         --hidden-size 256 --num-hidden-layers 4 --batch-size 16 --block-size 256 --lr 1e-3
     python -m llama_edu train ... --resume        # continue runs/shakespeare/last/
+    torchrun --nproc_per_node 2 -m llama_edu train ... --parallel fsdp   # see llama_edu.distributed
+
+With ``--parallel ddp|fsdp|tp|fsdp+tp`` under torchrun, ``--batch-size`` stays the global batch:
+every rank draws the same windows and keeps its ``batch_size / N`` rows, so the run follows the
+one-process run. Rank 0 logs, evaluates and writes; ``OUT/last/`` then also holds ``dcp/``, the
+model and optimizer shards of every rank (``torch.distributed.checkpoint``), from which
+``--resume`` continues on any number of ranks, one process included.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
@@ -63,6 +69,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from . import distributed
 from .config import PRESETS, LlamaConfig
 from .files import PROJECT_DATA_DIR, atomic_write_bytes
 from .mlp import swiglu_hidden_size
@@ -262,19 +269,24 @@ def recover_folder(final: str | os.PathLike) -> None:
 
 
 def save_checkpoint(model: LlamaForCausalLM, out_dir: str | os.PathLike, state: dict[str, Any] | None = None,
-                    extra: dict[str, Any] | None = None) -> Path:
+                    extra: dict[str, Any] | None = None, *, state_dict: dict[str, torch.Tensor] | None = None,
+                    folders: dict[str, Path] | None = None) -> Path:
     """Write a checkpoint folder ``out_dir`` whole or not at all (:func:`replace_folder`): the
     model in the Hugging Face layout with ``model.save_pretrained`` (``config.json`` +
     ``model.safetensors``; a tied LM head is stored once, as transformers does), ``state`` as
     ``train_state.json``, and each ``extra`` item (a name -> object) with ``torch.save``
-    (tensors, numbers, lists and dicts only, so ``torch.load(weights_only=True)`` reads it)."""
+    (tensors, numbers, lists and dicts only, so ``torch.load(weights_only=True)`` reads it).
+    ``state_dict`` replaces ``model.state_dict()`` (a distributed run's gathered weights), and
+    each ``folders`` item (a name -> an existing folder) is moved inside, e.g. sharded states."""
 
     def write(folder: Path) -> None:
-        model.save_pretrained(folder)
+        model.save_pretrained(folder, state_dict=state_dict)
         if state is not None:
             atomic_write_bytes(folder / "train_state.json", (json.dumps(state, indent=1) + "\n").encode())
         for name, obj in (extra or {}).items():
             torch.save(obj, folder / name)
+        for name, src in (folders or {}).items():
+            os.replace(src, folder / name)
 
     return replace_folder(out_dir, write)
 
@@ -316,6 +328,8 @@ class TrainConfig:
     precision: str = "auto"  # auto | fp32 | bf16 | fp16 (see resolve_precision)
     compile: bool = False  # torch.compile the model for the training steps
     progress: bool | None = None  # a tqdm bar; None: only when stderr is a terminal
+    parallel: str | None = None  # ddp | fsdp | tp | fsdp+tp under torchrun (see llama_edu.distributed)
+    tp_size: int | None = None  # tensor-parallel group size for fsdp+tp
 
 
 #: Settings a resumed run must share with the run it continues (the rest may change: steps,
@@ -452,6 +466,7 @@ def train_step(
     autocast_dtype: torch.dtype | None = None,
     scaler: torch.amp.GradScaler | None = None,
     grad_clip: float = 1.0,
+    parallel: distributed.Parallel | None = None,
 ) -> float:
     """One optimizer step over ``micro_batches`` (each ``(x, y)``, (b, block) token ids, ``y``
     the next tokens); returns the mean next-token loss.
@@ -460,29 +475,34 @@ def train_step(
     hand in a wrapped ``model``: for a DDP model, gradients are all-reduced once, after the last
     micro-batch (``no_sync`` before it). Each micro-batch's loss is divided by their number, so
     the summed gradient is the gradient of the mean loss over all of them: the same update as
-    one batch that many times larger. ``grad_clip <= 0`` means no clipping.
+    one batch that many times larger. ``grad_clip <= 0`` means no clipping. With ``parallel``
+    (each rank holding its rows of the micro-batches) the returned loss is the mean over ranks,
+    the loss of the global batch, and the gradient norm is taken over the sharded gradients.
     """
     n = len(micro_batches)
     device_type = micro_batches[0][0].device.type
     total = torch.zeros((), device=micro_batches[0][0].device)
     for i, (x, y) in enumerate(micro_batches):
         last = i == n - 1
-        sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
-        with sync:
+        with distributed.no_sync(model, sync=last):
             with torch.autocast(device_type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
                 logits = model(input_ids=x, use_cache=False).logits  # (b, block, vocab)
                 loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1))
             scaled = loss / n
             (scaler.scale(scaled) if scaler is not None else scaled).backward()
         total += loss.detach()
-    mean_loss = total.item() / n  # one host sync a step
+    mean_loss = distributed.mean_over_ranks(total, parallel) / n  # one host sync a step
     if not math.isfinite(mean_loss):
         optimizer.zero_grad(set_to_none=True)
         raise NonFiniteLossError(f"the training loss is {mean_loss}")
     if grad_clip > 0:
         if scaler is not None:
             scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        if parallel is None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        else:
+            distributed.clip_grad_norm_(model.parameters(), grad_clip)  # sharded gradients
+
     if scaler is not None:
         scaler.step(optimizer)  # skips the step when a gradient overflowed in float16
         scaler.update()
@@ -492,15 +512,33 @@ def train_step(
     return mean_loss
 
 
-def micro_batches(dataset: TokenDataset, config: TrainConfig, generator: torch.Generator, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def micro_batches(dataset: TokenDataset, config: TrainConfig, generator: torch.Generator, device: torch.device,
+                  parallel: distributed.Parallel | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The batch of one optimizer step, ``batch_size * grad_accum`` random windows drawn at
     once (so the data do not depend on how they are split) and cut into ``grad_accum``
-    micro-batches of ``batch_size``."""
+    micro-batches of ``batch_size``; with ``parallel``, this rank's rows of each."""
     x, y = get_batch(dataset.train, config.batch_size * config.grad_accum, config.block_size, generator, device)
-    return list(zip(x.split(config.batch_size), y.split(config.batch_size)))
+    return [(distributed.local_rows(xi, parallel), distributed.local_rows(yi, parallel))
+            for xi, yi in zip(x.split(config.batch_size), y.split(config.batch_size))]
 
 
 # ----------------------------------------------------------------------------- the run
+def _join_parallel(config: TrainConfig, model_cfg: LlamaConfig, device: torch.device,
+                   amp_dtype: torch.dtype | None) -> distributed.Parallel | None:
+    """Join the torchrun process group for ``config.parallel`` (None: one process)."""
+    if config.parallel is None:
+        if config.tp_size is not None:
+            raise ValueError("--tp-size needs --parallel tp or fsdp+tp")
+        return None
+    if amp_dtype == torch.float16 and config.parallel != "ddp":
+        raise ValueError(f"--precision fp16 (with its grad scaler) runs with --parallel ddp only; use bf16 with --parallel {config.parallel}")
+    if config.compile and config.parallel != "ddp":
+        raise ValueError(f"--compile is supported with --parallel ddp only here; drop it for --parallel {config.parallel}")
+    par = distributed.init_parallel(config.parallel, model_cfg, device, config.tp_size)
+    distributed.check_batch_divides(config.batch_size, par.dp_size)
+    return par
+
+
 def _data_fingerprint(dataset: TokenDataset) -> dict[str, int]:
     """Enough to tell whether a resumed run reads the same token streams."""
     weights = torch.arange(1, len(dataset.train) + 1, dtype=torch.float64)
@@ -596,32 +634,37 @@ def train(
     if config.threads:
         torch.set_num_threads(config.threads)
     dataset = dataset or TokenDataset(config.data, config.tokenizer)
+    model_cfg = LlamaConfig(**{"vocab_size": dataset.vocab_size, "max_position_embeddings": config.block_size, **config.model})
+    if model_cfg.max_position_embeddings < config.block_size:
+        raise ValueError(f"--block-size {config.block_size} exceeds the model's max_position_embeddings {model_cfg.max_position_embeddings}; lower --block-size")
+    # Several processes (torchrun): join them; rank 0 alone logs, evaluates' output and writes.
+    par = _join_parallel(config, model_cfg, device, amp_dtype)
+    if par is not None:
+        device = par.device
+        if not par.is_main:
+            log = lambda line: None  # noqa: E731
     out_dir = Path(config.out_dir) if config.out_dir else None
     if out_dir:
-        prepare_out_dir(out_dir, resume, overwrite)
+        distributed.on_main(lambda: prepare_out_dir(out_dir, resume, overwrite), par)
     elif resume:
         raise ValueError("resume=True needs config.out_dir (the folder holding last/)")
 
     # The model, its optimizer and the batch sampler, fresh ...
     torch.manual_seed(config.seed)
     gen = torch.Generator().manual_seed(config.seed)
-    model_cfg = LlamaConfig(**{"vocab_size": dataset.vocab_size, "max_position_embeddings": config.block_size, **config.model})
-    if model_cfg.max_position_embeddings < config.block_size:
-        raise ValueError(f"--block-size {config.block_size} exceeds the model's max_position_embeddings {model_cfg.max_position_embeddings}; lower --block-size")
     if model is None:
         model = LlamaForCausalLM(model_cfg)
     elif model.config.to_dict() != model_cfg.to_dict():
         raise ValueError("the model passed to train() does not have the shape config.model describes; build it from the same settings")
     model.to(device).train()
-    optimizer = make_optimizer(model, config.lr, config.weight_decay, (0.9, config.beta2))
-    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
     min_lr = config.lr / 10 if config.min_lr is None else config.min_lr
     fingerprint = _data_fingerprint(dataset)
     history: dict[str, Any] = {"train": [], "val": [], "best": None, "params": model.num_parameters()}
     best_state: dict[str, torch.Tensor] | None = None
+    best_from_disk = False  # best_state read from OUT/best/ (whole tensors) rather than taken from the model
     start_step, seconds_before = 0, 0.0
 
-    # ... or as the last checkpoint left them.
+    # ... or as the last checkpoint left them (the weights before the model is split up).
     if resume:
         last = out_dir / "last"
         state = json.loads((last / "train_state.json").read_text())
@@ -632,10 +675,22 @@ def train(
             raise ValueError(f"--resume: {last} is a checkpoint of another configuration; use the settings it was "
                              f"trained with (see {out_dir / 'train_config.json'}) or start a new run. Differences: " + "; ".join(problems))
         model.load_state_dict(LlamaForCausalLM.from_pretrained(last).state_dict())
-        saved = torch.load(last / "optimizer.pt", weights_only=True, map_location=device)
-        optimizer.load_state_dict(saved["optimizer"])
-        if scaler is not None and saved.get("scaler"):
-            scaler.load_state_dict(saved["scaler"])
+    # DDP wraps the model (``step_model``); FSDP and TP shard it in place: ``model`` is the one to
+    # evaluate and save, and its parameters are the ones to optimize.
+    wrapped = distributed.parallelize(model, par) if par is not None else model
+    optimizer = make_optimizer(model, config.lr, config.weight_decay, (0.9, config.beta2))
+    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+    if resume:
+        if (last / "dcp").is_dir():  # written by a distributed run, on any number of ranks
+            distributed.load_sharded(wrapped, optimizer, last / "dcp")
+        else:
+            saved = torch.load(last / "optimizer.pt", weights_only=True, map_location=device)
+            if par is None:
+                optimizer.load_state_dict(saved["optimizer"])
+            else:
+                distributed.load_one_process_optimizer_state(wrapped, optimizer, saved["optimizer"])
+        if scaler is not None and (last / "scaler.pt").is_file():
+            scaler.load_state_dict(torch.load(last / "scaler.pt", weights_only=True))
         _set_rng_state(torch.load(last / "rng.pt", weights_only=True), gen)
         history.update(state["history"])
         history["train"] = [tuple(t) for t in history["train"]]
@@ -643,17 +698,19 @@ def train(
         start_step, seconds_before = state["step"], state["seconds"]
         if (out_dir / "best").is_dir():
             best_state = {k: v.to(device) for k, v in LlamaForCausalLM.from_pretrained(out_dir / "best").state_dict().items()}
+            best_from_disk = True
         log(f"resuming {out_dir} at step {start_step} of {config.steps}")
     if out_dir:
-        atomic_write_bytes(out_dir / "train_config.json", (json.dumps(asdict(config), indent=2) + "\n").encode())
+        distributed.on_main(lambda: atomic_write_bytes(out_dir / "train_config.json", (json.dumps(asdict(config), indent=2) + "\n").encode()), par)
 
-    step_model: nn.Module = torch.compile(model) if config.compile else model  # saving and evaluation use `model`
+    step_model: nn.Module = torch.compile(wrapped) if config.compile else wrapped  # saving and evaluation use `model`
     tokens_per_step = config.batch_size * config.grad_accum * config.block_size
-    show_bar = sys.stderr.isatty() if config.progress is None else config.progress
+    show_bar = (sys.stderr.isatty() if config.progress is None else config.progress) and (par is None or par.is_main)
     bar = tqdm(total=config.steps, initial=start_step, disable=not show_bar, unit="step", dynamic_ncols=True)
     say = bar.write if show_bar and log is print else log
     say(f"model: {history['params']:,} parameters; train {len(dataset.train):,} tokens, val {len(dataset.val):,} tokens; "
-        f"{tokens_per_step:,} tokens a step; {config.device}, {'fp32' if amp_dtype is None else str(amp_dtype).split('.')[-1]}")
+        f"{tokens_per_step:,} tokens a step; {config.device}, {'fp32' if amp_dtype is None else str(amp_dtype).split('.')[-1]}"
+        + (f"; --parallel {par.strategy} on {par.world_size} ranks ({par.dp_size} data-parallel x {par.tp_size} tensor-parallel)" if par else ""))
     t0 = time.time() - seconds_before
 
     def snapshot(step: int) -> dict[str, Any]:
@@ -664,15 +721,48 @@ def train(
     def save_last(step: int) -> Path | None:
         if not out_dir:
             return None
-        extra = {"optimizer.pt": {"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler else None},
-                 "rng.pt": _rng_state(gen)}
-        save_checkpoint(model, out_dir / "last", snapshot(step), extra)
-        atomic_write_bytes(out_dir / "history.json", (json.dumps(snapshot(step)["history"], indent=1) + "\n").encode())
+        if par is None:
+            extra = {"optimizer.pt": {"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler else None},
+                     "rng.pt": _rng_state(gen)}
+            save_checkpoint(model, out_dir / "last", snapshot(step), extra)
+            atomic_write_bytes(out_dir / "history.json", (json.dumps(snapshot(step)["history"], indent=1) + "\n").encode())
+            return out_dir / "last"
+        # Distributed: every rank writes its shards of the model and optimizer (DCP) into a
+        # folder beside OUT, the weights are gathered to rank 0, and rank 0 swaps in a last/
+        # with both: the HF-layout model one process would write, and dcp/ inside it.
+        shards = out_dir / f".last-dcp.{distributed.broadcast_object(uuid.uuid4().hex[:8], par)}.tmp"
+        distributed.save_sharded(wrapped, optimizer, shards)
+        weights = distributed.full_state_dict(model)
+        extra = {"rng.pt": _rng_state(gen), **({"scaler.pt": scaler.state_dict()} if scaler else {})}
+
+        def write() -> None:
+            for stale in out_dir.glob(".last-dcp.*.tmp"):  # left by a run that died while saving
+                if stale != shards:
+                    shutil.rmtree(stale, ignore_errors=True)
+            save_checkpoint(distributed.hf_shell(model), out_dir / "last", snapshot(step), extra,
+                            state_dict=weights, folders={"dcp": shards})
+            atomic_write_bytes(out_dir / "history.json", (json.dumps(snapshot(step)["history"], indent=1) + "\n").encode())
+
+        distributed.on_main(write, par)
         return out_dir / "last"
 
+    def save_best(meta: dict[str, Any]) -> None:
+        if par is None:
+            save_checkpoint(model, out_dir / "best", meta)
+            return
+        weights = distributed.full_state_dict(model)  # collective: every rank takes part
+        distributed.on_main(lambda: save_checkpoint(distributed.hf_shell(model), out_dir / "best", meta, state_dict=weights), par)
+
     def run_eval(step: int) -> None:
-        nonlocal best_state
-        res = evaluate(model, dataset.val, dataset.char_lengths, config.block_size, config.batch_size, config.eval_batches)
+        nonlocal best_state, best_from_disk
+
+        def measure() -> dict[str, float]:
+            return evaluate(model, dataset.val, dataset.char_lengths, config.block_size, config.batch_size, config.eval_batches)
+
+        if par is not None and par.strategy == "ddp":  # every rank holds the whole model: rank 0 evaluates
+            res = distributed.broadcast_object(distributed.on_main(measure, par), par)
+        else:  # FSDP/TP: the weights are spread over the ranks, so all of them run the forward
+            res = measure()
         if not math.isfinite(res["loss"]):
             raise NonFiniteLossError(f"the validation loss is {res['loss']} at step {step}; training stopped and this model was "
                                      f"not saved: best/ and last/ hold the last good checkpoints. Lower --lr, or check the data")
@@ -680,9 +770,10 @@ def train(
         improved = history["best"] is None or res["loss"] < history["best"]["val_loss"]
         if improved:
             history["best"] = {"step": step, "val_loss": res["loss"], "val_nats_per_char": res["nats_per_char"]}
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}  # this rank's shards
+            best_from_disk = False
             if out_dir:
-                save_checkpoint(model, out_dir / "best", {**history["best"], "seconds": time.time() - t0})
+                save_best({**history["best"], "seconds": time.time() - t0})
         say(f"step {step:5d} | val {res['loss']:.4f} nats/token {res['nats_per_char']:.4f} nats/char"
             f"{' *' if improved else ''} | {time.time() - t0:.0f}s")
         save_last(step)
@@ -696,8 +787,8 @@ def train(
                     group["lr"] = lr
                 t_step = time.time()
                 try:
-                    loss = train_step(step_model, optimizer, micro_batches(dataset, config, gen, device),
-                                      autocast_dtype=amp_dtype, scaler=scaler, grad_clip=config.grad_clip)
+                    loss = train_step(step_model, optimizer, micro_batches(dataset, config, gen, device, par),
+                                      autocast_dtype=amp_dtype, scaler=scaler, grad_clip=config.grad_clip, parallel=par)
                 except NonFiniteLossError as e:
                     raise NonFiniteLossError(f"{e} at step {step + 1} (lr {lr:.3g}); training stopped and nothing of this "
                                              f"step was saved: best/ and last/ hold the last good checkpoints. Lower --lr "
@@ -713,7 +804,7 @@ def train(
                     run_eval(step)
                 if on_step is not None:
                     on_step(step, history, model)
-                if stop.requested:
+                if distributed.any_rank(stop.requested, par):  # all ranks stop after the same step
                     raise TrainingInterrupted(step, save_last(step))
                 if out_of_time:
                     say(f"stopping after {step} steps: the {config.max_minutes} minute budget is spent")
@@ -726,7 +817,10 @@ def train(
     history["steps"] = step
     history["tokens_seen"] = step * tokens_per_step
     if best_state is not None:
-        model.load_state_dict(best_state)
+        if par is not None and best_from_disk:
+            distributed.load_full_state(model, best_state)  # best/ read back on resume: whole tensors
+        else:
+            model.load_state_dict(best_state)
     model.eval()
     history["model"] = model
     return history
@@ -754,20 +848,25 @@ def _train_command(args: argparse.Namespace) -> int:
         grad_clip=args.grad_clip, eval_interval=args.eval_interval or max(1, args.steps), eval_batches=args.eval_batches,
         log_interval=args.log_interval, seed=args.seed, threads=args.threads, max_minutes=args.max_minutes,
         device=args.device, precision=args.precision, compile=args.compile, progress=False if args.quiet else None,
+        parallel=args.parallel, tp_size=args.tp_size,
     )
     log = (lambda s: None) if args.quiet else (lambda s: print(s, flush=True))
     try:
         history = train(config, log=log, resume=args.resume, overwrite=args.overwrite)
+        if config.parallel and not distributed.is_main():
+            return 0  # rank 0 prints the summary
     except TrainingInterrupted as e:
         where = f"saved {e.checkpoint}; continue with the same command and --resume" if e.checkpoint else "nothing saved"
         print(f"interrupted after step {e.step}: {where}", file=sys.stderr)
         return 130
-    except KeyboardInterrupt:
-        print("interrupted before training started: nothing saved", file=sys.stderr)
+    except KeyboardInterrupt:  # before the loop started, or a second Ctrl-C that stops at once
+        print(f"interrupted: stopped at once; {args.out}/last/ holds the last complete checkpoint, if any", file=sys.stderr)
         return 130
     except NonFiniteLossError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    finally:
+        distributed.shutdown()
     best = history["best"]
     print(f"best val {best['val_loss']:.4f} nats/token {best['val_nats_per_char']:.4f} nats/char at step {best['step']}; "
           f"{history['steps']} steps in {history['seconds']:.0f}s; saved to {args.out}/best")
@@ -811,4 +910,8 @@ def add_cli_commands(subparsers: argparse._SubParsersAction) -> None:
                    help="auto: bf16 autocast on a GPU that has it, fp16 with a grad scaler on an older GPU, fp32 on CPU")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (slow to start, faster steps on a GPU)")
     p.add_argument("--quiet", action="store_true", help="no progress bar and no progress lines")
+    p.add_argument("--parallel", choices=distributed.STRATEGIES, default=None,
+                   help="under torchrun: data parallel (ddp), sharded (fsdp), tensor parallel (tp) or both (fsdp+tp); "
+                        "--batch-size stays the global batch")
+    p.add_argument("--tp-size", type=int, default=None, help="tensor-parallel group size for --parallel fsdp+tp")
     p.set_defaults(func=_train_command)
