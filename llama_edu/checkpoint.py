@@ -552,6 +552,7 @@ def write_checkpoint(
     max_shard_size: int | str = "5GB",
     safe_serialization: bool = True,
     extra_files: dict[str, Any] | None = None,
+    atomic: bool = True,
 ) -> list[Path]:
     """Stream ``(key, tensor)`` pairs into an HF-layout folder, atomically.
 
@@ -565,7 +566,8 @@ def write_checkpoint(
     and swapped in, under a lock, so a crash, Ctrl-C or a concurrent save never leaves a mixture
     of two models. The previous checkpoint's files (config.json and weights in any layout) and
     the ``extra_files`` names are replaced; every other file in the folder is kept. Returns the
-    final paths.
+    final paths. ``atomic=False`` writes straight into ``save_directory``: for a caller that
+    stages a larger set of files itself (a training checkpoint: weights, optimizer, state).
     """
     limit = parse_size(max_shard_size)
     out = Path(save_directory)
@@ -577,7 +579,9 @@ def write_checkpoint(
     def owned(name: str) -> bool:
         return bool(CHECKPOINT_FILE.match(name)) or name in extra_names
 
-    with replace_folder_files(out, owned) as staging:
+    if not atomic:
+        out.mkdir(parents=True, exist_ok=True)
+    with replace_folder_files(out, owned) if atomic else contextlib.nullcontext(out) as staging:
         shards: list[list[str]] = []
         current: dict[str, torch.Tensor] = {}
         current_size = total_size = 0
@@ -640,12 +644,15 @@ def save_pretrained(
     max_shard_size: int | str = "5GB",
     safe_serialization: bool = True,
     state_dict: dict[str, torch.Tensor] | None = None,
+    atomic: bool = True,
 ) -> None:
     """Write ``config.json`` (with ``torch_dtype`` and ``architectures``) and the weights as
     ``model.safetensors`` (or shards + ``model.safetensors.index.json`` above ``max_shard_size``;
     ``pytorch_model.bin`` when ``safe_serialization=False``), in a form transformers loads.
 
     A tied LM head is not written (it is the embedding matrix; transformers re-ties it).
+    The files replace the folder's previous checkpoint at once (``atomic=False``: see
+    :func:`write_checkpoint`).
     """
     sd = model.state_dict() if state_dict is None else state_dict
     config = model.config
@@ -659,4 +666,5 @@ def save_pretrained(
     cfg["torch_dtype"] = dtype_name(float_dtypes[0]) if float_dtypes else "float32"
     cfg["architectures"] = [type(model).__name__]
     cfg.setdefault("transformers_version", TRANSFORMERS_VERSION)  # the format we write; transformers reads it
-    write_checkpoint(sd.items(), save_directory, cfg, max_shard_size=max_shard_size, safe_serialization=safe_serialization)
+    write_checkpoint(sd.items(), save_directory, cfg, max_shard_size=max_shard_size,
+                     safe_serialization=safe_serialization, atomic=atomic)

@@ -70,6 +70,7 @@ from torch import nn
 from tqdm import tqdm
 
 from . import distributed
+from .atomic_save import recover_folder, replace_folder_files
 from .config import PRESETS, LlamaConfig
 from .files import PROJECT_DATA_DIR, atomic_write_bytes
 from .mlp import swiglu_hidden_size
@@ -228,50 +229,10 @@ def evaluate(model: LlamaForCausalLM, tokens: torch.Tensor, char_lengths: torch.
 
 
 # ----------------------------------------------------------------------------- checkpoints
-def replace_folder(final: str | os.PathLike, write: Callable[[Path], None]) -> Path:
-    """Make the folder ``final`` by calling ``write(tmp)`` on a fresh temporary folder beside
-    it and swapping that in, so ``final`` is never seen half-written.
-
-    The swap is two renames (``final`` -> ``.NAME.TAG.old``, ``tmp`` -> ``final``); a crash
-    between them leaves both folders whole, and :func:`recover_folder` (run by the next save or
-    resume) finishes the swap. A crash while writing leaves ``final`` untouched and a
-    ``.NAME.TAG.tmp`` folder that the next save removes.
-    """
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    recover_folder(final)
-    tag = uuid.uuid4().hex[:8]
-    tmp, old = final.parent / f".{final.name}.{tag}.tmp", final.parent / f".{final.name}.{tag}.old"
-    try:
-        write(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)  # the new folder is in place: from here on nothing can be lost
-    shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def recover_folder(final: str | os.PathLike) -> None:
-    """Finish or undo a :func:`replace_folder` that a crash interrupted: a ``.NAME.TAG.old``
-    exists only once its ``.NAME.TAG.tmp`` was complete, so if ``final`` is missing the ``.tmp``
-    (or, failing that, the ``.old``) becomes ``final``; leftover temporaries are removed."""
-    final = Path(final)
-    for old in sorted(final.parent.glob(f".{final.name}.*.old")):
-        tmp = old.with_name(old.name[: -len(".old")] + ".tmp")
-        if not final.exists():
-            os.replace(tmp if tmp.exists() else old, final)
-        shutil.rmtree(old, ignore_errors=True)
-    for tmp in final.parent.glob(f".{final.name}.*.tmp"):
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def save_checkpoint(model: LlamaForCausalLM, out_dir: str | os.PathLike, state: dict[str, Any] | None = None,
                     extra: dict[str, Any] | None = None, *, state_dict: dict[str, torch.Tensor] | None = None,
                     folders: dict[str, Path] | None = None) -> Path:
-    """Write a checkpoint folder ``out_dir`` whole or not at all (:func:`replace_folder`): the
+    """Write a checkpoint folder ``out_dir`` whole or not at all (:mod:`llama_edu.atomic_save`): the
     model in the Hugging Face layout with ``model.save_pretrained`` (``config.json`` +
     ``model.safetensors``; a tied LM head is stored once, as transformers does), ``state`` as
     ``train_state.json``, and each ``extra`` item (a name -> object) with ``torch.save``
@@ -279,16 +240,16 @@ def save_checkpoint(model: LlamaForCausalLM, out_dir: str | os.PathLike, state: 
     ``state_dict`` replaces ``model.state_dict()`` (a distributed run's gathered weights), and
     each ``folders`` item (a name -> an existing folder) is moved inside, e.g. sharded states."""
 
-    def write(folder: Path) -> None:
-        model.save_pretrained(folder, state_dict=state_dict)
+    # The whole folder is the checkpoint: every entry of the previous one is replaced.
+    with replace_folder_files(out_dir, owned=lambda name: True, last=None) as folder:
+        model.save_pretrained(folder, state_dict=state_dict, atomic=False)  # this save is staged already
         if state is not None:
-            atomic_write_bytes(folder / "train_state.json", (json.dumps(state, indent=1) + "\n").encode())
+            (folder / "train_state.json").write_text(json.dumps(state, indent=1) + "\n")
         for name, obj in (extra or {}).items():
             torch.save(obj, folder / name)
         for name, src in (folders or {}).items():
             os.replace(src, folder / name)
-
-    return replace_folder(out_dir, write)
+    return Path(out_dir)
 
 
 def load_checkpoint(out_dir: str | os.PathLike) -> LlamaForCausalLM:
