@@ -6,6 +6,8 @@ Commands (each defined next to the code it drives):
   convert-meta     Meta consolidated.*.pth -> HF layout   (llama_edu.convert)
   convert-llama2c  llama2.c model.bin -> HF layout        (llama_edu.convert)
   train            train a small Llama on a text file     (llama_edu.train)
+  sft              instruction-tune on chat examples      (llama_edu.sft)
+  dpo              preference-tune with DPO               (llama_edu.dpo)
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import importlib
 import sys
 
 # module -> the commands it registers through its ``add_cli_commands(subparsers)``
-COMMAND_MODULES = ("generation", "convert", "train")
+COMMAND_MODULES = ("generation", "convert", "train", "sft", "dpo")
 
 
 def build_parser() -> argparse.ArgumentParser:
