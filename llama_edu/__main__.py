@@ -8,6 +8,7 @@ Commands (each defined next to the code it drives):
   train            train a small Llama on a text file     (llama_edu.train)
   sft              instruction-tune on chat examples      (llama_edu.sft)
   dpo              preference-tune with DPO               (llama_edu.dpo)
+  student-notebooks  the notebooks without solutions      (llama_edu.handout)
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import importlib
 import sys
 
 # module -> the commands it registers through its ``add_cli_commands(subparsers)``
-COMMAND_MODULES = ("generation", "convert", "train", "sft", "dpo")
+COMMAND_MODULES = ("generation", "convert", "train", "sft", "dpo", "handout")
 
 
 def build_parser() -> argparse.ArgumentParser:
