@@ -106,3 +106,21 @@ def test_a_short_dpo_run_prefers_the_chosen_answers(tok):
     assert sum(history["margin"][-3:]) / 3 > 0.2
     held_out = evaluate_preferences(model, tok, load_jsonl(DPO_DATA, "test"), beta=0.1)
     assert held_out["reward_accuracy"] > 0.9 and held_out["margin"] > 0.1, held_out
+
+
+def test_exercise_dpo_loss_both_ways(capsys):
+    from llama_edu.exercises import check
+
+    def alternative(pc, pr, rc, rr, beta):  # softplus form, as the package writes it, but per pair then averaged
+        z = beta * ((pc - pr) - (rc - rr))
+        return torch.stack([torch.nn.functional.softplus(-zi) for zi in z]).mean()
+
+    assert check("dpo_loss", alternative)
+    capsys.readouterr()
+    for wrong, says in [
+        (lambda pc, pr, rc, rr, beta: -torch.nn.functional.logsigmoid(beta * ((pr - rr) - (pc - rc))).mean(), "the sign is flipped"),
+        (lambda pc, pr, rc, rr, beta: -torch.nn.functional.logsigmoid(beta * (pc - pr)).mean(), "the reference model is missing"),
+        (lambda pc, pr, rc, rr, beta: -torch.nn.functional.logsigmoid((pc - rc) - (pr - rr)).mean(), "beta is missing"),
+    ]:
+        assert not check("dpo_loss", wrong)
+        assert f"Likely mistake: {says}" in capsys.readouterr().out

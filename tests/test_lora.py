@@ -292,3 +292,18 @@ def test_we_load_an_adapter_peft_saved(tmp_path, shakespeare_state):
     theirs.eval()
     with torch.no_grad():
         assert max_diff(ours(IDS).logits, theirs(input_ids=IDS).logits) < 1e-5
+
+
+def test_exercise_lora_forward_both_ways(capsys):
+    from llama_edu.exercises import check
+
+    def alternative(x, weight, lora_A, lora_B, alpha, r):  # the merged weight, written differently
+        return torch.nn.functional.linear(x, weight + (alpha / r) * lora_B @ lora_A)
+
+    assert check("lora_forward", alternative)
+    assert check("lora_forward", lambda x, w, a, b, alpha, r: torch.addmm((x @ a.T).flatten(0, -2) @ b.T * (alpha / r), x.flatten(0, -2), w.T).view(*x.shape[:-1], -1))
+    capsys.readouterr()
+    assert not check("lora_forward", lambda x, w, a, b, alpha, r: x @ w.T + x @ a.T @ b.T)
+    assert "Likely mistake: the low-rank update is not scaled by alpha / r." in capsys.readouterr().out
+    assert not check("lora_forward", lambda x, w, a, b, alpha, r: x @ w.T + (alpha / r) * (x @ (b @ a)))
+    assert "instead of (B A)^T" in capsys.readouterr().out

@@ -170,3 +170,22 @@ def test_a_short_sft_run_learns_the_answers(tok):
         after = sft_loss(model, batch).item()
     assert len(losses) == 12 and not model.training
     assert after < before / 2, (before, after)
+
+
+def test_exercise_assistant_labels_both_ways(capsys):
+    from llama_edu.exercises import check
+
+    def alternative(input_ids, assistant_spans):
+        labels = torch.full_like(input_ids, -100)
+        for start, end in assistant_spans:
+            labels[start:end] = input_ids[start:end]
+        return labels
+
+    assert check("assistant_labels", alternative)
+    capsys.readouterr()
+    assert not check("assistant_labels", lambda ids, spans: ids.clone())
+    assert "Likely mistake: nothing is masked" in capsys.readouterr().out
+    off_by_one = lambda ids, spans: torch.where(  # noqa: E731
+        torch.zeros_like(ids, dtype=torch.bool).index_fill_(0, torch.tensor([t for s, e in spans for t in range(s, e + 1) if t < len(ids)]), True), ids, -100)
+    assert not check("assistant_labels", off_by_one)
+    assert "Likely mistake: the spans' end is included" in capsys.readouterr().out
