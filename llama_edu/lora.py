@@ -38,6 +38,7 @@ Typical use::
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -133,7 +134,9 @@ class LoraLinear(nn.Module):
         self.r, self.lora_alpha = r, lora_alpha
         self.scaling = lora_alpha / r
         base_weight = getattr(base_layer, "weight", None)
-        device = base_weight.device if isinstance(base_weight, torch.Tensor) else None
+        # The adapters live where the base does (a quantized base may hold only buffers).
+        first = next(itertools.chain(base_layer.parameters(), base_layer.buffers()), None)
+        device = first.device if first is not None else None
         if dtype is None:  # float32 adapters unless the base is float64 (tests) or on meta
             dtype = torch.float64 if isinstance(base_weight, torch.Tensor) and base_weight.dtype == torch.float64 else torch.float32
         self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()

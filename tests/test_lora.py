@@ -103,6 +103,13 @@ def test_lora_on_a_quantized_base_trains_and_refuses_to_merge():
         layer.merge()
 
 
+def test_adapters_follow_the_base_device():
+    with torch.device("meta"):
+        quantized = FakeInt8Linear(nn.Linear(16, 24))  # buffers only, no parameters
+    layer = LoraLinear(quantized, r=2, lora_alpha=4)
+    assert layer.lora_A.weight.device.type == "meta" and layer.lora_B.weight.dtype == torch.float32
+
+
 def test_lora_linear_needs_a_linear_like_base():
     with pytest.raises(TypeError, match="in_features and out_features"):
         LoraLinear(nn.ReLU(), r=2, lora_alpha=4)
