@@ -189,3 +189,23 @@ def test_exercise_assistant_labels_both_ways(capsys):
         torch.zeros_like(ids, dtype=torch.bool).index_fill_(0, torch.tensor([t for s, e in spans for t in range(s, e + 1) if t < len(ids)]), True), ids, -100)
     assert not check("assistant_labels", off_by_one)
     assert "Likely mistake: the spans' end is included" in capsys.readouterr().out
+
+
+def test_cli_sft_and_dpo_with_lora(tmp_path, capsys):
+    """The commands run end to end (2 steps each) and save PEFT-layout adapters."""
+    from llama_edu.__main__ import main
+
+    assert main(["sft", "--steps", "2", "--batch-size", "4", "--lora-r", "2", "--out", str(tmp_path / "sft")]) == 0
+    assert (tmp_path / "sft" / "adapter_model.safetensors").is_file() and (tmp_path / "sft" / "adapter_config.json").is_file()
+    assert main(["dpo", "--steps", "2", "--batch-size", "4", "--lora-r", "2", "--out", str(tmp_path / "dpo")]) == 0
+    assert (tmp_path / "dpo" / "adapter_model.safetensors").is_file()
+    assert "trainable params" in capsys.readouterr().out
+
+
+def test_cli_offline_hub_model_says_what_to_download(tmp_path, capsys, monkeypatch):
+    from llama_edu.__main__ import main
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(["sft", "--model", "TinyLlama/TinyLlama-1.1B-Chat-v1.0", "--lora-r", "8", "--out", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "huggingface-cli download TinyLlama/TinyLlama-1.1B-Chat-v1.0" in err
