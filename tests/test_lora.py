@@ -314,3 +314,24 @@ def test_exercise_lora_forward_both_ways(capsys):
     assert "Likely mistake: the low-rank update is not scaled by alpha / r." in capsys.readouterr().out
     assert not check("lora_forward", lambda x, w, a, b, alpha, r: x @ w.T + (alpha / r) * (x @ (b @ a)))
     assert "instead of (B A)^T" in capsys.readouterr().out
+
+
+def test_peft_loads_our_classification_adapter(tmp_path):
+    """A sequence-classification adapter with its trained `score` head (modules_to_save) loads in
+    PEFT onto transformers' LlamaForSequenceClassification with the same logits."""
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    kw = {**SMALL, "num_labels": 2, "pad_token_id": 0}
+    torch.manual_seed(0)
+    theirs = transformers.LlamaForSequenceClassification(transformers.LlamaConfig(**kw)).eval()
+    ours = LlamaForSequenceClassification(LlamaConfig(**kw)).eval()
+    ours.load_state_dict(theirs.state_dict())
+    apply_lora(ours, LoraConfig(r=4, lora_alpha=8, target_modules=("q_proj", "v_proj"), modules_to_save=("score",)))
+    _randomize_adapters(ours, scale=0.1)
+    with torch.no_grad():
+        ours.score.weight.mul_(3.0)  # a "trained" head that differs from the base model's
+    save_lora_adapter(ours, tmp_path)
+    loaded = peft.PeftModel.from_pretrained(theirs, str(tmp_path)).eval()
+    ids = torch.tensor([[1, 5, 9, 11, 40]])
+    with torch.no_grad():
+        assert max_diff(ours(ids).logits, loaded(input_ids=ids).logits) < 1e-5
