@@ -129,7 +129,7 @@ class LoraLinear(nn.Module):
             )
         if isinstance(base_layer, LoraLinear):
             raise TypeError("this layer already has a LoRA adapter; apply LoRA once per layer")
-        self.base_layer = base_layer
+        self.base_layer = base_layer.requires_grad_(False)  # W0 stays as pretrained
         self.in_features, self.out_features = in_features, out_features
         self.r, self.lora_alpha = r, lora_alpha
         self.scaling = lora_alpha / r

@@ -73,6 +73,7 @@ def test_lora_linear_starts_as_the_base_and_uses_lora_forward():
     ref = lora_forward(x, base.weight, layer.lora_A.weight, layer.lora_B.weight, 8, 4)
     assert torch.allclose(layer(x), ref, atol=1e-5)
     assert (layer.base_layer is base) and layer.lora_A.weight.shape == (4, 16) and layer.lora_B.weight.shape == (24, 4)
+    assert not base.weight.requires_grad and layer.lora_A.weight.requires_grad and layer.lora_B.weight.requires_grad
 
 
 class FakeInt8Linear(nn.Module):
