@@ -7,13 +7,18 @@ last ``[/INST]`` until it emits ``</s>``.
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any, Callable, TextIO
 
 import torch
 
+from .checkpoint import parse_device
+from .files import DEFAULT_MODEL_DIR, looks_like_repo_id
 from .generation import context_limit, generate
+from .modeling import LlamaForCausalLM
 from .streaming import CallbackStreamer
+from .tokenizer import LlamaTokenizer
 
 
 def chat(model, tokenizer, messages: list[dict[str, str]], streamer: Any = None, **gen_kwargs: Any) -> str:
@@ -112,3 +117,27 @@ def chat_loop(
         write("\n")
         history.append({"role": "assistant", "content": answer})
     return history
+
+
+def load_model_and_tokenizer(path: str | os.PathLike | None = None, device: str | None = None, dtype: str | None = None):
+    """Load ``LlamaForCausalLM`` and its tokenizer from a Hugging Face-layout folder (or hub
+    repo id) on ``device`` (default: cuda when available) in ``dtype`` (default: as stored).
+    ``path=None`` is the project's default model, ``data/shakespeare-llama``."""
+    if path is None:
+        path = DEFAULT_MODEL_DIR
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(
+                f"the default model data/{path.name} does not exist yet: train it with `python -m llama_edu train` "
+                "or pass --model PATH (a folder with config.json, model.safetensors and tokenizer.model)"
+            )
+    name = os.fspath(path)
+    if not os.path.isdir(name) and (os.path.exists(name) or not looks_like_repo_id(name)):
+        raise FileNotFoundError(
+            f"model folder {name} does not exist: pass --model with a Hugging Face-layout folder "
+            "(config.json, model.safetensors, tokenizer.model) or a hub repo id"
+        )
+    model = LlamaForCausalLM.from_pretrained(
+        name, torch_dtype=dtype or "auto", device=parse_device(device, default="auto"), progress=False
+    )
+    tokenizer = LlamaTokenizer.from_pretrained(name)
+    return model.eval(), tokenizer

@@ -6,6 +6,8 @@ Commands:
   convert-meta        Meta consolidated.*.pth -> HF layout   (llama_edu.convert)
   convert-llama2c     llama2.c model.bin -> HF layout        (llama_edu.convert)
   train               train a small Llama on a text file     (llama_edu.train)
+  sft                 instruction-tune on chat examples      (llama_edu.sft)
+  dpo                 preference-tune with DPO               (llama_edu.dpo)
   student-notebooks   the notebooks without their solutions  (llama_edu.handout)
 
 Each module that drives a command defines its arguments in ``add_cli_commands(subparsers)``;
@@ -28,14 +30,10 @@ from typing import Any
 
 import torch
 
-from . import convert, handout, train
-from .chat import chat_loop
-from .checkpoint import parse_device
-from .files import DEFAULT_MODEL_DIR, looks_like_repo_id
+from . import convert, dpo, handout, sft, train
+from .chat import chat_loop, load_model_and_tokenizer
 from .generation import context_limit, generate
-from .modeling import LlamaForCausalLM
 from .streaming import TextStreamer
-from .tokenizer import LlamaTokenizer
 
 
 DEBUG_ENV = "LLAMA_EDU_DEBUG"
@@ -89,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_generation_commands(sub)
     convert.add_cli_commands(sub)
     train.add_cli_commands(sub)
+    sft.add_cli_commands(sub)
+    dpo.add_cli_commands(sub)
     handout.add_cli_commands(sub)
     return parser
 
@@ -149,30 +149,6 @@ class TerminalStreamer(TextStreamer):
 # --------------------------------------------------------------------------------------------
 # generate, chat
 # --------------------------------------------------------------------------------------------
-
-
-def load_model_and_tokenizer(path: str | os.PathLike | None = None, device: str | None = None, dtype: str | None = None):
-    """Load ``LlamaForCausalLM`` and its tokenizer from a Hugging Face-layout folder (or hub
-    repo id) on ``device`` (default: cuda when available) in ``dtype`` (default: as stored).
-    ``path=None`` is the project's default model, ``data/shakespeare-llama``."""
-    if path is None:
-        path = DEFAULT_MODEL_DIR
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(
-                f"the default model data/{path.name} does not exist yet: train it with `python -m llama_edu train` "
-                "or pass --model PATH (a folder with config.json, model.safetensors and tokenizer.model)"
-            )
-    name = os.fspath(path)
-    if not os.path.isdir(name) and (os.path.exists(name) or not looks_like_repo_id(name)):
-        raise FileNotFoundError(
-            f"model folder {name} does not exist: pass --model with a Hugging Face-layout folder "
-            "(config.json, model.safetensors, tokenizer.model) or a hub repo id"
-        )
-    model = LlamaForCausalLM.from_pretrained(
-        name, torch_dtype=dtype or "auto", device=parse_device(device, default="auto"), progress=False
-    )
-    tokenizer = LlamaTokenizer.from_pretrained(name)
-    return model.eval(), tokenizer
 
 
 def _sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
