@@ -266,11 +266,11 @@ def cli(text_file, out, *extra, steps=400):
 def test_ctrl_c_saves_last_exits_130_and_resumes_to_the_same_weights(text_file, tmp_path):
     """SIGINT to `python -m llama_edu train`: one line, status 130, a resumable last/ whose
     continuation gives the weights of an uninterrupted run, bit for bit."""
-    extra = ("--eval-interval", "50", "--log-interval", "1")
-    whole = subprocess.run(cli(text_file, tmp_path / "whole", *extra, steps=150), env=ENV, capture_output=True, text=True)
+    extra = ("--eval-interval", "25", "--log-interval", "1")
+    whole = subprocess.run(cli(text_file, tmp_path / "whole", *extra, steps=60), env=ENV, capture_output=True, text=True)
     assert whole.returncode == 0, whole.stderr
 
-    proc = subprocess.Popen(cli(text_file, tmp_path / "cut", *extra, steps=150), env=ENV, stdout=subprocess.PIPE,
+    proc = subprocess.Popen(cli(text_file, tmp_path / "cut", *extra, steps=60), env=ENV, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     for line in proc.stdout:
         if line.startswith("step    20 |"):
@@ -280,9 +280,9 @@ def test_ctrl_c_saves_last_exits_130_and_resumes_to_the_same_weights(text_file, 
     assert proc.returncode == 130, err
     assert err.count("\n") == 1 and "Traceback" not in err and "--resume" in err and "interrupted after step" in err
     stopped_at = json.loads((tmp_path / "cut" / "last" / "train_state.json").read_text())["step"]
-    assert 20 <= stopped_at < 150
+    assert 20 <= stopped_at < 60
 
-    again = subprocess.run(cli(text_file, tmp_path / "cut", *extra, "--resume", steps=150), env=ENV,
+    again = subprocess.run(cli(text_file, tmp_path / "cut", *extra, "--resume", steps=60), env=ENV,
                            capture_output=True, text=True)
     assert again.returncode == 0, again.stderr
     assert f"resuming {tmp_path / 'cut'} at step {stopped_at}" in again.stdout
