@@ -782,7 +782,10 @@ def _swiglu_hidden(hidden_size: int, multiple_of: int = 16) -> int:
 
 def add_cli_commands(subparsers: argparse._SubParsersAction) -> None:
     """Add ``train`` to ``python -m llama_edu``."""
-    p = subparsers.add_parser("train", help="train a small Llama on a text file", description=__doc__.splitlines()[0])
+    p = subparsers.add_parser(
+        "train", help="train a small Llama on a text file",
+        description="Train a Llama from scratch on a UTF-8 text file (nanoGPT's loop), keeping the best and a resumable "
+                    "last checkpoint in --out. Ctrl-C saves last/ and exits with status 130; --resume continues it.")
     p.add_argument("--data", required=True, help="UTF-8 text file; its last 10%% is the validation split")
     p.add_argument("--out", required=True, help="output folder: best/ and last/ checkpoints (HF layout), history.json")
     run = p.add_mutually_exclusive_group()
