@@ -318,10 +318,12 @@ class TrainConfig:
     progress: bool | None = None  # a tqdm bar; None: only when stderr is a terminal
 
 
-#: Settings a resumed run must share with the run it continues (the rest may change: steps,
-#: intervals, threads, device, precision, ...). Changing one would not continue the same run.
-RESUME_MUST_MATCH = ("model", "batch_size", "grad_accum", "block_size", "lr", "min_lr", "warmup_steps",
-                     "weight_decay", "beta2", "grad_clip", "seed")
+#: Settings a resumed run must share with the run it continues. Changing one would not continue
+#: the same run. The rest may change: intervals, threads, device, precision, and ``steps`` and
+#: ``warmup_steps`` (the command line caps the warm-up at the step count), whose new values the
+#: learning-rate schedule follows from the resumed step on.
+RESUME_MUST_MATCH = ("model", "batch_size", "grad_accum", "block_size", "lr", "min_lr", "weight_decay", "beta2",
+                     "grad_clip", "seed")
 
 #: What ``--overwrite`` removes from OUT: what a run writes there, nothing else.
 RUN_OUTPUTS = ("best", "last", "history.json", "train_config.json")
@@ -644,6 +646,10 @@ def train(
         if (out_dir / "best").is_dir():
             best_state = {k: v.to(device) for k, v in LlamaForCausalLM.from_pretrained(out_dir / "best").state_dict().items()}
         log(f"resuming {out_dir} at step {start_step} of {config.steps}")
+        changed = [f"{k} {getattr(config, k)} (was {state['train_config'][k]})" for k in ("steps", "warmup_steps")
+                   if state["train_config"].get(k) != getattr(config, k)]
+        if changed:
+            log("the learning-rate schedule follows the new " + ", ".join(changed))
     if out_dir:
         atomic_write_bytes(out_dir / "train_config.json", (json.dumps(asdict(config), indent=2) + "\n").encode())
 
