@@ -293,10 +293,12 @@ class TrainConfig:
     tp_size: int | None = None  # tensor-parallel group size for fsdp+tp
 
 
-#: Settings a resumed run must share with the run it continues (the rest may change: steps,
-#: intervals, threads, device, precision, ...). Changing one would not continue the same run.
-RESUME_MUST_MATCH = ("model", "batch_size", "grad_accum", "block_size", "lr", "min_lr", "warmup_steps",
-                     "weight_decay", "beta2", "grad_clip", "seed")
+#: Settings a resumed run must share with the run it continues. Changing one would not continue
+#: the same run. The rest may change: intervals, threads, device, precision, and ``steps`` and
+#: ``warmup_steps`` (the command line caps the warm-up at the step count), whose new values the
+#: learning-rate schedule follows from the resumed step on.
+RESUME_MUST_MATCH = ("model", "batch_size", "grad_accum", "block_size", "lr", "min_lr", "weight_decay", "beta2",
+                     "grad_clip", "seed")
 
 #: What ``--overwrite`` removes from OUT: what a run writes there, nothing else.
 RUN_OUTPUTS = ("best", "last", "history.json", "train_config.json")
@@ -661,6 +663,10 @@ def train(
             best_state = {k: v.to(device) for k, v in LlamaForCausalLM.from_pretrained(out_dir / "best").state_dict().items()}
             best_from_disk = True
         log(f"resuming {out_dir} at step {start_step} of {config.steps}")
+        changed = [f"{k} {getattr(config, k)} (was {state['train_config'][k]})" for k in ("steps", "warmup_steps")
+                   if state["train_config"].get(k) != getattr(config, k)]
+        if changed:
+            log("the learning-rate schedule follows the new " + ", ".join(changed))
     if out_dir:
         distributed.on_main(lambda: atomic_write_bytes(out_dir / "train_config.json", (json.dumps(asdict(config), indent=2) + "\n").encode()), par)
 
@@ -836,7 +842,10 @@ def _train_command(args: argparse.Namespace) -> int:
 
 def add_cli_commands(subparsers: argparse._SubParsersAction) -> None:
     """Add ``train`` to ``python -m llama_edu``."""
-    p = subparsers.add_parser("train", help="train a small Llama on a text file", description=__doc__.splitlines()[0])
+    p = subparsers.add_parser(
+        "train", help="train a small Llama on a text file",
+        description="Train a Llama from scratch on a UTF-8 text file (nanoGPT's loop), keeping the best and a resumable "
+                    "last checkpoint in --out. Ctrl-C saves last/ and exits with status 130; --resume continues it.")
     p.add_argument("--data", required=True, help="UTF-8 text file; its last 10%% is the validation split")
     p.add_argument("--out", required=True, help="output folder: best/ and last/ checkpoints (HF layout), history.json")
     run = p.add_mutually_exclusive_group()

@@ -129,3 +129,16 @@ def test_fine_tune_updates_only_trainable_parameters(tok, splits):
         p.requires_grad_(False)
     with pytest.raises(ValueError, match="no trainable parameters"):
         fine_tune(model, tok, ["a"], [0], steps=1)
+
+
+def test_spam_f1_exercise_both_ways(capsys):
+    from llama_edu.exercises import check
+
+    def counted(y_true, y_pred):  # a correct answer written differently
+        pairs = list(zip(y_true, y_pred))
+        tp, fp, fn = pairs.count((1, 1)), pairs.count((0, 1)), pairs.count((1, 0))
+        return 2 * tp / (2 * tp + fp + fn) if tp else 0.0
+
+    assert check("spam_f1", counted)
+    assert not check("spam_f1", lambda t, p: sum(a == b for a, b in zip(t, p)) / len(t))
+    assert "Likely mistake: this is the accuracy" in capsys.readouterr().out

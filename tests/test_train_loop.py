@@ -267,11 +267,11 @@ def cli(text_file, out, *extra, steps=400):
 def test_ctrl_c_saves_last_exits_130_and_resumes_to_the_same_weights(text_file, tmp_path):
     """SIGINT to `python -m llama_edu train`: one line, status 130, a resumable last/ whose
     continuation gives the weights of an uninterrupted run, bit for bit."""
-    extra = ("--eval-interval", "50", "--log-interval", "1")
-    whole = subprocess.run(cli(text_file, tmp_path / "whole", *extra, steps=150), env=ENV, capture_output=True, text=True)
+    extra = ("--eval-interval", "25", "--log-interval", "1")
+    whole = subprocess.run(cli(text_file, tmp_path / "whole", *extra, steps=60), env=ENV, capture_output=True, text=True)
     assert whole.returncode == 0, whole.stderr
 
-    proc = subprocess.Popen(cli(text_file, tmp_path / "cut", *extra, steps=150), env=ENV, stdout=subprocess.PIPE,
+    proc = subprocess.Popen(cli(text_file, tmp_path / "cut", *extra, steps=60), env=ENV, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     for line in proc.stdout:
         if line.startswith("step    20 |"):
@@ -281,9 +281,9 @@ def test_ctrl_c_saves_last_exits_130_and_resumes_to_the_same_weights(text_file, 
     assert proc.returncode == 130, err
     assert err.count("\n") == 1 and "Traceback" not in err and "--resume" in err and "interrupted after step" in err
     stopped_at = json.loads((tmp_path / "cut" / "last" / "train_state.json").read_text())["step"]
-    assert 20 <= stopped_at < 150
+    assert 20 <= stopped_at < 60
 
-    again = subprocess.run(cli(text_file, tmp_path / "cut", *extra, "--resume", steps=150), env=ENV,
+    again = subprocess.run(cli(text_file, tmp_path / "cut", *extra, "--resume", steps=60), env=ENV,
                            capture_output=True, text=True)
     assert again.returncode == 0, again.stderr
     assert f"resuming {tmp_path / 'cut'} at step {stopped_at}" in again.stdout
@@ -372,3 +372,27 @@ def test_causal_lm_loss_is_the_models_loss_and_the_checker_works_both_ways(capsy
     assert not check("causal_lm_loss", lambda logits, labels: torch.nn.functional.cross_entropy(
         logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)))
     assert "Likely mistake: the labels are not shifted" in capsys.readouterr().out
+
+
+def test_kill_9_during_training_keeps_best_and_last_and_resumes(text_file, tmp_path):
+    """SIGKILL a training run in the middle of its evaluations and saves: best/ and last/ load,
+    and --resume finishes the run."""
+    extra = ("--eval-interval", "2", "--log-interval", "1")
+    proc = subprocess.Popen(cli(text_file, tmp_path, *extra, steps=400), env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
+    for line in proc.stdout:
+        if line.startswith("step    30 | val"):
+            time.sleep(0.05)  # somewhere inside the next steps and saves
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    for name in ("best", "last"):
+        recover_folder(tmp_path / name)
+        assert all(torch.isfinite(t).all() for t in weights(tmp_path / name).values())
+        assert load_checkpoint(tmp_path / name).config.hidden_size == 32
+    step = json.loads((tmp_path / "last" / "train_state.json").read_text())["step"]
+    assert step >= 30
+    again = subprocess.run(cli(text_file, tmp_path, *extra, "--resume", steps=step + 4), env=ENV, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr
+    assert json.loads((tmp_path / "last" / "train_state.json").read_text())["step"] == step + 4
