@@ -105,7 +105,7 @@ class LlamaAttention(nn.Module):
         hidden_states: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        mask: torch.Tensor | None,
+        mask: torch.Tensor | None = None,
         cache: Cache | None = None,
         cache_position: torch.Tensor | None = None,
         output_attentions: bool = False,

@@ -47,7 +47,7 @@ class LlamaDecoderLayer(nn.Module):
         hidden_states: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        mask: torch.Tensor | None,
+        mask: torch.Tensor | None = None,
         cache: Cache | None = None,
         cache_position: torch.Tensor | None = None,
         output_attentions: bool = False,
