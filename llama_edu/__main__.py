@@ -6,6 +6,7 @@ Commands (each defined next to the code it drives):
   convert-meta     Meta consolidated.*.pth -> HF layout   (llama_edu.convert)
   convert-llama2c  llama2.c model.bin -> HF layout        (llama_edu.convert)
   train            train a small Llama on a text file     (llama_edu.train)
+  quantize         int8 / int4 / nf4 / gptq weights       (llama_edu.gptq)
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import importlib
 import sys
 
 # module -> the commands it registers through its ``add_cli_commands(subparsers)``
-COMMAND_MODULES = ("generation", "convert", "train")
+COMMAND_MODULES = ("generation", "convert", "train", "gptq")
 
 
 def build_parser() -> argparse.ArgumentParser:

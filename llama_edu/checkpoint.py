@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from .config import LlamaConfig
+from .quantize import prepare_quantized_model, quantized_checkpoint_hint
 
 CONFIG_NAME = "config.json"
 SAFE_WEIGHTS_NAME = "model.safetensors"
@@ -438,6 +439,8 @@ def load_pretrained(
     # -- build without memory, then match keys ------------------------------------------------
     with torch.device("meta"), _skip_init(cls):
         model = cls(config)
+    qconfig = getattr(config, "quantization_config", None)  # a checkpoint written by llama_edu.quantize
+    keep_dtype = prepare_quantized_model(model, qconfig, path_or_repo) if qconfig is not None else set()
     prefix = getattr(cls, "base_model_prefix", "model") + "."
     expected = {k: tuple(v.shape) for k, v in model.state_dict(keep_vars=True).items()}
     tied = bool(config.tie_word_embeddings) and model.get_output_embeddings() is not None
@@ -471,6 +474,9 @@ def load_pretrained(
             lines.append(f"missing keys ({len(body_missing)}): {body_missing[:10]}" + (" ..." if len(body_missing) > 10 else ""))
         if body_unexpected:
             lines.append(f"unexpected keys ({len(body_unexpected)}): {body_unexpected[:10]}" + (" ..." if len(body_unexpected) > 10 else ""))
+            hint = quantized_checkpoint_hint(body_unexpected)
+            if hint:
+                lines.append(hint)
         raise ValueError("\n".join(lines))
     if head_unused:
         warnings.warn(
@@ -504,7 +510,7 @@ def load_pretrained(
     for wf in files:
         for dst in by_file.get(wf.path, []):
             t = wf.tensor(found[dst])
-            if t.is_floating_point():
+            if t.is_floating_point() and dst not in keep_dtype:  # quantization scales keep their dtype
                 # copy=True detaches pickle-file tensors from their memory map; safetensors ones
                 # are fresh already, and .to() with nothing to do is free.
                 t = t.to(device=target_device, dtype=dtype, copy=not wf.is_safetensors)
