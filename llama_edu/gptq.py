@@ -42,7 +42,7 @@ from .quantize import (
     SCHEMES,
     IntLinear,
     check_group_size,
-    check_not_quantized,
+    check_can_quantize,
     minmax_params,
     quantize,
     round_to_grid,
@@ -156,7 +156,7 @@ def gptq(
     """
     if bits not in INT_BITS:
         raise ValueError(f"bits={bits!r} is not implemented for GPTQ; use bits in {INT_BITS}")
-    check_not_quantized(model)
+    check_can_quantize(model)
     batches = _batches(calibration_ids, batch_size)
     layers = model.get_base_model().layers
     names: list[str] = []

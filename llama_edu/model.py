@@ -335,6 +335,7 @@ class LlamaForCausalLM(LlamaPreTrainedModel):
             and hidden_states.shape[0] * hidden_states.shape[1] <= 2  # measured: no gain from 4 rows on
             and self.config.pretraining_tp == 1
             and not torch.is_grad_enabled()
+            and isinstance(self.lm_head, nn.Linear)  # not a quantized head (llama_edu.quantize)
         )
 
     def _decode_head_weight(self) -> torch.Tensor:

@@ -284,10 +284,9 @@ class QuantizedLinear(nn.Module):
         """The (out_features, in_features) float32 weight the stored codes stand for."""
         raise NotImplementedError
 
-    @property
-    def weight(self) -> torch.Tensor:
-        """The dequantized weight (read-only: a fresh tensor; the codes are the state)."""
-        return self.dequantize()
+    # There is deliberately no ``weight`` attribute: code that reads ``layer.weight`` expects a
+    # tensor it can update in place (merging a LoRA adapter, tying embeddings), and a freshly
+    # dequantized copy would silently swallow such updates. It fails loudly instead.
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(..., in_features) -> (..., out_features)."""
@@ -412,9 +411,13 @@ def is_quantized(model: nn.Module) -> bool:
     return getattr(config, "quantization_config", None) is not None or any(isinstance(m, QuantizedLinear) for m in model.modules())
 
 
-def check_not_quantized(model: nn.Module) -> None:
+def check_can_quantize(model: nn.Module) -> None:
     """Raise when ``model`` is already quantized (quantizing codes again would compound the
-    rounding error and lose the original weights)."""
+    rounding error and lose the original weights) or computes its projections in slices
+    (``pretraining_tp > 1`` reads the weight matrices directly)."""
+    if getattr(getattr(model, "config", None), "pretraining_tp", 1) != 1:
+        raise ValueError("quantized layers need config.pretraining_tp == 1 (the slices read weights directly); "
+                         "set model.config.pretraining_tp = 1 first: the slices only reproduce Meta's rounding")
     if is_quantized(model):
         qc = getattr(getattr(model, "config", None), "quantization_config", None) or {}
         raise ValueError(
@@ -469,7 +472,7 @@ def quantize(
     writes to config.json and ``from_pretrained`` reads back.
     """
     bits = _check_scheme(scheme, bits)
-    check_not_quantized(model)
+    check_can_quantize(model)
     config = getattr(model, "config", None)
     if include_lm_head and getattr(config, "tie_word_embeddings", False):
         raise ValueError(

@@ -376,3 +376,98 @@ def test_cli_quantize(tmp_path, capsys):
     assert not (tmp_path / "y").exists()  # nothing written
     with pytest.raises(SystemExit):
         cli_main(["quantize", "--scheme", "fp8", str(DEFAULT_MODEL_DIR), str(tmp_path / "z")])
+
+
+# ----------------------------------------------------------------------------- QLoRA
+def test_qlora_trains_only_the_adapters(shakespeare):
+    from llama_edu.lora import LoraConfig, apply_lora, count_parameters, merge_lora
+
+    model = quantize(fresh(), "nf4")
+    frozen = {k: v.clone() for k, v in model.state_dict().items()}
+    apply_lora(model, LoraConfig(r=8, lora_alpha=16, target_modules=("q_proj", "v_proj", "up_proj")))
+    trainable, total = count_parameters(model)
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert names and all(".lora_A." in n or ".lora_B." in n for n in names)
+    assert trainable == 4 * 8 * ((256 + 256) + (256 + 128) + (256 + 688))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    g = torch.Generator().manual_seed(0)
+    starts = torch.randint(len(shakespeare.train) - 65, (4,), generator=g)
+    batch = torch.stack([shakespeare.train[s : s + 65] for s in starts.tolist()])
+    model.train()
+    losses = []
+    for _ in range(10):  # overfit one batch: the adapters alone must be able to lower the loss
+        loss = model(batch, labels=batch).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.2, losses
+    after = model.state_dict()
+    for k, v in frozen.items():  # the NF4 base, the embeddings and the norms did not move
+        k2 = k if k in after else k.replace("_proj.", "_proj.base_layer.")
+        assert torch.equal(after[k2], v), k
+    # the frozen base costs 4-bit bytes; a merge into it would be lost, so it is refused
+    with pytest.raises(TypeError, match="quantized base"):
+        merge_lora(model)
+
+
+def test_quantized_lm_head_when_untied():
+    model = fresh()
+    model.lm_head.weight = nn.Parameter(model.lm_head.weight.detach().clone())
+    model.config.tie_word_embeddings = False
+    ids = torch.tensor([[1, 40, 41, 42]])
+    quantize(model, "int8", include_lm_head=True)
+    assert isinstance(model.lm_head, Int8Linear)
+    with torch.no_grad():
+        full = model(ids).logits[:, -1]
+        last = model(ids, logits_to_keep=1).logits[:, -1]  # the one-row decode path
+    assert torch.allclose(full, last, atol=1e-5)
+    out = model.generate(ids, max_new_tokens=3, do_sample=False)
+    assert out.shape == (1, 7)
+
+
+# ----------------------------------------------------------------------------- exercises (notebook 14)
+def test_exercises_accept_correct_alternatives(capsys):
+    from llama_edu.exercises import check
+
+    def absmax_quantize_alt(w):  # written differently: a loop over rows, division by 127 last
+        qs, scales = [], []
+        for row in w:
+            m = float(row.abs().max())
+            s = m / 127 if m > 0 else 1.0
+            qs.append(torch.round(row / s).to(torch.int8))
+            scales.append(s)
+        return torch.stack(qs), torch.tensor(scales, dtype=torch.float32)
+
+    def absmax_dequantize_alt(q, scale):
+        return torch.einsum("rc,r->rc", q.to(torch.float32), scale)
+
+    def nf4_lookup_alt(packed, absmax, code):
+        out = []
+        for i, byte in enumerate(packed.tolist()):
+            for idx in (byte >> 4, byte & 0xF):
+                out.append(code[idx] * absmax[(len(out)) // 64])
+        return torch.stack(out)
+
+    assert check("absmax_quantize", absmax_quantize_alt), capsys.readouterr().out
+    assert check("absmax_dequantize", absmax_dequantize_alt), capsys.readouterr().out
+    assert check("nf4_lookup", nf4_lookup_alt), capsys.readouterr().out
+
+
+def test_exercises_reject_with_a_diagnosis(capsys):
+    from llama_edu.exercises import check
+
+    def no_zero_row_guard(w):  # 0 / 0 in the all-zero row
+        scale = w.abs().amax(dim=1) / 127
+        return torch.round(w / scale[:, None]).to(torch.int8), scale
+
+    assert not check("absmax_quantize", no_zero_row_guard)
+    out = capsys.readouterr().out
+    assert "a row of zeros" in out and "not right yet" in out
+
+    def per_tensor(w):
+        s = w.abs().max() / 127
+        return torch.round(w / s).to(torch.int8), s.expand(w.shape[0])
+
+    assert not check("absmax_quantize", per_tensor)
+    assert "one scale for the whole tensor" in capsys.readouterr().out
