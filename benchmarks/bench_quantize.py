@@ -17,7 +17,9 @@ Models and data:
 
 Columns: bytes of all weights (embeddings, norms and the LM head included, a tied matrix
 once), bytes of the quantized linear layers alone, held-out loss, and decode tokens/s (batch 1,
-greedy, --new-tokens after an 8-token prompt, the median of --repeats runs, one thread).
+greedy, --new-tokens after an 8-token prompt, the median of --repeats interleaved runs, one thread,
+per second of CPU time: the development machine is shared, and wall time there measures the
+neighbours; with one thread, CPU time is what a quiet machine would take).
 The quantized layers dequantize their weights in PyTorch on every forward: this measures the
 formats, not a fused low-bit kernel, so on a CPU they decode *slower* than fp32.
 """
@@ -88,9 +90,9 @@ def build(model_dir, scheme: str, calib, group_size: int) -> LlamaForCausalLM:
 @torch.no_grad()
 def decode_seconds(model, new_tokens: int) -> float:
     prompt = torch.tensor([[1, 50, 60, 70, 80, 90, 100, 110]])
-    t = time.perf_counter()
+    t = time.process_time()  # CPU time of this process: one thread, so other load on the machine does not count
     model.generate(prompt, max_new_tokens=new_tokens, do_sample=False, eos_token_id=[])
-    return time.perf_counter() - t
+    return time.process_time() - t
 
 
 def decode_speeds(models: dict, new_tokens: int, repeats: int) -> dict[str, float]:
