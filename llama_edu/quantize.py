@@ -527,7 +527,13 @@ def prepare_quantized_model(model: nn.Module, qconfig: Any, source: Any = "the c
     if qconfig.get("scheme") not in SCHEMES + ("gptq",):
         raise ValueError(f"{source} has an unknown quantization scheme {qconfig.get('scheme')!r} in config.json's quantization_config")
     keys: set[str] = set()
+    prefix = getattr(model, "base_model_prefix", "model") + "."
+    has_prefix = hasattr(model, prefix[:-1])
     for name in qconfig["modules"]:
+        if not has_prefix and name.startswith(prefix):  # a LlamaForCausalLM checkpoint loaded as LlamaModel
+            name = name[len(prefix):]
+        elif has_prefix and not name.startswith(prefix) and not name.startswith(HEAD_NAMES):  # and the other way round
+            name = prefix + name
         try:
             linear = model.get_submodule(name)
         except AttributeError:

@@ -471,3 +471,18 @@ def test_exercises_reject_with_a_diagnosis(capsys):
 
     assert not check("absmax_quantize", per_tensor)
     assert "one scale for the whole tensor" in capsys.readouterr().out
+
+
+def test_quantized_checkpoint_loads_into_other_heads(tmp_path):
+    from llama_edu import LlamaForSequenceClassification, LlamaModel
+
+    model = quantize(fresh(), "nf4")
+    model.save_pretrained(tmp_path)
+    base = LlamaModel.from_pretrained(tmp_path)
+    assert isinstance(base.layers[0].mlp.down_proj, NF4Linear)
+    x = torch.tensor([[1, 20, 30]])
+    assert torch.equal(base(x).last_hidden_state, model.model(x).last_hidden_state)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the new score head is initialised (and says so)
+        clf = LlamaForSequenceClassification.from_pretrained(tmp_path, num_labels=2)
+    assert isinstance(clf.model.layers[3].self_attn.q_proj, NF4Linear) and isinstance(clf.score, nn.Linear)
