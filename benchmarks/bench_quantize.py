@@ -3,6 +3,7 @@
     python benchmarks/bench_quantize.py                       # both models, the full table
     python benchmarks/bench_quantize.py --models shakespeare --group-size 16
     python benchmarks/bench_quantize.py --quick               # fewer tokens, one speed repeat
+    python benchmarks/bench_quantize.py --layer-7b            # only: one Llama-2-7B-shaped projection
 
 Models and data:
   shakespeare  the project's default model (data/shakespeare-llama). Loss on the validation split
@@ -21,7 +22,10 @@ greedy, --new-tokens after an 8-token prompt, the median of --repeats interleave
 per second of CPU time: the development machine is shared, and wall time there measures the
 neighbours; with one thread, CPU time is what a quiet machine would take).
 The quantized layers dequantize their weights in PyTorch on every forward: this measures the
-formats, not a fused low-bit kernel, so on a CPU they decode *slower* than fp32.
+formats, not a fused low-bit kernel, so on a CPU they decode *slower* than fp32. The one
+exception: int8 with bfloat16 inputs on a CPU, where Int8Linear calls PyTorch's fused
+``_weight_int8pack_mm``. ``--layer-7b`` times that against the rest on one Llama 2 7B gate_proj
+(11008 x 4096) at batch 1: the bandwidth argument, measured.
 """
 
 from __future__ import annotations
@@ -107,6 +111,38 @@ def decode_speeds(models: dict, new_tokens: int, repeats: int) -> dict[str, floa
     return {k: new_tokens / statistics.median(v) for k, v in times.items()}
 
 
+def layer_7b(repeats: int) -> None:
+    """CPU milliseconds per batch-1 product with one 7B-shaped projection, per format."""
+    from llama_edu.quantize import Int8Linear, IntLinear, NF4Linear
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(4096, 11008, bias=False)
+    with torch.no_grad():
+        lin.weight.normal_(0, 0.02)
+    x = torch.randn(1, 4096)
+    bf16 = torch.nn.Linear(4096, 11008, bias=False, dtype=torch.bfloat16)
+    bf16.weight.data = lin.weight.data.bfloat16()
+    cases = [("fp32 nn.Linear", lin, x), ("bf16 nn.Linear", bf16, x.bfloat16()),
+             ("int8, bf16 input (fused _weight_int8pack_mm)", Int8Linear.from_linear(lin), x.bfloat16()),
+             ("int8, fp32 input (dequantize, then multiply)", Int8Linear.from_linear(lin), x),
+             ("int4 g128 (dequantize, then multiply)", IntLinear.from_linear(lin, 4, 128), x),
+             ("NF4 (dequantize, then multiply)", NF4Linear.from_linear(lin), x)]
+    print("\n### one Llama 2 7B gate_proj (11008 x 4096), batch 1, CPU ms per product (1 thread)\n")
+    print("| format | weight bytes | ms | x bf16 speed |")
+    print("|---|---:|---:|---:|")
+    times = {}
+    with torch.no_grad():
+        for name, layer, inp in cases:
+            layer(inp)
+            t = time.process_time()
+            for _ in range(repeats):
+                layer(inp)
+            times[name] = (time.process_time() - t) / repeats * 1e3
+    for name, layer, _ in cases:
+        size = sum(t.numel() * t.element_size() for t in layer.state_dict().values())
+        print(f"| {name} | {size / 1e6:.1f} MB | {times[name]:.2f} | {times['bf16 nn.Linear'] / times[name]:.2f}x |")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", default=["shakespeare", "stories260K"], choices=["shakespeare", "stories260K"])
@@ -116,8 +152,12 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--layer-7b", action="store_true", help="only time one 7B-shaped projection per format")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    if args.layer_7b:
+        layer_7b(10 if args.quick else 30)
+        return
     if args.quick:
         args.repeats, args.new_tokens = 1, 32
 

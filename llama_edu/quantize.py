@@ -326,6 +326,15 @@ class Int8Linear(QuantizedLinear):
     def dequantize(self) -> torch.Tensor:
         return absmax_dequantize(self.weight_int8, self.weight_scale)
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.bfloat16 and x.device.type == "cpu" and self.bias is None and hasattr(torch, "_weight_int8pack_mm"):
+            # PyTorch's fused CPU kernel multiplies by the int8 codes directly and scales the
+            # result: it reads 1 byte per weight instead of writing and re-reading a float copy.
+            # (x @ (q * s[:, None]).T == (x @ q.T) * s: the scale of row r multiplies output r.)
+            out = torch._weight_int8pack_mm(x.reshape(-1, self.in_features), self.weight_int8, self.weight_scale.to(x.dtype))
+            return out.reshape(*x.shape[:-1], self.out_features)
+        return super().forward(x)
+
 
 class IntLinear(QuantizedLinear):
     """A linear layer stored as ``bits``-bit codes (packed) with a float16 scale and a uint8

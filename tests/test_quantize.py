@@ -486,3 +486,12 @@ def test_quantized_checkpoint_loads_into_other_heads(tmp_path):
         warnings.simplefilter("ignore")  # the new score head is initialised (and says so)
         clf = LlamaForSequenceClassification.from_pretrained(tmp_path, num_labels=2)
     assert isinstance(clf.model.layers[3].self_attn.q_proj, NF4Linear) and isinstance(clf.score, nn.Linear)
+
+
+def test_int8_fused_cpu_kernel_in_bfloat16_matches_dequantize():
+    lin = nn.Linear(256, 96, bias=False)
+    layer = Int8Linear.from_linear(lin)
+    x = torch.randn(2, 5, 256).bfloat16()
+    reference = x.float() @ layer.dequantize().T
+    assert layer(x).dtype == torch.bfloat16 and layer(x).shape == (2, 5, 96)
+    assert torch.allclose(layer(x).float(), reference, atol=2e-2 * reference.abs().max().item())
