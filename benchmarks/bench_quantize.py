@@ -41,7 +41,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from llama_edu import LlamaForCausalLM  # noqa: E402
-from llama_edu.data import DEFAULT_MODEL_DIR, PROJECT_DATA_DIR, find_data_file  # noqa: E402
+from llama_edu.files import DEFAULT_MODEL_DIR, PROJECT_DATA_DIR, find_data_file  # noqa: E402
 from llama_edu.gptq import gptq  # noqa: E402
 from llama_edu.quantize import QuantizedLinear, quantize, weight_bytes  # noqa: E402
 from llama_edu.train import TokenDataset, evaluate  # noqa: E402

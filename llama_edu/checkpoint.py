@@ -11,11 +11,14 @@ A checkpoint folder holds
 (``pytorch_model.bin`` / ``pytorch_model-0000N-of-0000M.bin`` + ``pytorch_model.bin.index.json``
 for the older pickle format, which we read only through ``torch.load(weights_only=True)``.)
 
-Loading keeps peak memory near one copy of the weights: the model is built on the ``meta``
-device (shapes, no storage), then every tensor is read from the memory-mapped file one at a time,
-converted to the target dtype/device and put into the model with
-``load_state_dict(assign=True)``. Saving is atomic: every file is written under a temporary name
-in the target folder and renamed only when all of them are complete, config.json last.
+Loading takes no more memory than the weights need: the model is built on the ``meta`` device
+(shapes, no storage). When the file holds the dtype asked for and the model stays on the CPU,
+every parameter is a view of the memory-mapped safetensors file (zero-copy, copy-on-write: a
+LoRA merge or training step copies only what it writes). Otherwise each tensor is read, converted
+to the target dtype/device and placed one at a time. Either way ``load_state_dict(assign=True)``
+puts the tensors in the model without a second copy. Saving is atomic: the complete new set of
+files replaces the previous checkpoint at once, or not at all, also under concurrent saves
+(:mod:`atomic_save`).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import copy
 import json
 import os
 import re
-import uuid
+import shutil
 import warnings
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -33,7 +36,9 @@ from typing import Any, Iterable, Iterator
 import torch
 from torch import nn
 
-from .config import LlamaConfig
+from .atomic_save import replace_folder_files
+from .config import TRANSFORMERS_VERSION, LlamaConfig
+from .files import resolve_file
 from .quantize import prepare_quantized_model, quantized_checkpoint_hint
 
 CONFIG_NAME = "config.json"
@@ -55,99 +60,6 @@ _DTYPES = {
 }
 # safetensors header dtype names
 _SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
-_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-
-
-# --------------------------------------------------------------------------------------------
-# Finding files: a local folder or a hub repo id
-# --------------------------------------------------------------------------------------------
-def looks_like_repo_id(name: str) -> bool:
-    """``"meta-llama/Llama-2-7b-hf"`` or ``"gpt2"`` (not ``./x``, ``/abs/path`` or ``a/b/c``)."""
-    return bool(_REPO_ID.match(name)) and not name.endswith((".json", ".safetensors", ".bin", ".pth"))
-
-
-def _hub_offline() -> bool:
-    """HF_HUB_OFFLINE read now (huggingface_hub reads it once, at import)."""
-    if os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
-        return True
-    try:
-        from huggingface_hub import constants
-
-        return bool(constants.HF_HUB_OFFLINE)
-    except ImportError:
-        return False
-
-
-def _how_to_download(repo_id: str) -> str:
-    return (
-        f"download it on a machine with network access: `huggingface-cli download {repo_id} "
-        f"--local-dir DIR` (gated repos such as meta-llama/* also need `huggingface-cli login` and "
-        "an accepted licence), then pass DIR instead of the repo id"
-    )
-
-
-def _hub_download(repo_id: str, filename: str, missing_ok: bool, **hub_kwargs: Any) -> Path | None:
-    """``hf_hub_download`` with errors that say what to do; ``None`` when the repo has no such
-    file and ``missing_ok``. ``hub_kwargs`` (cache_dir, revision, token, local_files_only) are
-    passed on."""
-    try:
-        from huggingface_hub import hf_hub_download
-    except ImportError:
-        raise OSError(
-            f"{repo_id!r} is not a local folder, and huggingface_hub is not installed to download it. "
-            f"`pip install huggingface_hub`, or {_how_to_download(repo_id)}"
-        ) from None
-    offline = _hub_offline() or bool(hub_kwargs.pop("local_files_only", False))
-    hub_kwargs = {k: v for k, v in hub_kwargs.items() if v is not None}
-    try:
-        # local_files_only: offline we may still find it in the hub cache, without a network call.
-        return Path(hf_hub_download(repo_id, filename, local_files_only=offline, **hub_kwargs))
-    except Exception as e:  # noqa: BLE001 - hub errors come in many classes; we sort them by name
-        kind = type(e).__name__
-        if missing_ok and kind in ("EntryNotFoundError", "RemoteEntryNotFoundError", "LocalEntryNotFoundError"):
-            return None
-        if kind == "RepositoryNotFoundError":
-            raise OSError(
-                f"{repo_id!r} is neither a local folder nor a hub repository you can access "
-                "(private or gated repos need `huggingface-cli login`)"
-            ) from None
-        if kind == "GatedRepoError":
-            raise OSError(f"{repo_id!r} is gated: accept its licence on huggingface.co and `huggingface-cli login`") from None
-        why = "HF_HUB_OFFLINE is set and it is not in the hub cache" if offline else f"{kind}: {e}"
-        raise OSError(
-            f"{repo_id!r} is not a local folder, and {filename} could not be fetched from the Hugging Face hub "
-            f"({why}); {_how_to_download(repo_id)}"
-        ) from None
-
-
-def resolve_file(
-    path_or_repo: str | os.PathLike, filename: str, *, missing_ok: bool = False, **hub_kwargs: Any
-) -> Path | None:
-    """The local path of ``filename`` inside a checkpoint folder or a hub repo.
-
-    - a local folder: the file in it, or ``FileNotFoundError`` naming the folder and the file;
-    - a path that does not exist and is not a repo id: ``FileNotFoundError``;
-    - a repo id such as ``"meta-llama/Llama-2-7b-hf"``: downloaded (and cached) through
-      ``huggingface_hub.hf_hub_download`` with its usual token; offline, or without
-      huggingface_hub, an ``OSError`` that says what to download and where to put it.
-
-    ``missing_ok=True`` returns ``None`` instead of raising when only the file is missing.
-    """
-    p = Path(path_or_repo).expanduser()
-    if p.is_dir():
-        f = p / filename
-        if f.is_file():
-            return f
-        if missing_ok:
-            return None
-        present = sorted(x.name for x in p.iterdir())[:12]
-        raise FileNotFoundError(f"{filename} is missing from the folder {p} (it holds: {present or 'nothing'})")
-    if p.exists():
-        raise FileNotFoundError(f"{p} is a file; pass the checkpoint folder that contains {filename}")
-    name = str(path_or_repo)
-    if not looks_like_repo_id(name):
-        raise FileNotFoundError(f"{name} does not exist (and it is not a hub repo id like 'meta-llama/Llama-2-7b-hf')")
-    return _hub_download(name, filename, missing_ok, **hub_kwargs)
 
 
 # --------------------------------------------------------------------------------------------
@@ -194,31 +106,81 @@ def parse_size(size: int | str) -> int:
     raise ValueError(f"max_shard_size {size!r} is not a size; use bytes (int) or a string like '200MB' or '5GB'")
 
 
-def _parse_device(device: str | torch.device | int | None) -> torch.device:
+def parse_device(device: str | torch.device | int | None, default: str = "cpu") -> torch.device:
+    """A torch.device from ``"cpu"``, ``"cuda:0"``, ``0``, a torch.device, ``"auto"`` (cuda when
+    available, else cpu) or None (``default``). Unknown names, the meta device (a model there
+    holds no weights) and a CUDA device on a machine without one are clear errors."""
     if device is None:
-        return torch.device("cpu")
+        device = default
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        return torch.device(device)
+        parsed = torch.device(device)
     except (RuntimeError, TypeError) as e:
-        raise ValueError(f"unknown device {device!r} ({e}); use 'cpu', 'cuda', 'cuda:0' or 'mps'") from None
+        raise ValueError(f"unknown device {device!r} ({e}); use 'cpu', 'cuda', 'cuda:0', 'mps' or 'auto'") from None
+    if parsed.type == "meta":
+        raise ValueError("device 'meta' holds no weights; use 'cpu', 'cuda' or 'auto'")
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asks for CUDA but no CUDA GPU is available here; use 'cpu' or 'auto'")
+    return parsed
 
 
 # --------------------------------------------------------------------------------------------
 # Reading weight files
 # --------------------------------------------------------------------------------------------
+def _check_inside(folder: Path, name: str, named_by: str) -> None:
+    """Refuse a weight file that is not a plain file inside ``folder``: a name with ``..`` or an
+    absolute path, or a symlink (or a symlinked folder) leading elsewhere, could make a
+    downloaded checkpoint read any file on the machine. The Hugging Face cache's own links
+    (``snapshots/REV/name`` -> ``../../blobs/HASH``) are allowed."""
+    p = Path(name)
+    if p.is_absolute() or ".." in p.parts or not p.parts or name != name.strip():
+        raise ValueError(
+            f"refused to load {folder}: {named_by} names the weight file {name!r}, which is not inside the "
+            "checkpoint folder; a weight_map must name files in the folder, like 'model-00001-of-00002.safetensors'"
+        )
+    real_folder = folder.resolve()
+    target = (folder / p).resolve()
+    if target.is_relative_to(real_folder):
+        inside = True
+    else:
+        repo = next((a.parent for a in real_folder.parents if a.name == "snapshots"), None)
+        inside = repo is not None and target.parent == repo / "blobs"
+    if not inside:
+        raise ValueError(
+            f"refused to load {folder}: the weight file {name!r} is a link to {target}, outside the checkpoint "
+            "folder. If you trust it, replace the link by the file itself (cp -L)"
+        )
+    if target.exists() and not target.is_file():
+        raise ValueError(f"refused to load {folder}: the weight file {name!r} is not a regular file")
+
+
 def find_weight_files(path_or_repo: str | os.PathLike) -> list[Path]:
-    """The weight files of a checkpoint, in order: one file, or the shards its index names."""
+    """The weight files of a checkpoint, in order: one file, or the shards its index names.
+    In a local folder, every file must stay inside it (see :func:`_check_inside`); nothing is
+    read before all names are checked."""
+    local = Path(path_or_repo).expanduser()
+    local = local if local.is_dir() else None
     for name in WEIGHT_FILES:
         f = resolve_file(path_or_repo, name, missing_ok=True)
         if f is None:
             continue
+        if local is not None:
+            _check_inside(local, name, "the folder")
         if not name.endswith(".index.json"):
             return [f]
         try:
             index = json.loads(f.read_text())
             shard_names = list(dict.fromkeys(index["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError, AttributeError) as e:
+            if not all(isinstance(s, str) for s in shard_names):
+                raise ValueError("the weight_map's values must be file names")
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, AttributeError, TypeError, ValueError) as e:
             raise OSError(f"{f} is not a valid weight index (expected {{'weight_map': {{key: file}}}}): {e}") from None
+        for shard in shard_names:  # all names first: refuse before reading any shard
+            if local is not None:
+                _check_inside(local, shard, f.name)
+            elif Path(shard).is_absolute() or ".." in Path(shard).parts:
+                _check_inside(Path("."), shard, f.name)  # raises: a hub repo cannot name files outside it either
         files = []
         for shard in shard_names:
             sf = resolve_file(path_or_repo, shard, missing_ok=True)
@@ -237,9 +199,11 @@ class _WeightFile:
 
     A safetensors file is an 8-byte little-endian header length, a JSON header
     ``{key: {"dtype": "F32", "shape": [...], "data_offsets": [begin, end]}}`` and the raw bytes.
-    ``safe_open`` validates it; we then read each tensor's bytes straight into a fresh tensor
-    with ``readinto``. (Reading through the memory map would also count every page of the file
-    in the process's resident memory until the map is closed: two copies of the weights.)"""
+    ``safe_open`` validates it. :meth:`mapped` then gives a tensor that *is* the bytes in the file:
+    a private (copy-on-write) memory map, file-backed pages the OS reads on first use and may drop
+    again, so loading takes no memory of its own; writing to the tensor copies only the pages
+    written, never the file. :meth:`tensor` reads the bytes into a fresh tensor instead, for a
+    conversion to another dtype or device."""
 
     def __init__(self, path: Path):
         self.path = path
@@ -255,7 +219,7 @@ class _WeightFile:
                     self._header = json.loads(f.read(n))
                 self._data_start = 8 + n
             else:
-                self._handle = _torch_load(path)
+                self._handle = load_torch_state_dict(path)
                 self.keys = list(self._handle.keys())
         except OSError:
             raise
@@ -271,6 +235,22 @@ class _WeightFile:
         if self.is_safetensors:
             return _SAFETENSORS_DTYPES.get(self._handle.get_slice(key).get_dtype())
         return self._handle[key].dtype
+
+    def mapped(self, key: str) -> torch.Tensor | None:
+        """The tensor ``key`` as a view of the memory-mapped file, or None where that cannot be
+        (a pickle file, an unusual dtype, data not aligned to its element size)."""
+        if not self.is_safetensors:
+            return None
+        info = self._header[key]
+        dtype = _SAFETENSORS_DTYPES.get(info["dtype"])
+        begin, end = (self._data_start + offset for offset in info["data_offsets"])
+        if dtype is None or begin % dtype.itemsize:
+            return None
+        if getattr(self, "_map", None) is None:
+            size = self.path.stat().st_size
+            storage = torch.UntypedStorage.from_file(str(self.path), shared=False, nbytes=size)
+            self._map = torch.empty(0, dtype=torch.uint8).set_(storage)  # the whole file, as bytes
+        return self._map[begin:end].view(dtype).view(info["shape"])
 
     def tensor(self, key: str) -> torch.Tensor:
         if not self.is_safetensors:
@@ -291,10 +271,10 @@ class _WeightFile:
         return t
 
 
-def _torch_load(path: Path) -> dict[str, torch.Tensor]:
-    """``torch.load`` of a pickle checkpoint that refuses anything but tensors (weights_only),
-    memory-mapped when the file format allows it."""
-    import pickle
+def load_torch_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """``torch.load`` of a pickle checkpoint (``pytorch_model.bin``, Meta's ``consolidated.NN.pth``)
+    that refuses anything but tensors (weights_only), memory-mapped when the file format allows."""
+    import pickle  # only for its exception class
 
     try:
         try:
@@ -309,38 +289,42 @@ def _torch_load(path: Path) -> dict[str, torch.Tensor]:
             f"them could run arbitrary code ({str(e).splitlines()[0]}). Only if you trust its source, "
             "convert it yourself with torch.load(..., weights_only=False) and save it as safetensors"
         ) from None
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise OSError(f"{path} does not hold a state dict (a dict of tensors)")
+    except Exception as e:  # noqa: BLE001 - a truncated zip, a file of another format, ...
+        raise OSError(f"could not read {path}: it is corrupt or truncated ({type(e).__name__}: {e})") from None
+    if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
+        raise ValueError(f"{path} holds a {type(sd).__name__}, not a state dict (names -> tensors); is it a checkpoint?")
     return sd
 
 
 # --------------------------------------------------------------------------------------------
 # Loading
 # --------------------------------------------------------------------------------------------
+#: In-place tensor methods that only (re)initialise values: skipped while loading.
+_INIT_METHODS = frozenset({torch.Tensor.normal_, torch.Tensor.uniform_, torch.Tensor.zero_, torch.Tensor.fill_})
+
+
+class _SkipInitMode(torch.overrides.TorchFunctionMode):
+    """Turns every ``torch.nn.init.*_`` call and every ``normal_``/``uniform_``/``zero_``/``fill_``
+    into a no-op that returns its tensor. A torch-function mode is thread-local, so a model
+    built at the same time in another thread is initialised as usual (patching ``nn.init`` or
+    ``_init_weights`` globally, as transformers' ``no_init_weights`` does, would reach it)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in _INIT_METHODS or (getattr(func, "__module__", None) == "torch.nn.init" and func.__name__.endswith("_")):
+            return args[0] if args else kwargs.get("tensor")
+        return func(*args, **(kwargs or {}))
+
+
 @contextlib.contextmanager
 def _skip_init(cls: type[nn.Module]) -> Iterator[None]:
     """Build a model without initialising its weights (they are overwritten by the checkpoint),
-    as transformers' ``no_init_weights`` does. On the meta device nothing would be computed
-    anyway, but the first ``normal_`` on a meta tensor imports PyTorch's Python meta kernels
-    (~2 s and ~70 MB once per process)."""
-    def keep(tensor, *args, **kwargs):
-        return tensor
-
-    saved = {name: getattr(nn.init, name) for name in dir(nn.init) if name.endswith("_") and not name.startswith("_")}
-    # The class that defines _init_weights (LlamaPreTrainedModel): the inner LlamaModel uses it too.
-    owner = next((c for c in cls.__mro__ if "_init_weights" in c.__dict__), None)
-    original = owner.__dict__["_init_weights"] if owner is not None else None
-    try:
-        for name in saved:
-            setattr(nn.init, name, keep)
-        if owner is not None:
-            owner._init_weights = lambda self, module: None
+    as transformers' ``no_init_weights`` does, but for this thread only. On the meta device
+    nothing would be computed anyway, but the first ``normal_`` on a meta tensor imports
+    PyTorch's Python meta kernels (~2 s and ~70 MB once per process). ``cls`` is unused: kept
+    so callers need not change."""
+    del cls
+    with _SkipInitMode():
         yield
-    finally:
-        for name, fn in saved.items():
-            setattr(nn.init, name, fn)
-        if owner is not None:
-            owner._init_weights = original
 
 
 def _rename_keys(ckpt_keys: Iterable[str], model_keys: set[str], prefix: str) -> dict[str, str]:
@@ -393,6 +377,7 @@ def load_pretrained(
     attn_implementation: str | None = None,
     progress: bool = True,
     low_cpu_mem_usage: bool | None = None,
+    mmap: bool = True,
     **config_overrides: Any,
 ) -> nn.Module:
     """Build ``cls`` (LlamaForCausalLM, LlamaModel or LlamaForSequenceClassification) from a
@@ -402,7 +387,9 @@ def load_pretrained(
     ``torch_dtype`` (else the weights' dtype), or an explicit dtype to convert to.
     ``device``: where the weights go ("cpu" default, "cuda", ...). ``config_overrides`` set config
     fields (e.g. ``num_labels=3``). ``low_cpu_mem_usage`` is accepted for compatibility; loading
-    is always low-memory. Returns the model in ``eval()`` mode.
+    is always low-memory. ``mmap=False`` reads the weights into the process's own memory even
+    when they could stay mapped from the file (then the file may be deleted or changed in place).
+    Returns the model in ``eval()`` mode.
     """
     del low_cpu_mem_usage
     # -- config -------------------------------------------------------------------------------
@@ -419,7 +406,7 @@ def load_pretrained(
     if attn_implementation is not None:
         config.attn_implementation = attn_implementation
     config.validate()
-    target_device = _parse_device(device)
+    target_device = parse_device(device)
 
     # -- what the files hold ------------------------------------------------------------------
     files = [_WeightFile(f) for f in find_weight_files(path_or_repo)]
@@ -509,11 +496,15 @@ def load_pretrained(
     bar = tqdm(total=len(found), desc="Loading weights", unit="tensor", disable=not show)
     for wf in files:
         for dst in by_file.get(wf.path, []):
-            t = wf.tensor(found[dst])
-            if t.is_floating_point() and dst not in keep_dtype:  # quantization scales keep their dtype
-                # copy=True detaches pickle-file tensors from their memory map; safetensors ones
-                # are fresh already, and .to() with nothing to do is free.
-                t = t.to(device=target_device, dtype=dtype, copy=not wf.is_safetensors)
+            key = found[dst]
+            # Zero-copy when the file already holds what is asked for, on the CPU.
+            t = wf.mapped(key) if mmap and target_device.type == "cpu" and wf.dtype(key) == dtype else None
+            if t is None:
+                t = wf.tensor(key)
+                if t.is_floating_point() and dst not in keep_dtype:  # quantization scales keep their dtype
+                    # copy=True detaches pickle-file tensors from their memory map; safetensors
+                    # ones are fresh already, and .to() with nothing to do is free.
+                    t = t.to(device=target_device, dtype=dtype, copy=not wf.is_safetensors)
             state[dst] = t
             bar.update(1)
     bar.close()
@@ -552,6 +543,13 @@ def _write_json(obj: Any, path: Path) -> None:
         f.write(json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
+#: Names of the files a checkpoint save replaces (any shard layout, either format); everything
+#: else in the folder (a README, generation_config.json, tokenizer files, notes) is kept.
+CHECKPOINT_FILE = re.compile(
+    r"^(config\.json|(model(-\d{5}-of-\d{5})?\.safetensors|pytorch_model(-\d{5}-of-\d{5})?\.bin)(\.index\.json)?)$"
+)
+
+
 def write_checkpoint(
     tensors: Iterable[tuple[str, torch.Tensor]],
     save_directory: str | os.PathLike,
@@ -567,32 +565,32 @@ def write_checkpoint(
     ``max_shard_size``; a bigger tensor gets a shard of its own), so only one shard is in memory
     at a time: converters can produce tensors lazily. ``config`` (a dict) becomes config.json;
     ``extra_files`` maps a file name to a dict (written as JSON) or a source Path (copied).
-    Everything is written under temporary names first and renamed at the end, config.json last;
-    on any error the temporary files are removed and the folder is as it was. Returns the
+
+    The whole set of files replaces the previous checkpoint at once, or not at all (see
+    :mod:`llama_edu.atomic_save`): it is written into a hidden folder beside ``save_directory``
+    and swapped in, under a lock, so a crash, Ctrl-C or a concurrent save never leaves a mixture
+    of two models. The previous checkpoint's files (config.json and weights in any layout) and
+    the ``extra_files`` names are replaced; every other file in the folder is kept. Returns the
     final paths.
     """
     limit = parse_size(max_shard_size)
     out = Path(save_directory)
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"{out} exists and is not a folder; choose another save_directory")
-    out.mkdir(parents=True, exist_ok=True)
-    tag = uuid.uuid4().hex[:8]
-    temps: list[Path] = []
+    extra_names = set(extra_files or {})
+    for name in extra_names:
+        if Path(name).name != name or name in (".", ".."):
+            raise ValueError(f"extra file name {name!r} must be a plain file name, without folders")
 
-    def temp(name: str) -> Path:
-        p = out / f".{name}.{tag}.tmp"
-        temps.append(p)
-        return p
+    def owned(name: str) -> bool:
+        return bool(CHECKPOINT_FILE.match(name)) or name in extra_names
 
-    try:
-        shard_tmps: list[tuple[Path, list[str]]] = []
+    with replace_folder_files(out, owned) as staging:
+        shards: list[list[str]] = []
         current: dict[str, torch.Tensor] = {}
         current_size = total_size = 0
 
         def flush():
-            path = temp(f"shard{len(shard_tmps)}")
-            _write_weights(current, path, safe_serialization)
-            shard_tmps.append((path, list(current)))
+            _write_weights(current, staging / f"shard{len(shards)}.tmp", safe_serialization)
+            shards.append(list(current))
 
         seen: dict[str, None] = {}
         for key, t in tensors:
@@ -610,54 +608,35 @@ def write_checkpoint(
             current[key] = t
             current_size += size
             total_size += size
-        if current or not shard_tmps:
+        if current or not shards:
             flush()
         current = {}
 
         single = SAFE_WEIGHTS_NAME if safe_serialization else WEIGHTS_NAME
         stem, ext = single.rsplit(".", 1)
-        n = len(shard_tmps)
+        n = len(shards)
         final_names = [single] if n == 1 else [f"{stem}-{i + 1:05d}-of-{n:05d}.{ext}" for i in range(n)]
-        renames = [(p, out / name) for (p, _), name in zip(shard_tmps, final_names)]
+        for i, name in enumerate(final_names):
+            os.rename(staging / f"shard{i}.tmp", staging / name)
+        written = list(final_names)
         if n > 1:
             index = {
                 "metadata": {"total_size": total_size},
-                "weight_map": {k: name for (_, keys), name in zip(shard_tmps, final_names) for k in keys},
+                "weight_map": {k: name for keys, name in zip(shards, final_names) for k in keys},
             }
             index_name = SAFE_WEIGHTS_INDEX_NAME if safe_serialization else WEIGHTS_INDEX_NAME
-            p = temp(index_name)
-            _write_json(index, p)
-            renames.append((p, out / index_name))
+            _write_json(index, staging / index_name)
+            written.append(index_name)
         for name, content in (extra_files or {}).items():
-            p = temp(name)
             if isinstance(content, (str, os.PathLike)):
-                p.write_bytes(Path(content).read_bytes())
+                shutil.copyfile(content, staging / name)
             else:
-                _write_json(content, p)
-            renames.append((p, out / name))
+                _write_json(content, staging / name)
+            written.append(name)
         if config is not None:
-            p = temp(CONFIG_NAME)
-            _write_json(config, p)
-            renames.append((p, out / CONFIG_NAME))  # last: a config only ever points at complete weights
-    except BaseException:
-        for p in temps:
-            p.unlink(missing_ok=True)
-        raise
-
-    # Weights saved earlier in another layout (other shard count, other format) would confuse
-    # a loader: remove them once the new files are in place.
-    keep = {dst.name for _, dst in renames}
-    try:
-        for src, dst in renames:
-            os.replace(src, dst)  # config.json comes last: until then it points at the old weights
-    finally:
-        for p in temps:  # after a failed rename, leave no temporary files behind
-            p.unlink(missing_ok=True)
-    stale = re.compile(r"^(model(-\d{5}-of-\d{5})?\.safetensors|pytorch_model(-\d{5}-of-\d{5})?\.bin)(\.index\.json)?$")
-    for f in out.iterdir():
-        if stale.match(f.name) and f.name not in keep:
-            f.unlink()
-    return [dst for _, dst in renames]
+            _write_json(config, staging / CONFIG_NAME)
+            written.append(CONFIG_NAME)
+    return [out / name for name in written]
 
 
 def save_pretrained(
@@ -685,5 +664,5 @@ def save_pretrained(
     cfg = config.to_dict()
     cfg["torch_dtype"] = dtype_name(float_dtypes[0]) if float_dtypes else "float32"
     cfg["architectures"] = [type(model).__name__]
-    cfg.setdefault("transformers_version", "4.37.2")  # the format we write; transformers reads it
+    cfg.setdefault("transformers_version", TRANSFORMERS_VERSION)  # the format we write; transformers reads it
     write_checkpoint(sd.items(), save_directory, cfg, max_shard_size=max_shard_size, safe_serialization=safe_serialization)

@@ -10,15 +10,50 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
 
-from .files import atomic_write_bytes
+from .files import atomic_write_bytes, resolve_file
+
+#: The transformers release whose config.json format we write (and test against).
+TRANSFORMERS_VERSION = "4.37.2"
 
 ACTIVATIONS = ("silu", "swish", "gelu", "gelu_new", "gelu_pytorch_tanh", "relu")
 ATTENTION_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2")
 ROPE_SCALING_TYPES = ("linear", "dynamic")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _rope_from_newer_releases(rope_theta: Any, rope_scaling: Any, kwargs: dict) -> tuple[Any, Any]:
+    """The RoPE settings of any transformers release in the 4.37 form this package reads
+    (``rope_theta`` and ``rope_scaling={"type", "factor"}``).
+
+    - 4.43+ names the scaling kind ``rope_type`` (and writes ``type`` too, when it was given),
+      and ``{"rope_type": "default"}`` means no scaling;
+    - 5.x moves both into ``rope_parameters={"rope_type", "rope_theta", ...}``.
+    """
+    params = kwargs.pop("rope_parameters", None)
+    if params is not None:
+        if not isinstance(params, dict):
+            raise ValueError(f"rope_parameters must be a dict like {{'rope_type': 'default', 'rope_theta': 10000.0}}, got {params!r}")
+        params = dict(params)
+        if "rope_theta" in params:
+            rope_theta = params.pop("rope_theta")
+        if rope_scaling is None:
+            rope_scaling = params
+    if isinstance(rope_scaling, dict) and "rope_type" in rope_scaling:
+        rs = dict(rope_scaling)
+        kind = rs.pop("rope_type")
+        if "type" in rs and rs["type"] != kind:
+            raise ValueError(f"rope_scaling has type={rs['type']!r} but rope_type={kind!r}; keep one of them")
+        rs["type"] = kind
+        rope_scaling = None if kind == "default" and set(rs) == {"type"} else rs
+    return rope_theta, rope_scaling
 
 
 class LlamaConfig:
@@ -56,6 +91,10 @@ class LlamaConfig:
         attn_implementation: str | None = None,
         **kwargs: Any,
     ):
+        rope_theta, rope_scaling = _rope_from_newer_releases(rope_theta, rope_scaling, kwargs)
+        head_dim = kwargs.pop("head_dim", None)  # transformers >= 4.45 writes it; here it is derived
+        if "dtype" in kwargs:  # transformers >= 4.56 writes "dtype" where older ones wrote "torch_dtype"
+            kwargs.setdefault("torch_dtype", kwargs.pop("dtype"))
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
         self.intermediate_size = intermediate_size
@@ -80,9 +119,13 @@ class LlamaConfig:
 
         # Generic fields every transformers config has; the heads and forward() read them.
         num_labels = kwargs.pop("num_labels", None)
-        self.id2label = {int(k): v for k, v in (kwargs.pop("id2label", None) or {}).items()}
+        id2label = kwargs.pop("id2label", None) or {}
+        try:
+            self.id2label = {int(k): v for k, v in id2label.items()}
+        except (AttributeError, TypeError, ValueError):
+            raise ValueError(f"id2label must map class ids to names, like {{'0': 'ham', '1': 'spam'}}; got {id2label!r}") from None
         self.label2id = dict(kwargs.pop("label2id", None) or {})
-        if num_labels is not None and num_labels != len(self.id2label):
+        if num_labels is not None and (num_labels != len(self.id2label) or not self.id2label):
             self.num_labels = num_labels
         elif not self.id2label:
             self.num_labels = 2
@@ -95,16 +138,32 @@ class LlamaConfig:
         kwargs.pop("model_type", None)
         kwargs.pop("_attn_implementation", None)
         for key, value in kwargs.items():  # keep what we do not know, as transformers does
+            prop = getattr(type(self), key, None)
+            if isinstance(prop, property) and prop.fset is None:
+                continue  # a value derived from the others (use_return_dict): nothing to keep
             setattr(self, key, value)
 
         self._attn_implementation = attn_implementation or "sdpa"
         self.validate()
+        if head_dim is not None:
+            self.head_dim = head_dim  # checked against hidden_size / num_attention_heads
 
     # ------------------------------------------------------------------ derived values
     @property
     def head_dim(self) -> int:
         """Size of one attention head: hidden_size / num_attention_heads (128 for every Llama 2)."""
         return self.hidden_size // self.num_attention_heads
+
+    @head_dim.setter
+    def head_dim(self, value: int) -> None:
+        if value is None or (isinstance(value, int) and not isinstance(value, bool) and value == self.head_dim):
+            return
+        raise ValueError(
+            f"head_dim ({value!r}) must equal hidden_size / num_attention_heads = {self.hidden_size} / "
+            f"{self.num_attention_heads} = {self.head_dim}: this Llama 2 architecture ties them (transformers >= 4.45 "
+            "allows a separate head_dim, which llama_edu does not support). Remove head_dim from the config or "
+            "change hidden_size / num_attention_heads to match"
+        )
 
     @property
     def num_labels(self) -> int:
@@ -141,7 +200,31 @@ class LlamaConfig:
                      "pretraining_tp"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+                raise ValueError(f"{name} must be a positive integer, got {value!r}; fix it in config.json")
+        for name, example in (("rms_norm_eps", "1e-5"), ("rope_theta", "10000.0"), ("initializer_range", "0.02")):
+            value = getattr(self, name)
+            if not _is_number(value) or not math.isfinite(value) or value <= 0:
+                raise ValueError(f"{name} must be a finite number > 0 (e.g. {example}), got {value!r}; fix it in config.json")
+        value = self.attention_dropout
+        if not _is_number(value) or not 0.0 <= value < 1.0:
+            raise ValueError(f"attention_dropout must be a number in [0, 1), got {value!r}; Llama uses 0.0")
+        for name in ("use_cache", "tie_word_embeddings", "attention_bias"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r} (a JSON boolean, not a string)")
+        if getattr(self, "mlp_bias", False) is not False:
+            raise ValueError(
+                f"mlp_bias={getattr(self, 'mlp_bias')!r} is not supported: Llama's feed-forward layers have no bias "
+                "(transformers >= 4.41 allows one for other models); remove mlp_bias or set it to false"
+            )
+        for name in ("bos_token_id", "eos_token_id"):
+            value = getattr(self, name)
+            ids = value if isinstance(value, list) else [value]
+            if not all(i is None or (isinstance(i, int) and not isinstance(i, bool) and i >= 0) for i in ids):
+                raise ValueError(f"{name} must be a token id (an int >= 0), a list of them, or null; got {value!r}")
+        if self.pad_token_id is not None and (not isinstance(self.pad_token_id, int) or isinstance(self.pad_token_id, bool)):
+            raise ValueError(f"pad_token_id must be an int token id or null, got {self.pad_token_id!r}")
+        if not isinstance(self.hidden_act, str) or self.hidden_act not in ACTIVATIONS:
+            raise ValueError(f"hidden_act {self.hidden_act!r} is not supported; use one of {ACTIVATIONS} (Llama uses 'silu')")
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
@@ -159,14 +242,6 @@ class LlamaConfig:
                 f"the head size hidden_size/num_attention_heads = {self.head_dim} must be even, "
                 "because rotary embeddings rotate pairs of dimensions"
             )
-        if self.hidden_act not in ACTIVATIONS:
-            raise ValueError(f"hidden_act {self.hidden_act!r} is not supported; use one of {ACTIVATIONS} (Llama uses 'silu')")
-        if self.rms_norm_eps <= 0:
-            raise ValueError(f"rms_norm_eps must be > 0, got {self.rms_norm_eps}")
-        if not 0.0 <= self.attention_dropout < 1.0:
-            raise ValueError(f"attention_dropout must be in [0, 1), got {self.attention_dropout}")
-        if self.rope_theta <= 0:
-            raise ValueError(f"rope_theta must be > 0, got {self.rope_theta}")
         for name in ("hidden_size", "intermediate_size", "num_key_value_heads"):
             if getattr(self, name) % self.pretraining_tp:
                 raise ValueError(f"{name} ({getattr(self, name)}) must be divisible by pretraining_tp ({self.pretraining_tp})")
@@ -182,15 +257,23 @@ class LlamaConfig:
         rs = self.rope_scaling
         if rs is None:
             return
+        if isinstance(rs, dict) and rs.get("type") is not None and rs["type"] not in ROPE_SCALING_TYPES:
+            raise ValueError(
+                f"rope_scaling['type'] must be one of {list(ROPE_SCALING_TYPES)}, got {rs['type']!r}"
+                + (" (Llama 3.1-style scaling is not supported by this Llama 2 implementation)" if rs["type"] == "llama3" else "")
+            )
         if not isinstance(rs, dict) or set(rs) != {"type", "factor"}:
             raise ValueError(
                 "rope_scaling must be None or a dict with exactly the fields 'type' and 'factor', "
                 f"e.g. {{'type': 'linear', 'factor': 2.0}}; got {rs!r}"
             )
         if rs["type"] not in ROPE_SCALING_TYPES:
-            raise ValueError(f"rope_scaling['type'] must be one of {list(ROPE_SCALING_TYPES)}, got {rs['type']!r}")
+            raise ValueError(
+                f"rope_scaling['type'] must be one of {list(ROPE_SCALING_TYPES)}, got {rs['type']!r}"
+                + (" (Llama 3.1-style scaling is not supported by this Llama 2 implementation)" if rs["type"] == "llama3" else "")
+            )
         factor = rs["factor"]
-        if not isinstance(factor, float) or factor <= 1.0:
+        if not isinstance(factor, float) or not math.isfinite(factor) or factor <= 1.0:
             raise ValueError(
                 f"rope_scaling['factor'] must be a float > 1 (it stretches the context by that much), "
                 f"got {factor!r}; write e.g. 2.0, not 2"
@@ -226,11 +309,14 @@ class LlamaConfig:
 
     @classmethod
     def from_json_file(cls, path: str | os.PathLike) -> "LlamaConfig":
-        with open(path) as f:
-            try:
-                d = json.load(f)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path} is not valid JSON ({e}); is it really a config.json?") from None
+        with open(path, "rb") as f:
+            raw = f.read()
+        try:
+            d = json.loads(raw.decode("utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path} is not valid JSON ({e}); is it really a config.json?") from None
+        if not isinstance(d, dict):
+            raise ValueError(f"{path} holds a JSON {type(d).__name__}, not an object of config fields; is it really a config.json?")
         mt = d.get("model_type", "llama")
         if mt != "llama":
             raise ValueError(f"{path} describes a {mt!r} model, not a Llama ('model_type' should be 'llama')")
@@ -244,8 +330,6 @@ class LlamaConfig:
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, **overrides: Any) -> "LlamaConfig":
         """Read ``config.json`` from a directory (or a path to the file itself), or a hub repo id."""
-        from .checkpoint import resolve_file  # local import: checkpoint imports config
-
         p = Path(path)
         file = p if p.is_file() else resolve_file(path, "config.json")
         cfg = cls.from_json_file(file)

@@ -21,8 +21,8 @@ with i + head_dim/2. Permuting the output rows of ``wq``/``wk`` inside every hea
 the other (:func:`permute_qk`); the same model, bit for bit. Forgetting it gives a model that
 produces sensible text for a few tokens and then gibberish (llama2.c PR #286).
 
-:func:`meta_reference_forward` runs Meta-layout weights through Meta's own math (complex RoPE)
-so the conversion can be checked against an independent implementation.
+:func:`llama_edu.reference.reference_forward` runs Meta-layout weights through Meta's own math
+(complex RoPE), so the conversion is checked against an independent implementation.
 """
 
 from __future__ import annotations
@@ -39,10 +39,13 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from .checkpoint import dtype_name, parse_dtype, write_checkpoint
-from .config import LlamaConfig
+from .atomic_save import replace_folder_files
+from .checkpoint import dtype_name, load_torch_state_dict, parse_dtype, write_checkpoint
+from .config import TRANSFORMERS_VERSION, LlamaConfig
+from .files import cache_dir, find_data_file
+from .mlp import swiglu_hidden_size
+from .modeling import LlamaForCausalLM
 
 # ============================================================================================
 # The q/k permutation
@@ -114,16 +117,6 @@ def _split_dim(meta_key: str) -> int | None:
     return META_SPLIT_DIM[suffix]
 
 
-def meta_intermediate_size(dim: int, multiple_of: int = 256, ffn_dim_multiplier: float | None = None) -> int:
-    """The SwiGLU hidden size of Meta's ``FeedForward``: 2/3 of 4*dim, scaled by
-    ``ffn_dim_multiplier`` and rounded up to a multiple of ``multiple_of`` (11008 for 7B,
-    28672 for 70B)."""
-    hidden = int(2 * (4 * dim) / 3)
-    if ffn_dim_multiplier is not None:
-        hidden = int(ffn_dim_multiplier * hidden)
-    return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
-
-
 def guess_max_position_embeddings(params: dict[str, Any], model_size: str | None = None) -> int:
     """The context length to write, since Meta's params.json does not say it.
 
@@ -141,23 +134,6 @@ def guess_max_position_embeddings(params: dict[str, Any], model_size: str | None
     if math.isclose(float(params.get("norm_eps", 1e-5)), 1e-6):
         return 2048
     return 4096
-
-
-def _load_pth(path: Path) -> dict[str, torch.Tensor]:
-    """A consolidated.NN.pth, memory-mapped, refusing anything but tensors."""
-    import pickle
-
-    try:
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as e:
-            if "mmap" not in str(e):
-                raise
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise OSError(f"refused to load {path}: it holds Python objects other than tensors ({str(e).splitlines()[0]})") from None
-    except Exception as e:  # noqa: BLE001 - truncated zip etc.
-        raise OSError(f"could not read {path}: it is corrupt or truncated ({type(e).__name__}: {e})") from None
 
 
 def merge_meta_shards(shards: list[dict[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
@@ -180,7 +156,7 @@ def merged_meta_state_dict(input_dir: str | os.PathLike) -> tuple[dict[str, torc
     """All of a Meta checkpoint as one unsharded state dict with Meta's key names, and its
     params.json. For small models (tests, the notebook): it holds the whole model in memory."""
     params, files = _read_meta_dir(Path(input_dir))
-    shards = [_load_pth(f) for f in files]
+    shards = [load_torch_state_dict(f) for f in files]
     return {k: v.clone() for k, v in merge_meta_shards(shards)}, params
 
 
@@ -190,7 +166,12 @@ def _read_meta_dir(input_dir: Path) -> tuple[dict[str, Any], list[Path]]:
     pfile = input_dir / "params.json"
     if not pfile.is_file():
         raise FileNotFoundError(f"params.json is missing from {input_dir}; pass the folder of one model size (e.g. llama-2-7b/)")
-    params = json.loads(pfile.read_text())
+    try:
+        params = json.loads(pfile.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{pfile} is not valid JSON ({e}); it should be Meta's params.json") from None
+    if not isinstance(params, dict):
+        raise ValueError(f"{pfile} holds a JSON {type(params).__name__}, not an object; it should be Meta's params.json")
     params = params.get("model", params)
     files = sorted(input_dir.glob("consolidated.*.pth"))
     if not files:
@@ -201,7 +182,74 @@ def _read_meta_dir(input_dir: Path) -> tuple[dict[str, Any], list[Path]]:
     for k in ("dim", "n_layers", "n_heads"):
         if k not in params:
             raise ValueError(f"{pfile} has no {k!r}; is it a Meta Llama params.json?")
+    for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "multiple_of"):
+        v = params.get(k)
+        if (k in ("n_kv_heads", "multiple_of") and v is None) or (isinstance(v, int) and not isinstance(v, bool) and v > 0):
+            continue
+        raise ValueError(f"{pfile}: {k!r} must be a positive integer, got {v!r}; fix params.json")
+    if params["dim"] % params["n_heads"] or params["n_heads"] % (params.get("n_kv_heads") or params["n_heads"]):
+        raise ValueError(
+            f"{pfile}: dim={params['dim']}, n_heads={params['n_heads']}, n_kv_heads={params.get('n_kv_heads')} do not fit: "
+            "dim must be a multiple of n_heads and n_heads a multiple of n_kv_heads; fix params.json"
+        )
     return params, files
+
+
+def _check_meta_weights(params: dict[str, Any], shards: list[dict[str, torch.Tensor]], files: list[Path],
+                        vocab_size: int, intermediate: int) -> None:
+    """Compare params.json with the weights' keys and shapes (read from the memory-mapped
+    files' headers, nothing else) and raise one ``ValueError`` listing every disagreement,
+    before anything is written."""
+    dim, n_heads, n_layers = params["dim"], params["n_heads"], params["n_layers"]
+    n_kv = params.get("n_kv_heads") or n_heads
+    head_dim, num_shards = dim // n_heads, len(shards)
+    per_layer = {
+        "attention.wq.weight": (n_heads * head_dim, dim), "attention.wk.weight": (n_kv * head_dim, dim),
+        "attention.wv.weight": (n_kv * head_dim, dim), "attention.wo.weight": (dim, n_heads * head_dim),
+        "feed_forward.w1.weight": (intermediate, dim), "feed_forward.w2.weight": (dim, intermediate),
+        "feed_forward.w3.weight": (intermediate, dim), "attention_norm.weight": (dim,), "ffn_norm.weight": (dim,),
+    }
+    expected = {"tok_embeddings.weight": (vocab_size, dim), "norm.weight": (dim,), "output.weight": (vocab_size, dim)}
+    for i in range(n_layers):
+        expected.update({f"layers.{i}.{k}": v for k, v in per_layer.items()})
+    keys = [k for k in shards[0] if not k.endswith("rope.freqs")]
+    problems = []
+    unknown = [k for k in keys if re.sub(r"^layers\.\d+\.", "", k) not in META_SPLIT_DIM]
+    if unknown:
+        problems.append(f"unknown keys {unknown[:5]} (expected names like layers.0.attention.wq.weight)")
+    layers = sorted({int(m.group(1)) for k in keys for m in [re.match(r"layers\.(\d+)\.", k)] if m})
+    if layers and layers[-1] + 1 != n_layers:
+        problems.append(f"params.json says n_layers={n_layers} but the weights have {layers[-1] + 1} layers")
+    missing = [k for k in expected if k not in shards[0]]
+    if missing and not (layers and layers[-1] + 1 < n_layers and all(k.startswith("layers.") for k in missing)
+                        and all(int(k.split(".")[1]) > layers[-1] for k in missing)):
+        problems.append(f"the weights lack {len(missing)} tensor(s): {missing[:6]}{' ...' if len(missing) > 6 else ''}")
+    bad = []
+    for key in keys:
+        if key not in expected:
+            continue
+        dim_split = _split_dim(key)
+        shape = list(shards[0][key].shape)
+        if dim_split is not None:
+            shape[dim_split] *= num_shards
+        if tuple(shape) != expected[key]:
+            bad.append(f"{key} is {tuple(shape)}, expected {expected[key]}")
+    if bad:
+        problems.append(
+            f"shapes do not fit dim={dim}, n_heads={n_heads}, n_kv_heads={n_kv}, feed-forward {intermediate}: "
+            + "; ".join(bad[:4]) + (f" (and {len(bad) - 4} more)" if len(bad) > 4 else "")
+        )
+    freqs = next((t for k, t in shards[0].items() if k.endswith("rope.freqs")), None)
+    if freqs is not None and freqs.shape[0] * 2 != head_dim:  # Llama 1's buffer reveals the head size
+        problems.append(
+            f"params.json gives head_dim dim/n_heads = {head_dim} but rope.freqs is for head_dim {freqs.shape[0] * 2} "
+            f"(n_heads={dim // (freqs.shape[0] * 2)}?)"
+        )
+    if problems:
+        raise ValueError(
+            f"params.json in {files[0].parent} does not belong to these weights, nothing was written: "
+            + "; ".join(problems) + ". Use the params.json that came with the consolidated.*.pth files"
+        )
 
 
 def _meta_config(params: dict[str, Any], shard0: dict[str, torch.Tensor], num_shards: int,
@@ -211,7 +259,7 @@ def _meta_config(params: dict[str, Any], shard0: dict[str, torch.Tensor], num_sh
     head_dim = dim // n_heads
     w1 = shard0.get("layers.0.feed_forward.w1.weight")
     intermediate = w1.shape[0] * num_shards if w1 is not None else None
-    from_params = meta_intermediate_size(dim, params.get("multiple_of", 256), params.get("ffn_dim_multiplier"))
+    from_params = swiglu_hidden_size(dim, params.get("multiple_of", 256), params.get("ffn_dim_multiplier"))
     if intermediate is not None and intermediate != from_params:
         raise ValueError(
             f"params.json gives a feed-forward size of {from_params} (dim {dim}, multiple_of "
@@ -224,6 +272,13 @@ def _meta_config(params: dict[str, Any], shard0: dict[str, torch.Tensor], num_sh
             f"params.json says n_kv_heads={n_kv} (x head_dim {head_dim}) but wk has "
             f"{wk.shape[0]} rows in each of {num_shards} shard(s)"
         )
+    try:
+        return _llama_config(vocab_size, dim, from_params, params, n_heads, n_kv, max_position_embeddings, bos, eos)
+    except ValueError as e:
+        raise ValueError(f"params.json (with the options given) describes a model that cannot work: {e}") from None
+
+
+def _llama_config(vocab_size, dim, from_params, params, n_heads, n_kv, max_position_embeddings, bos, eos) -> LlamaConfig:
     return LlamaConfig(
         vocab_size=vocab_size,
         hidden_size=dim,
@@ -305,7 +360,7 @@ def convert_meta_checkpoint(
     if out_dtype == "auto":
         raise ValueError("dtype must be a concrete dtype for conversion (float16, bfloat16 or float32)")
 
-    shards = [_load_pth(f) for f in files]  # memory-mapped: nothing is read yet
+    shards = [load_torch_state_dict(f) for f in files]  # memory-mapped: nothing is read yet
     shard0 = shards[0]
     n_heads, n_layers = params["n_heads"], params["n_layers"]
     n_kv = params.get("n_kv_heads") or n_heads
@@ -319,6 +374,11 @@ def convert_meta_checkpoint(
     if emb.shape[1] * num_shards != params["dim"]:
         raise ValueError(f"params.json says dim={params['dim']} but tok_embeddings is {emb.shape[1]} wide in each of {num_shards} shard(s)")
 
+    w1 = shard0.get("layers.0.feed_forward.w1.weight")
+    intermediate = w1.shape[0] * num_shards if w1 is not None else swiglu_hidden_size(
+        params["dim"], params.get("multiple_of", 256), params.get("ffn_dim_multiplier"))
+    _check_meta_weights(params, shards, files, vocab_size, intermediate)
+
     tok = _find_tokenizer(input_dir, tokenizer_path)
     bos, eos = 1, 2
     if tok is not None:
@@ -328,7 +388,7 @@ def convert_meta_checkpoint(
         bos, eos = sp.bos_id(), sp.eos_id()
         if sp.vocab_size() != vocab_size:
             warnings.warn(f"the tokenizer has {sp.vocab_size()} pieces but the embedding {vocab_size} rows", stacklevel=2)
-    max_pos = max_position_embeddings or guess_max_position_embeddings(params, model_size)
+    max_pos = max_position_embeddings if max_position_embeddings is not None else guess_max_position_embeddings(params, model_size)
     config = _meta_config(params, shard0, num_shards, vocab_size, max_pos, bos, eos)
 
     def hf_tensors() -> Iterator[tuple[str, torch.Tensor]]:
@@ -354,10 +414,10 @@ def convert_meta_checkpoint(
     config.torch_dtype = dtype_name(out_dtype)
     cfg = config.to_dict()
     cfg["architectures"] = ["LlamaForCausalLM"]
-    cfg["transformers_version"] = "4.37.2"
+    cfg["transformers_version"] = TRANSFORMERS_VERSION
     extra: dict[str, Any] = {
         "generation_config.json": {"_from_model_config": True, "bos_token_id": bos, "eos_token_id": eos,
-                                   "transformers_version": "4.37.2"},
+                                   "transformers_version": TRANSFORMERS_VERSION},
     }
     if tok is not None:
         extra.update(tokenizer_files(tok, max_pos))
@@ -418,14 +478,14 @@ def meta_params(config: LlamaConfig) -> dict[str, Any]:
     if config.num_key_value_heads != config.num_attention_heads:
         params["n_kv_heads"] = config.num_key_value_heads
     for multiple_of in (256, 128, 64, 32, 16, 8, 4, 2, 1):
-        if meta_intermediate_size(config.hidden_size, multiple_of) == config.intermediate_size:
+        if swiglu_hidden_size(config.hidden_size, multiple_of) == config.intermediate_size:
             params["multiple_of"] = multiple_of
             return params
     # Fall back to ffn_dim_multiplier with multiple_of 1.
     base = int(2 * 4 * config.hidden_size / 3)
     params["multiple_of"] = 1
     params["ffn_dim_multiplier"] = config.intermediate_size / base
-    if meta_intermediate_size(config.hidden_size, 1, params["ffn_dim_multiplier"]) != config.intermediate_size:
+    if swiglu_hidden_size(config.hidden_size, 1, params["ffn_dim_multiplier"]) != config.intermediate_size:
         params["ffn_dim_multiplier"] = (config.intermediate_size + 0.5) / base
     return params
 
@@ -434,61 +494,16 @@ def write_meta_checkpoint(model: torch.nn.Module, output_dir: str | os.PathLike,
     """Write an HF-layout LlamaForCausalLM as Meta's release format (params.json +
     consolidated.NN.pth), e.g. to try :func:`convert_meta_checkpoint` on a small model."""
     out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    for i, shard in enumerate(hf_to_meta_state_dicts(sd, model.config, num_shards)):
-        torch.save(shard, out / f"consolidated.{i:02d}.pth")
-    (out / "params.json").write_text(json.dumps(meta_params(model.config)))
+
+    def owned(name: str) -> bool:  # an earlier export's files, whatever its shard count
+        return name == "params.json" or re.fullmatch(r"consolidated\.\d+\.pth", name) is not None
+
+    with replace_folder_files(out, owned, last="params.json") as staging:
+        for i, shard in enumerate(hf_to_meta_state_dicts(sd, model.config, num_shards)):
+            torch.save(shard, staging / f"consolidated.{i:02d}.pth")
+        (staging / "params.json").write_text(json.dumps(meta_params(model.config)))
     return out
-
-
-# ============================================================================================
-# Meta's forward, for checking (llama/model.py math, without model parallelism or caches)
-# ============================================================================================
-
-
-def meta_reference_forward(sd: dict[str, torch.Tensor], params: dict[str, Any], tokens: torch.Tensor) -> torch.Tensor:
-    """Logits (batch, seq, vocab) of Meta's ``Transformer.forward`` on an unsharded Meta state
-    dict (Meta key names, interleaved q/k), with Meta's complex-number RoPE:
-    ``freqs_cis = polar(1, m * theta_i)`` and ``x_rotated = x_complex * freqs_cis``."""
-    dim, n_heads = params["dim"], params["n_heads"]
-    n_kv = params.get("n_kv_heads") or n_heads
-    head_dim, eps = dim // n_heads, params.get("norm_eps", 1e-5)
-    theta = float(params.get("rope_theta", 10000.0))
-    bsz, seqlen = tokens.shape
-    dev = tokens.device
-
-    def rmsnorm(x, w):
-        return (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)).type_as(x) * w
-
-    # precompute_freqs_cis: one unit complex number per (position, pair)
-    freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=dev)[: head_dim // 2].float() / head_dim))
-    angles = torch.outer(torch.arange(seqlen, device=dev).float(), freqs)  # (seq, head_dim/2): m * theta_i
-    freqs_cis = torch.polar(torch.ones_like(angles), angles)
-
-    def rope(x):  # (b, s, heads, head_dim): neighbours (2i, 2i+1) are one complex number
-        xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
-        return torch.view_as_real(xc * freqs_cis[None, :, None, :]).flatten(3).type_as(x)
-
-    mask = torch.full((seqlen, seqlen), float("-inf"), device=dev).triu(1)
-    h = F.embedding(tokens, sd["tok_embeddings.weight"])
-    for i in range(params["n_layers"]):
-        p = f"layers.{i}."
-        x = rmsnorm(h, sd[p + "attention_norm.weight"])
-        xq = (x @ sd[p + "attention.wq.weight"].T).view(bsz, seqlen, n_heads, head_dim)
-        xk = (x @ sd[p + "attention.wk.weight"].T).view(bsz, seqlen, n_kv, head_dim)
-        xv = (x @ sd[p + "attention.wv.weight"].T).view(bsz, seqlen, n_kv, head_dim)
-        xq, xk = rope(xq), rope(xk)
-        rep = n_heads // n_kv  # repeat_kv
-        xk, xv = xk.repeat_interleave(rep, dim=2), xv.repeat_interleave(rep, dim=2)
-        q, k, v = (t.transpose(1, 2) for t in (xq, xk, xv))  # (b, heads, s, head_dim)
-        scores = q @ k.transpose(2, 3) / math.sqrt(head_dim) + mask
-        out = (F.softmax(scores.float(), dim=-1).type_as(q) @ v).transpose(1, 2).reshape(bsz, seqlen, -1)
-        h = h + out @ sd[p + "attention.wo.weight"].T
-        x = rmsnorm(h, sd[p + "ffn_norm.weight"])
-        ff = F.silu(x @ sd[p + "feed_forward.w1.weight"].T) * (x @ sd[p + "feed_forward.w3.weight"].T)
-        h = h + ff @ sd[p + "feed_forward.w2.weight"].T
-    return (rmsnorm(h, sd["norm.weight"]) @ sd["output.weight"].T).float()
 
 
 # ============================================================================================
@@ -610,10 +625,8 @@ def read_llama2c(path: str | os.PathLike) -> tuple[LlamaConfig, dict[str, torch.
     return config, {k: v.contiguous() for k, v in sd.items()}
 
 
-def load_llama2c(path: str | os.PathLike, device: str | torch.device | None = None) -> "LlamaForCausalLM":  # noqa: F821
+def load_llama2c(path: str | os.PathLike, device: str | torch.device | None = None) -> LlamaForCausalLM:
     """A llama2.c ``model.bin`` as a ready LlamaForCausalLM (float32, eval mode)."""
-    from .model import LlamaForCausalLM
-
     config, sd = read_llama2c(path)
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
@@ -639,9 +652,9 @@ def convert_llama2c_checkpoint(
     config.torch_dtype = dtype_name(out_dtype)
     cfg = config.to_dict()
     cfg["architectures"] = ["LlamaForCausalLM"]
-    cfg["transformers_version"] = "4.37.2"
+    cfg["transformers_version"] = TRANSFORMERS_VERSION
     extra: dict[str, Any] = {"generation_config.json": {"_from_model_config": True, "bos_token_id": 1, "eos_token_id": 2,
-                                                        "transformers_version": "4.37.2"}}
+                                                        "transformers_version": TRANSFORMERS_VERSION}}
     if tokenizer_path is not None:
         if not Path(tokenizer_path).is_file():
             raise FileNotFoundError(f"tokenizer {tokenizer_path} does not exist")
@@ -649,6 +662,19 @@ def convert_llama2c_checkpoint(
     write_checkpoint(((k, v.to(out_dtype)) for k, v in sd.items()), output_dir, cfg,
                      max_shard_size=max_shard_size, extra_files=extra)
     return config
+
+
+def stories260k_hf(download: bool = True) -> Path:
+    """The folder of stories260K in the HF layout: the shared copy when there is one (tests, CI),
+    else made once in the user cache from llama2.c's ``stories260K.bin`` (found or downloaded)
+    with :func:`convert_llama2c_checkpoint`: the same weights (Colab, fresh clones)."""
+    try:
+        return find_data_file("stories260K/hf", download=False)
+    except FileNotFoundError:
+        target = cache_dir() / "stories260K" / "hf"
+        if not (target / "config.json").is_file():
+            convert_llama2c_checkpoint(find_data_file("stories260K/stories260K.bin", download=download), target)
+        return target
 
 
 # ============================================================================================
@@ -678,20 +704,20 @@ def _cmd_convert_llama2c(args: argparse.Namespace) -> int:
 def add_cli_commands(subparsers: Any) -> None:
     """Register ``convert-meta`` and ``convert-llama2c`` with ``python -m llama_edu``."""
     p = subparsers.add_parser("convert-meta", help="Meta consolidated.*.pth checkpoint -> Hugging Face layout")
-    p.add_argument("--input_dir", required=True, help="folder with params.json and consolidated.NN.pth")
-    p.add_argument("--output_dir", required=True, help="where to write the HF-layout checkpoint")
-    p.add_argument("--model_size", default=None, help="7B, 13B, 70B, ... (optional; cross-checks the shard count)")
+    p.add_argument("--input-dir", "--input_dir", dest="input_dir", required=True, help="folder with params.json and consolidated.NN.pth")
+    p.add_argument("--output-dir", "--output_dir", dest="output_dir", required=True, help="where to write the HF-layout checkpoint")
+    p.add_argument("--model-size", "--model_size", dest="model_size", default=None, help="7B, 13B, 70B, ... (optional; cross-checks the shard count)")
     p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"], help="output dtype")
-    p.add_argument("--max_shard_size", default="5GB", help="e.g. 5GB, 500MB")
-    p.add_argument("--max_position_embeddings", type=int, default=None,
+    p.add_argument("--max-shard-size", "--max_shard_size", dest="max_shard_size", default="5GB", help="e.g. 5GB, 500MB")
+    p.add_argument("--max-position-embeddings", "--max_position_embeddings", dest="max_position_embeddings", type=int, default=None,
                    help="context length to write (default: 4096 for Llama 2, 2048 for Llama 1, 16384 for Code Llama)")
-    p.add_argument("--tokenizer_path", default=None, help="tokenizer.model (default: in or above input_dir)")
+    p.add_argument("--tokenizer-path", "--tokenizer_path", dest="tokenizer_path", default=None, help="tokenizer.model (default: in or above input_dir)")
     p.set_defaults(func=_cmd_convert_meta)
 
     p = subparsers.add_parser("convert-llama2c", help="llama2.c model.bin -> Hugging Face layout")
     p.add_argument("--input", required=True, help="llama2.c model.bin (legacy or version-1 export)")
-    p.add_argument("--output_dir", required=True, help="where to write the HF-layout checkpoint")
+    p.add_argument("--output-dir", "--output_dir", dest="output_dir", required=True, help="where to write the HF-layout checkpoint")
     p.add_argument("--dtype", default="float32", choices=["float16", "bfloat16", "float32"], help="output dtype")
-    p.add_argument("--max_shard_size", default="5GB", help="e.g. 5GB, 500MB")
-    p.add_argument("--tokenizer_path", default=None, help="a SentencePiece tokenizer.model to include")
+    p.add_argument("--max-shard-size", "--max_shard_size", dest="max_shard_size", default="5GB", help="e.g. 5GB, 500MB")
+    p.add_argument("--tokenizer-path", "--tokenizer_path", dest="tokenizer_path", default=None, help="a SentencePiece tokenizer.model to include")
     p.set_defaults(func=_cmd_convert_llama2c)

@@ -59,15 +59,18 @@ from .attention import eager_attention, repeat_kv
 from .bpe import merge_pair
 from .cache import StaticCache
 from .config import LlamaConfig
-from .convert import meta_intermediate_size, permute_qk
-from .data import PROJECT_DATA_DIR
-from .generation import RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper, generate
-from .mlp import LlamaMLP
-from .model import LlamaDecoderLayer, LlamaForCausalLM
+from .convert import permute_qk
+from .files import PROJECT_DATA_DIR
+from .generation import generate
+from .mlp import LlamaMLP, swiglu_hidden_size
+from .model import LlamaDecoderLayer
+from .modeling import LlamaForCausalLM
 from .quantize import NF4_CODE, absmax_dequantize, absmax_quantize, blockwise_dequantize, blockwise_quantize, pack_codes, unpack_codes
 from .rmsnorm import LlamaRMSNorm
+from .sampling import RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 from .rope import LlamaRotaryEmbedding, apply_rotary_pos_emb, dynamic_ntk_base, rope_inv_freq, rotate_half
 from .tokenizer import LlamaTokenizer
+from .train import causal_lm_loss
 
 Cases = list[tuple[str, tuple]]
 
@@ -636,7 +639,9 @@ register(
 
 
 def _causal_mask_reference(q_len: int, kv_len: int, dtype: torch.dtype) -> torch.Tensor:
-    return _package_causal_mask(None, q_len, kv_len, dtype, torch.device("cpu"))[0, 0]
+    """The package's boolean mask for q_len new tokens after kv_len - q_len cached ones, made additive."""
+    allowed = _package_causal_mask(torch.arange(kv_len - q_len, kv_len), kv_len)[0, 0]
+    return torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
 
 
 def _mask_from(allowed: torch.Tensor, dtype: torch.dtype, fill: float | None = None) -> torch.Tensor:
@@ -701,7 +706,7 @@ register(
 
 
 def _attention_reference(q, k, v, mask):
-    return eager_attention(q, k, v, mask)[0]
+    return eager_attention(q, k, v, mask == 0)[0]  # the package takes the mask as booleans (True = attend)
 
 
 def _attention_cases() -> Cases:
@@ -842,7 +847,7 @@ def _decoder_layer_cases() -> Cases:
 
     def inputs(b, s, masked=True):
         cos, sin = LlamaRotaryEmbedding(8)(torch.arange(s)[None].expand(b, s), s, torch.float32)
-        mask = _package_causal_mask(None, s, s, torch.float32, torch.device("cpu")) if masked else None
+        mask = _package_causal_mask(torch.arange(s), s) if masked else None  # (1, 1, s, s), True = attend
         return layer, torch.randn(b, s, 32, generator=g) * 3, cos, sin, mask
 
     return [("1 sequence of 5 tokens", inputs(1, 5)), ("batch 2 of 7 tokens", inputs(2, 7)),
@@ -877,7 +882,7 @@ register(
 register(
     "llama_intermediate_size", "05_feedforward_and_block", "(hidden_size, multiple_of=256, ffn_dim_multiplier=None)",
     "Meta's SwiGLU width: 2/3 of 4 * hidden_size, times ffn_dim_multiplier, rounded up to a multiple of multiple_of",
-    reference=meta_intermediate_size,
+    reference=swiglu_hidden_size,
     cases=lambda: [("Llama 2 7B", (4096, 256, None)), ("Llama 2 13B", (5120, 256, None)), ("Llama 2 70B", (8192, 4096, 1.3)),
                    ("stories15M", (288, 32, None)), ("stories260K", (64, 4, None)), ("already a multiple", (96, 64, None))],
     mistakes=[
@@ -1201,7 +1206,66 @@ register(
 
 
 # =============================================================================================
-# === 10_pretraining === (branch train: add its exercises below this line)
+# === 10_pretraining ===
+# =============================================================================================
+
+
+def _causal_lm_loss_cases() -> Cases:
+    g = _gen(10)
+    logits = torch.randn(2, 7, 11, generator=g) * 3
+    labels = torch.randint(0, 11, (2, 7), generator=g)
+    padded = labels.clone()
+    padded[0, 4:] = -100  # right padding in the first row
+    padded[1, :3] = -100  # a prompt that is not trained on in the second
+    return [
+        ("2 x 7 tokens, vocab 11, every label counts", (logits, labels)),
+        ("the same with -100 on padding and on a prompt", (logits, padded)),
+        ("one sequence of 2 tokens (one prediction)", (logits[:1, :2], labels[:1, :2])),
+        ("peaked logits: a confident model", (F.one_hot(labels, 11).float() * 8, padded)),
+    ]
+
+
+def _loss_no_shift(logits, labels):
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+
+
+def _loss_shift_backwards(logits, labels):
+    return F.cross_entropy(logits[:, 1:].reshape(-1, logits.shape[-1]), labels[:, :-1].reshape(-1), ignore_index=-100)
+
+
+def _loss_minus_100_as_token_0(logits, labels):
+    logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
+    return -logp.gather(-1, labels[:, 1:].clamp(min=0).unsqueeze(-1)).mean()
+
+
+def _loss_minus_100_in_the_count(logits, labels):
+    per_token = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100,
+                                reduction="none")
+    return per_token.sum() / per_token.numel()
+
+
+def _loss_sum(logits, labels):
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100,
+                           reduction="sum")
+
+
+register(
+    "causal_lm_loss", "10_pretraining", "(logits, labels)",
+    "the mean next-token cross-entropy: logits (batch, seq, vocab) at t predict labels[:, t + 1]; labels of -100 do not count",
+    reference=causal_lm_loss,
+    cases=_causal_lm_loss_cases,
+    mistakes=[
+        (_loss_no_shift, "the labels are not shifted: position t is scored on its own token, not the next one",
+         "compare logits[:, :-1] with labels[:, 1:]"),
+        (_loss_shift_backwards, "the shift goes the wrong way: each position is scored on the token before it",
+         "drop the LAST logit and the FIRST label: logits[:, :-1] with labels[:, 1:]"),
+        (_loss_minus_100_as_token_0, "labels of -100 are read as token 0 instead of being ignored",
+         "leave them out: F.cross_entropy(..., ignore_index=-100), or mask them before gathering"),
+        (_loss_minus_100_in_the_count, "ignored positions (-100) are counted in the number of tokens the mean divides by",
+         "divide by the number of labels that are not -100"),
+        (_loss_sum, "the loss is the sum over tokens, not the mean", "average over the tokens that count (reduction='mean')"),
+    ],
+)
 
 
 # =============================================================================================

@@ -36,6 +36,7 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
+from .modeling import LlamaForCausalLM
 from .quantize import (
     INT_BITS,
     QUANT_METHOD,
@@ -48,6 +49,7 @@ from .quantize import (
     round_to_grid,
     set_submodule,
 )
+from .tokenizer import LlamaTokenizer
 
 
 def gptq_quantize_weight(
@@ -216,8 +218,6 @@ def gptq(
 def _calibration_from_text(model_dir: Path, text_file: Path, n: int, seq_len: int) -> torch.Tensor:
     """``n`` evenly spaced windows of ``seq_len`` tokens of ``text_file``, tokenized with the
     tokenizer saved in ``model_dir``."""
-    from .tokenizer import LlamaTokenizer
-
     if not text_file.is_file():
         raise FileNotFoundError(f"calibration text {text_file} not found; pass --calibration-text with a UTF-8 text file")
     if not (model_dir / "tokenizer.model").is_file():
@@ -232,8 +232,6 @@ def _calibration_from_text(model_dir: Path, text_file: Path, n: int, seq_len: in
 
 
 def _quantize_command(args: argparse.Namespace) -> int:
-    from .model import LlamaForCausalLM
-
     model_dir, out_dir = Path(args.model_dir), Path(args.out_dir)
     if args.scheme == "gptq" and args.calibration_text is None:
         raise ValueError("GPTQ needs calibration data: pass --calibration-text FILE (text like the model's training text)")

@@ -32,9 +32,9 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
+from .atomic_save import replace_folder_files
 from .bpe import BYTE, CONTROL, SPIECE_UNDERLINE, UNKNOWN, set_add_dummy_prefix
-from .checkpoint import looks_like_repo_id, resolve_file
-from .files import atomic_write_bytes
+from .files import atomic_write_bytes, looks_like_repo_id, resolve_file
 
 VOCAB_FILE = "tokenizer.model"
 TOKENIZER_FILE = "tokenizer.json"
@@ -58,6 +58,36 @@ If a question does not make any sense, or is not factually coherent, explain why
 correct. If you don't know the answer to a question, please don't share false information."""
 
 SPECIAL_TOKENS_ATTRIBUTES = ("bos_token", "eos_token", "unk_token", "pad_token")
+
+#: Llama 2 chat's markers: written inside a message, they are encoded byte by byte.
+_CHAT_MARKER_RE = re.compile(r"\[/?INST\]|<</?SYS>>")
+#: Private-use characters that bracket message content while a Jinja template renders.
+_OPEN, _CLOSE = "\ue000", "\ue001"
+
+
+def _mark(content: str) -> str:
+    """``content`` with its non-blank core bracketed by _OPEN/_CLOSE (a template's strip()
+    then still removes the surrounding blanks, and the markers show where the content is)."""
+    core = content.strip()
+    if not core:
+        return content
+    lead = content[: len(content) - len(content.lstrip())]
+    return lead + _OPEN + core + _CLOSE + content[len(lead) + len(core):]
+
+
+def _strip_pieces(pieces: list[tuple[str, bool]]) -> list[tuple[str, bool]]:
+    """``"".join(pieces).strip()``, keeping the pieces apart."""
+    out = list(pieces)
+    for i, (t, c) in enumerate(out):
+        out[i] = (t.lstrip(), c)
+        if out[i][0]:
+            break
+    for i in range(len(out) - 1, -1, -1):
+        t, c = out[i]
+        out[i] = (t.rstrip(), c)
+        if out[i][0]:
+            break
+    return [p for p in out if p[0]]
 
 _LEGACY_WARNED: set[str] = set()
 
@@ -208,8 +238,10 @@ class LlamaTokenizerBase:
     def _id_to_piece(self, index: int) -> str:
         raise NotImplementedError
 
-    def _encode_texts(self, texts: list[str], split_special_tokens: bool) -> list[list[int]]:
-        """Token ids of each text, special tokens in the text recognised, no BOS/EOS added."""
+    def _encode_texts(self, texts: list[str], split_special_tokens: bool, prefix: bool = True) -> list[list[int]]:
+        """Token ids of each text, special tokens in the text recognised, no BOS/EOS added.
+        ``prefix=False`` (matters for legacy=False only): the texts continue right after a
+        special token, so they get no leading '▁'."""
         raise NotImplementedError
 
     def _decode_ids(self, ids: list[int], skip_special_tokens: bool) -> str:
@@ -467,7 +499,7 @@ class LlamaTokenizerBase:
 
     # --- text -> ids ------------------------------------------------------------------------------
 
-    def _legacy_false_prefix(self, texts: list[str], split_special_tokens: bool) -> list[str]:
+    def _legacy_false_prefix(self, texts: list[str], split_special_tokens: bool, prefix: bool = True) -> list[str]:
         """legacy=False: one '▁' in front of the whole text, none after special tokens.
 
         transformers encodes ``"▁" + text`` and drops that '▁' again when the text starts with a
@@ -480,7 +512,7 @@ class LlamaTokenizerBase:
                 continue
             t = t.replace(SPIECE_UNDERLINE, " ")  # as transformers: a literal '▁' is read as a space
             starts_special = not split_special_tokens and self._special_split_re().match(t) is not None
-            out.append(t if starts_special else SPIECE_UNDERLINE + t)
+            out.append(t if starts_special or not prefix else SPIECE_UNDERLINE + t)
         return out
 
     def tokenize(self, text: str, split_special_tokens: bool | None = None, **kwargs: Any) -> list[str]:
@@ -779,8 +811,10 @@ class LlamaTokenizerBase:
         template = template.replace("USE_DEFAULT_PROMPT", "true" if self.use_default_system_prompt else "false")
         return template.replace("DEFAULT_SYSTEM_MESSAGE", DEFAULT_SYSTEM_PROMPT.replace("\n", "\\n").replace("'", "\\'"))
 
-    def _render_llama2_chat(self, messages: list[dict]) -> str:
-        """Meta's format: ``<s>[INST] <<SYS>>\\n{system}\\n<</SYS>>\\n\\n{user} [/INST] {answer} </s>``..."""
+    def _render_llama2_chat(self, messages: list[dict]) -> list[tuple[str, bool]]:
+        """Meta's format: ``<s>[INST] <<SYS>>\\n{system}\\n<</SYS>>\\n\\n{user} [/INST] {answer} </s>``...
+        as pieces ``(text, is_message_content)``, so that only the template's own text can
+        become control tokens (see :meth:`apply_chat_template`)."""
         if messages[0]["role"] == "system":
             loop_messages, system = messages[1:], messages[0]["content"]
         elif self.use_default_system_prompt and "<<SYS>>" not in messages[0]["content"]:
@@ -788,7 +822,7 @@ class LlamaTokenizerBase:
         else:
             loop_messages, system = messages, None
         bos, eos = self.bos_token or "", self.eos_token or ""
-        parts = []
+        pieces: list[tuple[str, bool]] = []
         for i, message in enumerate(loop_messages):
             role = message["role"]
             if (role == "user") != (i % 2 == 0):
@@ -796,18 +830,19 @@ class LlamaTokenizerBase:
                     "Conversation roles must alternate user/assistant/user/assistant/... (after an optional "
                     f"first system message); message {i + (len(messages) - len(loop_messages))} is {role!r}"
                 )
-            content = message["content"]
-            if i == 0 and system is not None:
-                content = B_SYS + system + E_SYS + content  # the system prompt lives inside the first [INST]
+            content = [(message["content"], True)]
+            if i == 0 and system is not None:  # the system prompt lives inside the first [INST]
+                content = [(B_SYS, False), (system, True), (E_SYS, False)] + content
+            content = _strip_pieces(content)
             if role == "user":
-                parts.append(f"{bos}{B_INST} {content.strip()} {E_INST}")
+                pieces += [(f"{bos}{B_INST} ", False), *content, (f" {E_INST}", False)]
             elif role == "system":
-                parts.append(B_SYS + content.strip() + E_SYS)
+                pieces += [(B_SYS, False), *content, (E_SYS, False)]
             elif role == "assistant":
-                parts.append(f" {content.strip()} {eos}")
+                pieces += [(" ", False), *content, (f" {eos}", False)]
             else:
                 raise ValueError(f"unknown role {role!r}: Llama 2 chat knows 'system', 'user' and 'assistant'")
-        return "".join(parts)
+        return pieces
 
     def apply_chat_template(
         self,
@@ -822,11 +857,18 @@ class LlamaTokenizerBase:
     ) -> str | list[int] | torch.Tensor:
         """Render a conversation ([{"role": ..., "content": ...}, ...]) in Llama 2's chat format.
 
-        Returns the prompt string (``tokenize=False``) or its ids. The ids come from encoding the
-        string without adding BOS: the ``<s>``/``</s>`` written by the template are recognised as
-        special tokens. Llama 2's format has no generation prompt (the model answers right after
-        ``[/INST]``), so ``add_generation_prompt`` changes nothing, as in transformers.
-        A ``chat_template`` (argument or attribute, a Jinja string) is rendered with jinja2 instead.
+        Returns the prompt string (``tokenize=False``) or its ids. Llama 2's format has no
+        generation prompt (the model answers right after ``[/INST]``), so
+        ``add_generation_prompt`` changes nothing, as in transformers. A ``chat_template``
+        (argument or attribute, a Jinja string) is rendered with jinja2 in a sandbox instead.
+
+        Only the template makes control tokens. In the ids, text inside a message that looks
+        like a special token (``<s>``, ``</s>``) is encoded as plain text, and the format's
+        markers (``[INST]``, ``[/INST]``, ``<<SYS>>``, ``<</SYS>>``) written inside a message
+        are encoded byte by byte, so they decode to the same text but are not the ids the
+        template uses: a user cannot forge a turn or a system prompt. Conversations without such
+        text get exactly transformers' ids. The string (``tokenize=False``) is for reading: it
+        cannot tell a message's ``</s>`` from the template's, so feed the model the ids.
         """
         if not isinstance(conversation, (list, tuple)) or not conversation:
             raise ValueError("apply_chat_template needs a non-empty list of {'role': ..., 'content': ...} messages")
@@ -835,15 +877,91 @@ class LlamaTokenizerBase:
                 raise ValueError(f"each message must be a dict with string 'role' and 'content', got {m!r}")
         template = chat_template if chat_template is not None else self.chat_template
         if template is None:
-            rendered = self._render_llama2_chat(list(conversation))
+            pieces = self._render_llama2_chat(list(conversation))
         else:
-            rendered = self._render_jinja(template, list(conversation), add_generation_prompt)
+            pieces = self._render_jinja(template, list(conversation), add_generation_prompt)
         if not tokenize:
-            return rendered
-        return self.encode(rendered, add_special_tokens=False, padding=padding, truncation=truncation,
-                           max_length=max_length, return_tensors=return_tensors)  # fmt: skip
+            return "".join(text for text, _ in pieces)
+        ids = self._encode_chat(pieces)
+        return self._finish_ids(ids, padding, truncation, max_length, return_tensors)
 
-    def _render_jinja(self, template: str, messages: list[dict], add_generation_prompt: bool) -> str:
+    def _finish_ids(self, ids: list[int], padding: bool | str, truncation: bool, max_length: int | None,
+                    return_tensors: str | None) -> list[int] | torch.Tensor:
+        """Truncate / pad / tensorise one encoded sequence as ``encode`` does."""
+        _, truncation_strategy, max_length = self._padding_truncation_strategies(padding, truncation, max_length, False)
+        if truncation_strategy is not None and max_length is not None and len(ids) > max_length:
+            ids, _ = self._truncate(ids, None, len(ids) - max_length, truncation_strategy)
+        out = self.pad({"input_ids": [ids]}, padding=padding or False, max_length=max_length, _check_pad_token=False)
+        out = BatchEncoding({k: v[0] for k, v in out.items()})
+        return _to_tensors(out, return_tensors, prepend_batch_axis=True)["input_ids"]
+
+    def _encode_chat(self, pieces: list[tuple[str, bool]]) -> list[int]:
+        """Ids of rendered chat pieces ``(text, is_message_content)``: special tokens only where
+        the template wrote them, chat markers inside messages byte by byte."""
+        text = "".join(t for t, _ in pieces)
+        spans, pos = [], 0
+        for t, is_content in pieces:
+            if is_content and t:
+                spans.append((pos, pos + len(t)))
+            pos += len(t)
+
+        def in_content(a: int, b: int) -> bool:
+            return any(a < e and s < b for s, e in spans)
+
+        specials = list(self._special_split_re().finditer(text))
+        real = [m for m in specials if not in_content(m.start(), m.end())]
+        tags = sorted(
+            (m.start(), m.end()) for s, e in spans for m in _CHAT_MARKER_RE.finditer(text, s, e)
+        )
+        if len(real) == len(specials) and not tags:  # nothing to neutralise: the usual encoding
+            return self._encode_texts([text], False)[0]
+        ids: list[int] = []
+        start = 0
+        for m in real + [None]:
+            end = m.start() if m is not None else len(text)
+            ids += self._encode_plain_chunk(text, start, end, [t for t in tags if start <= t[0] and t[1] <= end])
+            if m is not None:
+                ids.append(self._added_tokens_encoder[m.group()])
+                start = m.end()
+        return ids
+
+    def _encode_plain_chunk(self, text: str, start: int, end: int, tags: list[tuple[int, int]]) -> list[int]:
+        """``text[start:end]`` (no special tokens in it) as plain text, the ``tags`` spans as bytes."""
+        ids: list[int] = []
+        pos, first = start, True
+        for a, b in tags + [(end, end)]:
+            segment = text[pos:a]
+            if segment:
+                if first:  # as the usual path encodes a segment: at the start or after a special token
+                    ids += self._encode_texts([segment], True, prefix=start == 0)[0]
+                else:  # continues right after a marker: no '▁' in front
+                    ids += self._encode_continuation(segment)
+            if a < b:
+                ids += self._byte_ids(text[a:b])
+            pos, first = b, first and not segment and a == b
+        return ids
+
+    def _encode_continuation(self, segment: str) -> list[int]:
+        """Ids of text that continues a word, without the '▁' sentencepiece puts in front."""
+        if not self.legacy:
+            return self._encode_texts([segment], True, prefix=False)[0]
+        anchor = self._encode_texts(["a"], True)[0]  # '▁a': encode 'a' + segment, drop what 'a' gave
+        full = self._encode_texts(["a" + segment], True)[0]
+        return full[len(anchor):] if full[: len(anchor)] == anchor else full
+
+    def _byte_ids(self, text: str) -> list[int]:
+        ids = [self._piece_to_id(f"<0x{b:02X}>") for b in text.encode("utf-8")]
+        if any(i is None for i in ids):
+            raise ValueError(
+                f"a message contains the chat marker {text!r}, which this vocabulary (no byte pieces) can only encode "
+                "like the template's own marker; remove it from the message"
+            )
+        return ids  # type: ignore[return-value]
+
+    def _render_jinja(self, template: str, messages: list[dict], add_generation_prompt: bool) -> list[tuple[str, bool]]:
+        """Render a Jinja chat template in a sandbox, as pieces ``(text, is_message_content)``:
+        each message's content is rendered between two private-use marker characters, which
+        are then taken out again and tell where the content went."""
         try:
             from jinja2.exceptions import TemplateError
             from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -853,14 +971,31 @@ class LlamaTokenizerBase:
         def raise_exception(message: str) -> None:
             raise ValueError(message)
 
+        for i, m in enumerate(messages):
+            if _OPEN in m["content"] or _CLOSE in m["content"]:
+                raise ValueError(f"message {i} contains the private-use characters U+E000/U+E001, which the chat template reserves; remove them")
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
         env.globals["raise_exception"] = raise_exception
-        try:
-            return env.from_string(template).render(
-                messages=messages, add_generation_prompt=add_generation_prompt, **self.special_tokens_map
+
+        def render(msgs: list[dict]) -> str:
+            try:
+                return env.from_string(template).render(
+                    messages=msgs, add_generation_prompt=add_generation_prompt, **self.special_tokens_map
+                )
+            except TemplateError as e:
+                raise ValueError(f"the chat template failed: {e}") from e
+
+        plain = render(messages)
+        marked = render([{**m, "content": _mark(m["content"])} for m in messages])
+        pieces = [(t, i % 2 == 1) for i, t in enumerate(re.split(f"[{_OPEN}{_CLOSE}]", marked))]
+        if "".join(t for t, _ in pieces) != plain or marked.count(_OPEN) != marked.count(_CLOSE):
+            # The template rewrites message text (upper(), slicing, ...): we cannot tell content from
+            # template, so nothing in it may become a control token except the template's BOS/EOS.
+            raise ValueError(
+                "this chat template changes the messages' text, so their special-token text cannot be kept apart "
+                "from the template's; render with tokenize=False and encode with split_special_tokens=True"
             )
-        except TemplateError as e:
-            raise ValueError(f"the chat template failed: {e}") from e
+        return pieces
 
     # --- saving and loading -----------------------------------------------------------------------
 
@@ -905,11 +1040,22 @@ class LlamaTokenizerBase:
 
     def save_pretrained(self, save_directory: str | os.PathLike, filename_prefix: str | None = None) -> tuple[str, ...]:
         """Write tokenizer.model, tokenizer_config.json and special_tokens_map.json (and, for the
-        fast tokenizer, tokenizer.json) so that this class and transformers can load them."""
+        fast tokenizer, tokenizer.json) so that this class and transformers can load them.
+
+        The files replace the previous tokenizer files all at once (a crash or a concurrent save
+        never leaves a mixture); the other files of the folder (a model's weights) are kept."""
         directory = Path(save_directory)
         if directory.is_file():
             raise FileExistsError(f"{directory} is a file; save_pretrained needs a folder")
-        directory.mkdir(parents=True, exist_ok=True)
+        written: list[str] = []
+        # A tokenizer.json left by an earlier fast save would describe the old tokenizer: replaced too.
+        stale_json = (filename_prefix + "-" if filename_prefix else "") + TOKENIZER_FILE
+        with replace_folder_files(directory, lambda name: name in written or name == stale_json, last=None) as staging:
+            written += [Path(f).name for f in self._save_files(staging, filename_prefix)]
+        return tuple(str(directory / name) for name in written)
+
+    def _save_files(self, directory: Path, filename_prefix: str | None) -> list[str]:
+        """Write the tokenizer's files into ``directory`` (an empty staging folder)."""
         prefix = filename_prefix + "-" if filename_prefix else ""
         config_path = directory / (prefix + TOKENIZER_CONFIG_FILE)
         map_path = directory / (prefix + SPECIAL_TOKENS_MAP_FILE)
@@ -917,7 +1063,7 @@ class LlamaTokenizerBase:
         atomic_write_bytes(map_path, (json.dumps(self.special_tokens_map, indent=2, ensure_ascii=False) + "\n").encode())
         files = [str(config_path), str(map_path), *self.save_vocabulary(directory, filename_prefix)]
         files += [str(p) for p in self._save_backend(directory)]
-        return tuple(files)
+        return files
 
     @classmethod
     def from_pretrained(
@@ -960,10 +1106,14 @@ class LlamaTokenizerBase:
             )
         config: dict[str, Any] = {}
         if TOKENIZER_CONFIG_FILE in files:
-            config.update(json.loads(files[TOKENIZER_CONFIG_FILE].read_text(encoding="utf-8")))
+            config.update(_read_json_object(files[TOKENIZER_CONFIG_FILE]))
         if SPECIAL_TOKENS_MAP_FILE in files:
-            for k, v in json.loads(files[SPECIAL_TOKENS_MAP_FILE].read_text(encoding="utf-8")).items():
+            for k, v in _read_json_object(files[SPECIAL_TOKENS_MAP_FILE]).items():
                 config.setdefault(k, v)
+        # Which files to read is decided here, never by the folder's own JSON: a tokenizer_config.json
+        # naming "vocab_file": "/some/other/file" must not make us read outside the folder.
+        config.pop("vocab_file", None)
+        config.pop("tokenizer_file", None)
         config.update(kwargs)
         init_args = _init_parameters(cls)
         config = {k: v for k, v in config.items() if k in init_args}  # hub configs carry other keys too
@@ -972,7 +1122,11 @@ class LlamaTokenizerBase:
             config["vocab_file"] = str(files[VOCAB_FILE])
         if TOKENIZER_FILE in files and "tokenizer_file" in init_args:
             config.setdefault("tokenizer_file", str(files[TOKENIZER_FILE]))
-        return cls(**config)
+        try:
+            return cls(**config)
+        except (TypeError, ValueError) as e:
+            where = f" (loading the tokenizer from {name}: check its tokenizer_config.json and special_tokens_map.json)"
+            raise (TypeError if isinstance(e, TypeError) else ValueError)(f"{e}{where}") from None
 
     _can_load_tokenizer_json = False
 
@@ -982,6 +1136,17 @@ class LlamaTokenizerBase:
             f"len={len(self)}, legacy={self.legacy}, padding_side={self.padding_side!r}, "
             f"special_tokens={self.special_tokens_map})"
         )
+
+
+def _read_json_object(path: Path) -> dict:
+    """A tokenizer JSON file as a dict, or a ValueError naming the file."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); re-save the tokenizer or delete that file") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} holds a JSON {type(data).__name__}, not an object; re-save the tokenizer or delete that file")
+    return data
 
 
 def clean_up_tokenization(text: str) -> str:
@@ -1051,7 +1216,7 @@ def _read_vocab_file(vocab_file: Any) -> bytes:
     if not path.is_file():
         raise FileNotFoundError(
             f"vocab_file {vocab_file} does not exist; pass the path of a sentencepiece tokenizer.model "
-            "(e.g. llama_edu.data.find_data_file('llama2-tokenizer.model'))"
+            "(e.g. llama_edu.files.find_data_file('llama2-tokenizer.model'))"
         )
     return path.read_bytes()
 
@@ -1114,9 +1279,9 @@ class LlamaTokenizer(LlamaTokenizerBase):
         ids = self.sp_model.encode(self.unk_token + segment)
         return ids[self._unk_token_length :] if len(ids) >= self._unk_token_length else ids
 
-    def _encode_texts(self, texts: list[str], split_special_tokens: bool) -> list[list[int]]:
+    def _encode_texts(self, texts: list[str], split_special_tokens: bool, prefix: bool = True) -> list[list[int]]:
         if not self.legacy:
-            texts = self._legacy_false_prefix(texts, split_special_tokens)
+            texts = self._legacy_false_prefix(texts, split_special_tokens, prefix)
         split_re = self._special_split_re()
         out = []
         for text in texts:
@@ -1336,11 +1501,11 @@ class LlamaTokenizerFast(LlamaTokenizerBase):
             special.append((eos, self.eos_token_id))
         self._tokenizer.post_processor = processors.TemplateProcessing(single=single, pair=pair, special_tokens=special)
 
-    def _encode_texts(self, texts: list[str], split_special_tokens: bool) -> list[list[int]]:
+    def _encode_texts(self, texts: list[str], split_special_tokens: bool, prefix: bool = True) -> list[list[int]]:
         if not texts:
             return []
         if not self.legacy:
-            texts = self._legacy_false_prefix(texts, split_special_tokens)
+            texts = self._legacy_false_prefix(texts, split_special_tokens, prefix)
         backend = self._tokenizer
         if split_special_tokens:
             if self._backend_split is None:  # the same pipeline without special tokens matched in text
@@ -1368,16 +1533,14 @@ class LlamaTokenizerFast(LlamaTokenizerBase):
         atomic_write_bytes(path, json.dumps(data, ensure_ascii=False).encode("utf-8"))
         return [path]
 
-    def save_pretrained(self, save_directory: str | os.PathLike, filename_prefix: str | None = None) -> tuple[str, ...]:
+    def _save_files(self, directory: Path, filename_prefix: str | None) -> list[str]:
         if self._model_bytes is None:
-            directory = Path(save_directory)
-            directory.mkdir(parents=True, exist_ok=True)
             prefix = filename_prefix + "-" if filename_prefix else ""
             paths = [directory / (prefix + TOKENIZER_CONFIG_FILE), directory / (prefix + SPECIAL_TOKENS_MAP_FILE)]
             atomic_write_bytes(paths[0], (json.dumps(self._config(), indent=2) + "\n").encode())
             atomic_write_bytes(paths[1], (json.dumps(self.special_tokens_map, indent=2) + "\n").encode())
-            return tuple(str(p) for p in paths + self._save_backend(directory))
-        return super().save_pretrained(save_directory, filename_prefix)
+            return [str(p) for p in paths + self._save_backend(directory)]
+        return super()._save_files(directory, filename_prefix)
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()

@@ -8,6 +8,7 @@ import json
 import os
 import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,7 +18,7 @@ from safetensors.torch import save_file
 import llama_edu
 from llama_edu import checkpoint
 from llama_edu.checkpoint import parse_size, resolve_file
-from llama_edu.data import find_data_file
+from llama_edu.files import find_data_file
 
 from conftest import SMALL, max_diff, twins
 
@@ -391,13 +392,21 @@ def test_interrupted_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
 
 def test_loading_builds_on_meta_device_without_initialising(tmp_path, hf_model, monkeypatch):
     """The model is built without storage and without random initialisation (the checkpoint
-    overwrites every weight): nothing is computed twice and peak memory is one copy."""
+    overwrites every weight): nothing is computed twice and peak memory is one copy. The skip
+    is thread-local: nothing global (nn.init, _init_weights) is patched."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
     hf_model.save_pretrained(tmp_path)
-    calls = []
-    real_init = llama_edu.LlamaPreTrainedModel._init_weights
-    monkeypatch.setattr(llama_edu.LlamaPreTrainedModel, "_init_weights", lambda self, m: calls.append(m) or real_init(self, m))
-    real_normal = torch.nn.init.normal_
-    monkeypatch.setattr(torch.nn.init, "normal_", lambda t, *a, **k: calls.append(t) or real_normal(t, *a, **k))
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.seen.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
     built_on = []
     real_new = llama_edu.LlamaForCausalLM.__init__
 
@@ -406,13 +415,16 @@ def test_loading_builds_on_meta_device_without_initialising(tmp_path, hf_model, 
         built_on.append(self.lm_head.weight.device.type)
 
     monkeypatch.setattr(llama_edu.LlamaForCausalLM, "__init__", spy_init)
-    m = llama_edu.LlamaForCausalLM.from_pretrained(tmp_path, progress=False)
-    assert built_on == ["meta"] and calls == []
+    real_normal, real_init = torch.nn.init.normal_, llama_edu.LlamaPreTrainedModel._init_weights
+    with Ops() as ops:
+        m = llama_edu.LlamaForCausalLM.from_pretrained(tmp_path, progress=False)
+    assert built_on == ["meta"]
+    inits = [op for op in ops.seen if op.split(".")[0] in ("normal_", "uniform_", "zero_", "fill_")]
+    assert inits == [], inits
     assert all(p.device.type == "cpu" for p in m.parameters())
-    # and the patched initialisers are back in place afterwards
-    assert torch.nn.init.normal_ is not real_normal and llama_edu.LlamaPreTrainedModel._init_weights is not real_init
+    assert torch.nn.init.normal_ is real_normal and llama_edu.LlamaPreTrainedModel._init_weights is real_init
     fresh = llama_edu.LlamaForCausalLM(llama_edu.LlamaConfig(**SMALL))
-    assert calls and fresh.lm_head.weight.std() > 0
+    assert 0.01 < fresh.lm_head.weight.std() < 0.03  # initialised as usual outside the load
 
 
 def test_classification_round_trip_with_transformers(tmp_path):
@@ -427,3 +439,31 @@ def test_classification_round_trip_with_transformers(tmp_path):
         expected = theirs(IDS).logits
         assert max_diff(back(IDS).logits, expected) == 0.0
         assert max_diff(again(IDS).logits, expected) == 0.0
+
+
+def test_cpu_load_in_the_stored_dtype_is_zero_copy(tmp_path):
+    """Parameters are views of the memory-mapped file (private, copy-on-write): in-place changes
+    work and never reach the file, and an atomic save over the folder leaves the loaded model intact."""
+    torch.manual_seed(0)
+    src = llama_edu.LlamaForCausalLM(llama_edu.LlamaConfig(**SMALL))
+    src.save_pretrained(tmp_path)
+    model = llama_edu.LlamaForCausalLM.from_pretrained(tmp_path)
+    storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    assert len(storages) == 1  # every parameter lives in the one mapping of model.safetensors
+    if Path("/proc/self/maps").exists():
+        assert str(tmp_path / "model.safetensors") in Path("/proc/self/maps").read_text()
+    ids = torch.randint(0, SMALL["vocab_size"], (1, 6))
+    with torch.no_grad():
+        before = model(ids).logits
+        model.lm_head.weight.mul_(2)  # copy-on-write: only this process sees it
+    reloaded = llama_edu.LlamaForCausalLM.from_pretrained(tmp_path)
+    assert torch.equal(reloaded.lm_head.weight, src.lm_head.weight)
+    with torch.no_grad():
+        model.lm_head.weight.div_(2)
+        assert torch.equal(model(ids).logits, before)
+    torch.manual_seed(1)
+    llama_edu.LlamaForCausalLM(llama_edu.LlamaConfig(**SMALL)).save_pretrained(tmp_path)  # replaces the file
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, before)  # the mapped (old) file is still what we read
+    converted = llama_edu.LlamaForCausalLM.from_pretrained(tmp_path, torch_dtype=torch.bfloat16)
+    assert len({p.untyped_storage().data_ptr() for p in converted.parameters()}) > 1  # converted: copies

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from llama_edu import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
-from llama_edu.data import DEFAULT_MODEL_DIR
+from llama_edu.files import DEFAULT_MODEL_DIR
 from llama_edu.lora import (
     LORA_TARGET_NAMES,
     LoraConfig,

@@ -13,7 +13,7 @@ from torch import nn
 
 from llama_edu import LlamaConfig, LlamaForCausalLM
 from llama_edu.__main__ import main as cli_main
-from llama_edu.data import DEFAULT_MODEL_DIR, PROJECT_DATA_DIR, find_data_file
+from llama_edu.files import DEFAULT_MODEL_DIR, PROJECT_DATA_DIR, find_data_file
 from llama_edu.gptq import gptq, gptq_quantize_weight
 from llama_edu.quantize import (
     DYNAMIC_CODE, NF4_CODE, Int8Linear, IntLinear, NF4Linear, QuantizedLinear, absmax_quantize,

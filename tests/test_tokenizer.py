@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import os
 import pickle
 import sys
@@ -11,7 +12,7 @@ import warnings
 import pytest
 import torch
 
-from llama_edu.data import PROJECT_DATA_DIR, find_data_file
+from llama_edu.files import PROJECT_DATA_DIR, find_data_file
 from llama_edu.tokenizer import (
     DEFAULT_SYSTEM_PROMPT,
     BatchEncoding,
@@ -496,6 +497,8 @@ def test_chat_template_matches_transformers(name, legacy, default_system, toks, 
             for gen in (False, True):
                 text = ours.apply_chat_template(conv, tokenize=False, add_generation_prompt=gen)
                 assert text == ref.apply_chat_template(conv, tokenize=False, add_generation_prompt=gen)
+                if any(re.search(r"</?s>|\[/?INST\]|<</?SYS>>", m["content"]) for m in conv):
+                    continue  # by design, control-token text inside a message is plain text here (test_bad_input)
                 assert ours.apply_chat_template(conv, add_generation_prompt=gen) == ref.apply_chat_template(
                     conv, add_generation_prompt=gen
                 )

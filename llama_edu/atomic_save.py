@@ -1,0 +1,265 @@
+"""Replacing a set of files in a folder all at once: a save either happens whole or not at all.
+
+A checkpoint is several files (config.json, weight shards, an index, tokenizer files) that only
+make sense together. Renaming them into place one by one is not enough: a crash between two
+renames leaves a folder that mixes two models, and two saves into one folder interleave. So a
+save here works on a copy:
+
+1. take a lock (``.NAME.llama_edu-lock`` beside the folder; ``fcntl.flock``, or an ``O_EXCL``
+   lock file where there is no fcntl) so that two writers of the same folder take turns;
+2. remove what an earlier save killed with ``kill -9`` left behind: hidden temporaries named
+   ``.NAME.llama_edu-tmp-PID-XXXX`` / ``.NAME.llama_edu-old-PID-XXXX``. Saves make them only
+   while holding the lock, so while we hold it they are all stale (without fcntl: those whose
+   PID is gone);
+3. write the complete new set of files into a fresh hidden folder beside the target;
+4. hard-link in every entry of the old folder that is not ours (a README, a generation config,
+   a user's notes: ``owned(name)`` says which names the save replaces);
+5. swap the new folder in: one atomic ``renameat2(RENAME_EXCHANGE)`` on Linux, else two renames
+   (a crash between them leaves the old folder under its hidden name, and the next save puts
+   it back first); then delete the old folder.
+
+Readers of the folder see the old files or the new ones, never a mixture. Where the folder
+cannot be swapped (it is a mount point, its parent is not writable, or it holds this process's
+working directory), the files are renamed
+into the folder one by one instead, config.json removed first and written last, so a crash
+mid-way leaves a folder that refuses to load rather than one that loads mixed weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import os
+import re
+import shutil
+import time
+import uuid
+from pathlib import Path
+from typing import Callable, Iterator
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
+
+#: Every temporary a save makes carries this marker (and the writer's PID), so the next save
+#: can recognise and remove the ones a killed writer left.
+MARKER = ".llama_edu-"
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    except OSError:
+        return False
+    try:  # Linux: a killed process that its parent has not reaped yet is a zombie, not a writer
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+@contextlib.contextmanager
+def _locked(lock_path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``lock_path`` (created if needed; left in place afterwards,
+    because deleting a lock file while another process waits on it would break the lock)."""
+    if fcntl is not None:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # blocks while another save of this folder runs
+            yield
+        finally:
+            os.close(fd)  # closing releases the lock
+        return
+    # No fcntl: a lock file created with O_EXCL holding our PID; a dead holder's file is taken over.
+    while True:
+        try:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
+            os.write(fd, str(os.getpid()).encode())
+            os.close(fd)
+            break
+        except FileExistsError:
+            try:
+                holder = int(lock_path.read_text() or "0")
+            except (OSError, ValueError):
+                holder = 0
+            if holder and not _pid_alive(holder):
+                lock_path.unlink(missing_ok=True)
+                continue
+            time.sleep(0.05)
+    try:
+        yield
+    finally:
+        lock_path.unlink(missing_ok=True)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _temp_name(prefix: str, kind: str) -> str:
+    return f"{prefix}{MARKER}{kind}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def remove_stale_temporaries(folder: Path, prefix: str, target: Path | None = None, locked: bool = False) -> list[Path]:
+    """Delete the ``{prefix}.llama_edu-{tmp,old}-PID-XXXX`` entries of ``folder`` that a killed
+    save left. ``locked``: the caller holds the target's ``fcntl`` lock, under which every save
+    makes its temporaries, so all of them are stale (a live writer cannot hold the lock at the
+    same time); otherwise only those whose writer (PID) is no longer running. When ``target``
+    is missing and a stale ``old`` folder exists (a crash between the two renames of a swap),
+    that folder is put back at ``target`` first. Returns what was removed."""
+    pattern = re.compile(rf"^{re.escape(prefix)}{re.escape(MARKER)}(tmp|old)-(\d+)-[0-9a-f]+$")
+    stale = []
+    for entry in folder.iterdir() if folder.is_dir() else []:
+        m = pattern.match(entry.name)
+        if m and (locked or not _pid_alive(int(m.group(2)))):
+            stale.append((m.group(1), entry))
+    if target is not None and not target.exists():
+        olds = sorted((e for kind, e in stale if kind == "old"), key=lambda e: e.stat().st_mtime)
+        if olds:
+            os.rename(olds[-1], target)
+            stale = [(k, e) for k, e in stale if e != olds[-1]]
+    for _, entry in stale:
+        _remove(entry)
+    return [e for _, e in stale]
+
+
+def _holds_cwd(folder: Path) -> bool:
+    """True when this process works inside ``folder``: swapping it would leave our working
+    directory in the deleted old copy (``os.getcwd()`` would fail)."""
+    try:
+        cwd = Path.cwd().resolve()
+    except OSError:
+        return False
+    real = folder.resolve()
+    return cwd == real or real in cwd.parents
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux ``renameat2(RENAME_EXCHANGE)``); False where unsupported."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):  # not supported by this filesystem or kernel
+        return False
+    raise OSError(err, f"could not swap {a} and {b}: {os.strerror(err)}")
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """Put ``src`` at ``dst`` without copying bytes where possible (hard links)."""
+    if src.is_symlink():
+        os.symlink(os.readlink(src), dst)
+    elif src.is_dir():
+        shutil.copytree(src, dst, symlinks=True, copy_function=_link_file)
+    else:
+        _link_file(src, dst)
+
+
+def _link_file(src: str | Path, dst: str | Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:  # another filesystem, or links not allowed: copy
+        shutil.copy2(src, dst)
+
+
+def _swap_in(staging: Path, target: Path, owned: Callable[[str], bool]) -> None:
+    """Make ``target`` the folder ``staging`` (plus the entries of the old ``target`` that the
+    save does not own), atomically. ``staging`` is gone afterwards."""
+    if not target.exists():
+        os.rename(staging, target)
+        return
+    shutil.copymode(target, staging)  # the folder keeps its permissions (group-writable, ...)
+    new_names = {p.name for p in staging.iterdir()}
+    for entry in target.iterdir():  # keep what is not ours
+        if entry.name not in new_names and not owned(entry.name) and MARKER not in entry.name:
+            _link_or_copy(entry, staging / entry.name)
+    if _exchange(staging, target):
+        old = staging  # after the exchange the staging path holds the old folder
+    else:
+        old = staging.with_name(staging.name.replace(f"{MARKER}tmp-", f"{MARKER}old-"))
+        os.rename(target, old)  # a crash right here is repaired by the next save (see above)
+        try:
+            os.rename(staging, target)
+        except BaseException:
+            os.rename(old, target)
+            raise
+    for entry in old.iterdir():  # entries a user added to the folder while we were saving
+        if not owned(entry.name) and MARKER not in entry.name and not (target / entry.name).exists():
+            os.rename(entry, target / entry.name)
+    _remove(old)
+
+
+def _replace_in_place(staging: Path, target: Path, owned: Callable[[str], bool], last: str | None) -> None:
+    """Fallback without a swap: rename the staged files into ``target`` one by one. ``last``
+    (config.json) is removed first and renamed last, so a crash mid-way leaves a folder that
+    does not load instead of one that loads a mixture."""
+    names = sorted(p.name for p in staging.iterdir())
+    if last in names:
+        names.remove(last)
+        (target / last).unlink(missing_ok=True)
+        names.append(last)
+    for entry in target.iterdir():  # the old save's files that the new one does not replace
+        if owned(entry.name) and entry.name not in names and MARKER not in entry.name:
+            _remove(entry)
+    for name in names:
+        os.replace(staging / name, target / name)
+    staging.rmdir()
+
+
+@contextlib.contextmanager
+def replace_folder_files(
+    target: str | os.PathLike, owned: Callable[[str], bool], last: str | None = "config.json"
+) -> Iterator[Path]:
+    """Yield an empty hidden folder; write the complete new files into it. When the block
+    ends normally, ``target`` holds exactly those files plus the entries of the old ``target``
+    for which ``owned(name)`` is False, all at once (see the module docstring). On any error
+    (including KeyboardInterrupt) the temporaries are removed and ``target`` is untouched.
+    """
+    target = Path(target)
+    if target.is_symlink():
+        target = target.resolve()  # swap the real folder, keep the link
+    if target.exists() and not target.is_dir():
+        raise FileExistsError(f"{target} exists and is not a folder; choose another save_directory")
+    target = target.absolute()
+    parent = target.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    swap = os.access(parent, os.W_OK) and not (target.exists() and (os.path.ismount(target) or _holds_cwd(target)))
+    if not swap and not target.exists():
+        raise PermissionError(f"cannot create {target}: its parent folder {parent} is not writable")
+    if not swap and not os.access(target, os.W_OK):
+        raise PermissionError(f"cannot save into {target}: the folder is not writable; choose another save_directory")
+    # One lock per target whichever way it is saved (swap or in place), so all writers take turns.
+    lock = parent / f".{target.name}{MARKER}lock" if os.access(parent, os.W_OK) else target / f"{MARKER}lock"
+    home, prefix = (parent, f".{target.name}") if swap else (target, "")
+    with _locked(lock):
+        locked = fcntl is not None
+        remove_stale_temporaries(parent, f".{target.name}", target, locked)  # swaps' temporaries
+        remove_stale_temporaries(target, "", None, locked)  # in-place saves' temporaries
+        staging = home / _temp_name(prefix, "tmp")
+        staging.mkdir()
+        try:
+            yield staging
+            if swap:
+                _swap_in(staging, target, owned)
+            else:
+                _replace_in_place(staging, target, owned, last)
+        except BaseException:
+            _remove(staging)
+            raise
