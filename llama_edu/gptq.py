@@ -76,8 +76,9 @@ def gptq_quantize_weight(
     H[dead, dead] = 1
     W[:, dead] = 0
 
-    scales = torch.zeros(rows, cols // g)
-    zeros = torch.zeros(rows, cols // g)
+    dev = W.device
+    scales = torch.zeros(rows, cols // g, device=dev)
+    zeros = torch.zeros(rows, cols // g, device=dev)
     if act_order:
         # Columns in order of decreasing diag(H); groups stay the original consecutive columns,
         # so their scales are fixed up front (the "static groups" of the reference code).
@@ -86,18 +87,18 @@ def gptq_quantize_weight(
             scales[:, k], zeros[:, k] = minmax_params(W[:, k * g : (k + 1) * g], bits)
         W, H = W[:, perm], H[perm][:, perm]
     else:
-        perm = torch.arange(cols)
+        perm = torch.arange(cols, device=dev)
 
     H.diagonal().add_(percdamp * H.diagonal().mean())
     # H^-1 = U^T U with U upper triangular: row j of U, divided by U_jj, is [H^-1]_{j,j:} of the
     # columns still to quantize after j (the Cholesky form of Algorithm 1).
     U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
 
-    codes = torch.zeros(rows, cols, dtype=torch.uint8)
-    losses = torch.zeros(cols)
+    codes = torch.zeros(rows, cols, dtype=torch.uint8, device=dev)
+    losses = torch.zeros(cols, device=dev)
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
-        errors = torch.zeros(rows, i2 - i1)  # (out, block)
+        errors = torch.zeros(rows, i2 - i1, device=dev)  # (out, block)
         for i in range(i1, i2):
             col = int(perm[i])  # the column's place in the original weight
             if not act_order and i % g == 0:
