@@ -39,6 +39,7 @@ from torch import nn
 from .atomic_save import replace_folder_files
 from .config import TRANSFORMERS_VERSION, LlamaConfig
 from .files import resolve_file
+from .quantize import prepare_quantized_model, quantized_checkpoint_hint
 
 CONFIG_NAME = "config.json"
 SAFE_WEIGHTS_NAME = "model.safetensors"
@@ -425,6 +426,8 @@ def load_pretrained(
     # -- build without memory, then match keys ------------------------------------------------
     with torch.device("meta"), _skip_init(cls):
         model = cls(config)
+    qconfig = getattr(config, "quantization_config", None)  # a checkpoint written by llama_edu.quantize
+    keep_dtype = prepare_quantized_model(model, qconfig, path_or_repo) if qconfig is not None else set()
     prefix = getattr(cls, "base_model_prefix", "model") + "."
     expected = {k: tuple(v.shape) for k, v in model.state_dict(keep_vars=True).items()}
     tied = bool(config.tie_word_embeddings) and model.get_output_embeddings() is not None
@@ -458,6 +461,9 @@ def load_pretrained(
             lines.append(f"missing keys ({len(body_missing)}): {body_missing[:10]}" + (" ..." if len(body_missing) > 10 else ""))
         if body_unexpected:
             lines.append(f"unexpected keys ({len(body_unexpected)}): {body_unexpected[:10]}" + (" ..." if len(body_unexpected) > 10 else ""))
+            hint = quantized_checkpoint_hint(body_unexpected)
+            if hint:
+                lines.append(hint)
         raise ValueError("\n".join(lines))
     if head_unused:
         warnings.warn(
@@ -495,7 +501,7 @@ def load_pretrained(
             t = wf.mapped(key) if mmap and target_device.type == "cpu" and wf.dtype(key) == dtype else None
             if t is None:
                 t = wf.tensor(key)
-                if t.is_floating_point():
+                if t.is_floating_point() and dst not in keep_dtype:  # quantization scales keep their dtype
                     # copy=True detaches pickle-file tensors from their memory map; safetensors
                     # ones are fresh already, and .to() with nothing to do is free.
                     t = t.to(device=target_device, dtype=dtype, copy=not wf.is_safetensors)

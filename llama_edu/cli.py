@@ -8,6 +8,7 @@ Commands:
   train               train a small Llama on a text file     (llama_edu.train)
   sft                 instruction-tune on chat examples      (llama_edu.sft)
   dpo                 preference-tune with DPO               (llama_edu.dpo)
+  quantize            int8 / int4 / nf4 / gptq weights       (llama_edu.gptq)
   student-notebooks   the notebooks without their solutions  (llama_edu.handout)
 
 Each module that drives a command defines its arguments in ``add_cli_commands(subparsers)``;
@@ -30,7 +31,7 @@ from typing import Any
 
 import torch
 
-from . import convert, dpo, handout, sft, train
+from . import convert, dpo, gptq, handout, sft, train
 from .chat import chat_loop, load_model_and_tokenizer
 from .generation import context_limit, generate
 from .streaming import TextStreamer
@@ -89,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_cli_commands(sub)
     sft.add_cli_commands(sub)
     dpo.add_cli_commands(sub)
+    gptq.add_cli_commands(sub)
     handout.add_cli_commands(sub)
     return parser
 

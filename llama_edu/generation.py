@@ -366,9 +366,11 @@ def lm_head(model, hidden: torch.Tensor) -> torch.Tensor:
     """``model.lm_head(hidden)`` for hidden (batch, hidden_size), through the column-major copy
     when it pays (CPU, one row, no gradients, a plain head under the size bound)."""
     head = model.lm_head
+    if type(head) is not nn.Linear:  # e.g. a quantized head (llama_edu.quantize): no float weight to copy
+        return head(hidden)
     w = head.weight
     if (
-        hidden.shape[0] == 1 and hidden.device.type == "cpu" and type(head) is nn.Linear
+        hidden.shape[0] == 1 and hidden.device.type == "cpu"
         and not torch.is_grad_enabled() and w.numel() * w.element_size() <= COLUMN_MAJOR_HEAD_MAX_BYTES
         and not torch.compiler.is_compiling()
     ):
