@@ -254,6 +254,8 @@ CASES = [
     ("ckpt-shard-size-zero", ValueError, r"max_shard_size must be positive, got 0", lambda e, t: e.model.save_pretrained(t / "x", max_shard_size=0)),
     ("ckpt-save-onto-file", FileExistsError, r"afile exists and is not a folder", lambda e, t: e.model.save_pretrained(write(t, "afile", b"x"))),
     ("ckpt-save-meta-tensors", ValueError, r"meta device", lambda e, t: _meta_model().save_pretrained(t / "x")),
+    ("ckpt-state-dict-not-tensor", TypeError, r"\['x'\] are not", lambda e, t: e.model.save_pretrained(
+        t / "x", state_dict={**e.model.state_dict(), "x": 3})),
     ("ckpt-duplicate-key", ValueError, r"key a appears twice", lambda e, t: checkpoint.write_checkpoint(
         [("a", torch.ones(1)), ("a", torch.ones(1))], t / "x", None)),
     ("ckpt-extra-file-escapes", ValueError, r"extra file name '\.\./x\.json'", lambda e, t: checkpoint.write_checkpoint(
@@ -509,6 +511,18 @@ def test_tokenizer_config_cannot_name_files_outside_the_folder(tmp_path, monkeyp
     for cls in (LlamaTokenizer, LlamaTokenizerFast):
         tok = cls.from_pretrained(d)
         assert tok.encode("to be") == LlamaTokenizer.from_pretrained(PROJECT_TOKENIZER).encode("to be")
+
+
+def test_weights_tied_by_hand_save_and_load(tmp_path):
+    """A head tied to the embedding by hand while the config says untied: safetensors refuses
+    tensors that share memory, so each gets its own copy; the model loads with equal logits."""
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**TINY)).eval()
+    model.lm_head.weight = model.model.embed_tokens.weight
+    model.save_pretrained(tmp_path)
+    again = LlamaForCausalLM.from_pretrained(tmp_path, progress=False)
+    ids = torch.tensor([[1, 2, 3]])
+    assert torch.equal(again(ids).logits, model(ids).logits)
 
 
 def test_hub_cache_links_are_allowed(env, tmp_path):
