@@ -13,6 +13,16 @@ Cases (random weights: speed does not depend on what the weights say):
            resident set (RSS high-water mark minus RSS before generating) on CPU,
            torch.cuda.max_memory_allocated on CUDA
 
+  aten ops the number of PyTorch operators dispatched per decoded token (a TorchDispatchMode
+           counter: generate 21 tokens minus generate 11, divided by 10), greedy, batch 1. On a
+           small model each operator costs about the same (dispatch, not arithmetic), so this is
+           the deterministic measure of per-token overhead, on CPU and GPU alike.
+  compile  with --compile: generate(compile=True) tokens/s, and the seconds its first call took
+           (compiling the decode step)
+  bandwidth on CUDA: weight bytes read per decoded token x tok/s / the GPU's peak memory
+           bandwidth (--peak-gbps, else a table of known GPUs): how close decoding gets to the
+           memory-bound limit (gpt-fast reports about 82% on an A100)
+
 Each number is the median of --repeats runs after a warm-up, with ours and theirs interleaved
 so that other load on the machine hits both alike. Ratios > 1 mean llama_edu is faster/smaller.
 """
@@ -29,6 +39,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -94,6 +105,40 @@ def time_case(variants: dict, ids, new_tokens, repeats, device) -> dict:
             times[name].append(run_generate(model, ids, new_tokens, device, **kw))
     tokens = ids.shape[0] * (ids.shape[1] if new_tokens == 1 else new_tokens)
     return {name: tokens / statistics.median(t) for name, t in times.items()}
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts every aten operator dispatched while active."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def ops_per_token(model, ids: torch.Tensor, device: str) -> float:
+    """aten ops per decoded token: generate 21 tokens minus generate 11, over 10."""
+    counts = []
+    for n in (11, 21):
+        with OpCounter() as counter:
+            run_generate(model, ids, n, device)
+        counts.append(counter.count)
+    return (counts[1] - counts[0]) / 10
+
+
+#: Peak memory bandwidth in GB/s of GPUs, by a substring of torch.cuda.get_device_name().
+PEAK_GBPS = {"H200": 4800, "H100 SXM": 3350, "H100 PCIe": 2000, "H100": 3350, "A100-SXM4-80GB": 2039,
+             "A100-SXM4-40GB": 1555, "A100": 1555, "L4": 300, "T4": 320, "A10G": 600, "4090": 1008}
+
+
+def peak_gbps(override: float | None) -> float | None:
+    if override:
+        return override
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in PEAK_GBPS.items() if k in name), None)
 
 
 def _status_kib(field: str) -> int:
@@ -171,6 +216,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
     p.add_argument("--compile", action="store_true", help="also time generate(compile=True) (compiles first: slow warm-up)")
     p.add_argument("--quick", action="store_true", help="3 repeats, 64 new tokens")
+    p.add_argument("--peak-gbps", type=float, default=None, help="the GPU's peak memory bandwidth in GB/s")
     p.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
@@ -209,10 +255,18 @@ def main(argv: list[str] | None = None) -> None:
             (f"decode b{args.batch}, {args.new_tokens} tok", idsb, args.new_tokens, "tok/s"),
             (f"prefill {args.prefill_tokens} tok", idsp, 1, "tok/s"),
         ]
+        o_ops, t_ops = ops_per_token(ours, ids1, args.device), ops_per_token(theirs, ids1, args.device)
+        rows.append((label, "aten ops per decoded token, b1", o_ops, t_ops, "ops"))
+        print(f"  {label:>6} aten ops per token      ours {o_ops:10.1f}  transformers {t_ops:10.1f}", flush=True)
         for name, ids, n, unit in cases:
             variants = {"ours": (ours, {}), "theirs": (theirs, {})}
             if args.compile and n > 1:
                 variants["ours compiled"] = (ours, {"compile": True})
+                t0 = time.perf_counter()
+                run_generate(ours, ids, n, args.device, compile=True)
+                first = time.perf_counter() - t0
+                print(f"  {label:>6} {name:<24} compile=True: first call (compiling) {first:.1f} s", flush=True)
+                rows.append((label, f"{name}: first compile=True call", first, float("nan"), "s"))
             speed = time_case(variants, ids, n, args.repeats, args.device)
             t = speed["theirs"]
             for variant in [v for v in variants if v != "theirs"]:
@@ -220,6 +274,14 @@ def main(argv: list[str] | None = None) -> None:
                 label_v = label + (" (compile=True)" if variant == "ours compiled" else "")
                 rows.append((label_v, name, o, t, unit))
                 print(f"  {label_v:>6} {name:<24} ours {o:10.1f}  transformers {t:10.1f}  ratio {o / t:5.2f}x", flush=True)
+                gbps = peak_gbps(args.peak_gbps) if args.device.startswith("cuda") and n > 1 else None
+                if gbps:  # every decoded token reads every weight once (batch rows share the read)
+                    weight_bytes = sum(p.numel() * p.element_size() for p in ours.parameters())
+                    for who, tps in (("ours", o), ("transformers", t)):
+                        frac = weight_bytes * tps / ids.shape[0] / (gbps * 1e9)
+                        print(f"  {label_v:>6} {name:<24} {who}: {weight_bytes / 1e9:.2f} GB of weights x "
+                              f"{tps / ids.shape[0]:.1f} steps/s = {frac:.0%} of {gbps:.0f} GB/s", flush=True)
+                        rows.append((label_v, f"{name}: {who} bandwidth used", frac * 100, float("nan"), "%"))
         del theirs, ours
         if not args.no_memory:
             for batch in (1, args.batch):
@@ -232,7 +294,12 @@ def main(argv: list[str] | None = None) -> None:
     print("|---|---|---:|---:|---:|")
     for label, name, o, t, unit in rows:
         # speed: ours / theirs (higher is better); memory: theirs / ours (higher is better)
-        if unit == "tok/s":
+        if unit in ("s", "%"):
+            print(f"| {label} | {name} | {o:.1f} {unit} | | |")
+            continue
+        if unit == "ops":  # fewer is better
+            ratio = f"{t / o:.2f}x fewer"
+        elif unit == "tok/s":
             ratio = f"{o / t:.2f}x"
         else:  # below 0.1 MiB the growth is within the allocator's slack: no meaningful ratio
             ratio = f"{t / o:.2f}x" if o >= 0.1 else "n/a"

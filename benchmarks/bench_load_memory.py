@@ -10,9 +10,12 @@ written to a temporary folder with random weights.
     python benchmarks/bench_load_memory.py            # ~1 GB checkpoint
     python benchmarks/bench_load_memory.py --small    # ~60 MB, a quick smoke run
 
-llama_edu builds the model on the meta device and reads one tensor at a time, so it should
-need about one copy of the weights; transformers 4.37 without ``low_cpu_mem_usage`` first
-builds a randomly initialised model and then loads the state dict beside it (about two).
+llama_edu builds the model on the meta device and, when the file holds the dtype asked for,
+makes every parameter a view of the memory-mapped file (copy-on-write): the load itself needs
+almost nothing, and pages are read on first use. With ``mmap=False`` it reads one tensor at a
+time into its own memory (about one copy). transformers 4.37 without ``low_cpu_mem_usage`` first
+builds a randomly initialised model and then loads the state dict beside it (about two); with
+it (accelerate installed), its tensors also stay views of the mapped file.
 """
 
 from __future__ import annotations
@@ -33,10 +36,11 @@ CHILD = textwrap.dedent(
     import torch
     torch.set_num_threads(1)
     which, path = sys.argv[1], sys.argv[2]
-    if which == "llama_edu":
+    if which.startswith("llama_edu"):
         sys.path.insert(0, sys.argv[3])
         import llama_edu
-        load = lambda: llama_edu.LlamaForCausalLM.from_pretrained(path, progress=False)
+        mmap = which == "llama_edu"  # "llama_edu mmap=False" reads every tensor into its own memory
+        load = lambda: llama_edu.LlamaForCausalLM.from_pretrained(path, progress=False, mmap=mmap)
     else:
         import transformers
         transformers.logging.set_verbosity_error()
@@ -94,7 +98,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--small", action="store_true", help="a ~60 MB checkpoint for a quick run")
     args = parser.parse_args()
-    contenders = ["llama_edu", "transformers"]
+    contenders = ["llama_edu", "llama_edu mmap=False", "transformers"]
     try:
         import accelerate  # noqa: F401  transformers' low_cpu_mem_usage needs it
 

@@ -20,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from llama_edu.bpe import SentencePieceBPE  # noqa: E402
-from llama_edu.data import find_data_file  # noqa: E402
+from llama_edu.files import find_data_file  # noqa: E402
 from llama_edu.tokenizer import LlamaTokenizer, LlamaTokenizerFast  # noqa: E402
 
 

@@ -263,3 +263,18 @@ def replace_folder_files(
         except BaseException:
             _remove(staging)
             raise
+
+
+def recover_folder(target: str | os.PathLike) -> None:
+    """Before reading ``target`` (e.g. to resume training): finish what a killed save left, under
+    the save lock. If a crash fell between the two renames of a swap (where there is no atomic
+    exchange), the complete old folder is put back; stale temporaries are removed."""
+    target = Path(target).absolute()
+    if not target.parent.is_dir() or not os.access(target.parent, os.W_OK):
+        return
+    prefix = f".{target.name}{MARKER}"
+    if not any(e.name.startswith(prefix) and not e.name.endswith("lock") for e in target.parent.iterdir()):
+        return  # nothing a save left behind (and no lock file made for nothing)
+    with _locked(target.parent / f".{target.name}{MARKER}lock"):
+        remove_stale_temporaries(target.parent, f".{target.name}", target, fcntl is not None)
+

@@ -1,17 +1,18 @@
 """Key/value caches for incremental decoding.
 
-Generating token t+1 only needs the new token's query; the keys and values of tokens 0..t
-do not change, so each layer keeps them. A cache stores, per layer, keys *after* RoPE and
-*before* the grouped-query repeat: (batch, num_key_value_heads, seq, head_dim). Storing the
-un-repeated heads is exactly the memory saving of GQA/MQA.
+Generating token t+1 only needs the new token's query; the keys and values of tokens 0..t do
+not change, so each layer keeps them. A cache stores, per layer, keys *after* RoPE and *before*
+the grouped-query repeat: (batch, num_key_value_heads, seq, head_dim). Storing the un-repeated
+heads is exactly the memory saving of GQA/MQA.
 
-- :class:`DynamicCache` grows by concatenation: simple, any length, the default.
-- :class:`StaticCache` preallocates ``max_cache_len`` positions and writes in place: no
-  reallocation per token, fixed shapes (what torch.compile / CUDA graphs want).
+Both speak transformers' ``Cache`` protocol: ``update(key, value, layer_idx, cache_position)``
+stores the new keys/values and returns what attention reads; ``get_seq_length()`` counts tokens.
 
-Both speak the transformers ``Cache`` protocol: ``update(key, value, layer_idx)`` returns the
-whole keys/values so far, ``get_seq_length()``; the "legacy" format is a tuple of
-``(key, value)`` pairs, one per layer.
+- :class:`DynamicCache` grows by concatenation: simple, any length, one allocation per token.
+- :class:`StaticCache` preallocates ``max_cache_len`` slots and writes token t into slot t
+  (``cache_position``). It returns the whole buffers every time; the causal mask hides the slots
+  not written yet (slot > position). Shapes never change, so ``torch.compile`` and CUDA graphs
+  compile one decode step for every position (gpt-fast's ``KVCache``).
 """
 
 from __future__ import annotations
@@ -24,7 +25,9 @@ LegacyCache = tuple[tuple[torch.Tensor, torch.Tensor], ...]
 class Cache:
     """Base class: what the attention layers call."""
 
-    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(
+        self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, cache_position: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -32,13 +35,6 @@ class Cache:
 
     def get_max_length(self) -> int | None:
         return None
-
-    def get_usable_length(self, new_seq_length: int, layer_idx: int = 0) -> int:
-        """How many cached positions the next ``new_seq_length`` tokens can attend to."""
-        return self.get_seq_length(layer_idx)
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        raise NotImplementedError
 
 
 class DynamicCache(Cache):
@@ -48,16 +44,14 @@ class DynamicCache(Cache):
         self.key_cache: list[torch.Tensor] = []
         self.value_cache: list[torch.Tensor] = []
 
-    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append key/value (batch, kv_heads, new, head_dim) and return all of them so far."""
+    def update(self, key, value, layer_idx, cache_position=None):
+        """Append key/value (batch, kv_heads, new, head_dim); return all of them so far."""
         if layer_idx == len(self.key_cache):
             self.key_cache.append(key)
             self.value_cache.append(value)
-        elif layer_idx < len(self.key_cache):
+        else:
             self.key_cache[layer_idx] = torch.cat([self.key_cache[layer_idx], key], dim=-2)
             self.value_cache[layer_idx] = torch.cat([self.value_cache[layer_idx], value], dim=-2)
-        else:
-            raise ValueError(f"layer {layer_idx} updated before layer {len(self.key_cache)}; layers must run in order")
         return self.key_cache[layer_idx], self.value_cache[layer_idx]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -72,28 +66,21 @@ class DynamicCache(Cache):
     def __iter__(self):
         return iter(zip(self.key_cache, self.value_cache))
 
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        """Keep rows ``beam_idx`` of the batch (beam search, or dropping finished rows)."""
-        self.key_cache = [k.index_select(0, beam_idx.to(k.device)) for k in self.key_cache]
-        self.value_cache = [v.index_select(0, beam_idx.to(v.device)) for v in self.value_cache]
-
     def to_legacy_cache(self) -> LegacyCache:
+        """transformers' older format: a tuple of (key, value) pairs, one per layer."""
         return tuple(zip(self.key_cache, self.value_cache))
 
     @classmethod
     def from_legacy_cache(cls, past_key_values: LegacyCache | None) -> "DynamicCache":
         cache = cls()
-        for layer_idx, (key, value) in enumerate(past_key_values or ()):
-            cache.update(key, value, layer_idx)
+        for key, value in past_key_values or ():
+            cache.key_cache.append(key)
+            cache.value_cache.append(value)
         return cache
 
 
 class StaticCache(Cache):
-    """A preallocated cache of ``max_cache_len`` positions per layer, written in place.
-
-    ``update`` returns views of the filled prefix, so attention costs what it would with a
-    dynamic cache while no memory is allocated per generated token.
-    """
+    """``max_cache_len`` preallocated slots per layer; token t is written into slot t."""
 
     def __init__(
         self,
@@ -108,25 +95,20 @@ class StaticCache(Cache):
         self.max_cache_len = max_cache_len
         self.key_cache = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
         self.value_cache = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
-        self.seen = [0] * config.num_hidden_layers
+        # Tokens written: a tensor, so that compiled code updates it without a host sync.
+        self.length = torch.zeros((), dtype=torch.long, device=device)
 
-    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
-        start, new = self.seen[layer_idx], key.shape[-2]
-        end = start + new
-        if end > self.max_cache_len:
-            raise ValueError(
-                f"StaticCache holds {self.max_cache_len} positions but {end} are needed; "
-                "create it with a larger max_cache_len (prompt length + max_new_tokens)"
-            )
-        if key.shape[0] != self.max_batch_size:
-            raise ValueError(f"StaticCache was made for batch size {self.max_batch_size}, got {key.shape[0]}")
-        self.key_cache[layer_idx][:, :, start:end] = key
-        self.value_cache[layer_idx][:, :, start:end] = value
-        self.seen[layer_idx] = end
-        return self.key_cache[layer_idx][:, :, :end], self.value_cache[layer_idx][:, :, :end]
+    def update(self, key, value, layer_idx, cache_position=None):
+        """Write key/value (batch, kv_heads, new, head_dim) at the slots ``cache_position``
+        (new,); return the whole buffers (batch, kv_heads, max_cache_len, head_dim)."""
+        self.key_cache[layer_idx].index_copy_(2, cache_position, key)
+        self.value_cache[layer_idx].index_copy_(2, cache_position, value)
+        if layer_idx == 0:
+            self.length.copy_(cache_position[-1] + 1)
+        return self.key_cache[layer_idx], self.value_cache[layer_idx]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.seen[layer_idx]
+        return int(self.length)
 
     def get_max_length(self) -> int | None:
         return self.max_cache_len
@@ -135,11 +117,5 @@ class StaticCache(Cache):
         return len(self.key_cache)
 
     def reset(self) -> None:
-        """Forget everything (the memory is kept for the next prompt)."""
-        self.seen = [0] * len(self.seen)
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        for i in range(len(self.key_cache)):
-            self.key_cache[i] = self.key_cache[i].index_select(0, beam_idx.to(self.key_cache[i].device))
-            self.value_cache[i] = self.value_cache[i].index_select(0, beam_idx.to(self.value_cache[i].device))
-        self.max_batch_size = self.key_cache[0].shape[0]
+        """Start a new sequence in the same memory (old slots are hidden by the mask)."""
+        self.length.zero_()

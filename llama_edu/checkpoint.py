@@ -11,11 +11,14 @@ A checkpoint folder holds
 (``pytorch_model.bin`` / ``pytorch_model-0000N-of-0000M.bin`` + ``pytorch_model.bin.index.json``
 for the older pickle format, which we read only through ``torch.load(weights_only=True)``.)
 
-Loading keeps peak memory near one copy of the weights: the model is built on the ``meta``
-device (shapes, no storage), then every tensor is read from the memory-mapped file one at a time,
-converted to the target dtype/device and put into the model with
-``load_state_dict(assign=True)``. Saving is atomic: the complete new set of files replaces the
-previous checkpoint at once, or not at all, also under concurrent saves (:mod:`atomic_save`).
+Loading takes no more memory than the weights need: the model is built on the ``meta`` device
+(shapes, no storage). When the file holds the dtype asked for and the model stays on the CPU,
+every parameter is a view of the memory-mapped safetensors file (zero-copy, copy-on-write: a
+LoRA merge or training step copies only what it writes). Otherwise each tensor is read, converted
+to the target dtype/device and placed one at a time. Either way ``load_state_dict(assign=True)``
+puts the tensors in the model without a second copy. Saving is atomic: the complete new set of
+files replaces the previous checkpoint at once, or not at all, also under concurrent saves
+(:mod:`atomic_save`).
 """
 
 from __future__ import annotations
@@ -34,7 +37,9 @@ import torch
 from torch import nn
 
 from .atomic_save import replace_folder_files
-from .config import LlamaConfig
+from .config import TRANSFORMERS_VERSION, LlamaConfig
+from .files import resolve_file
+from .quantize import prepare_quantized_model, quantized_checkpoint_hint
 
 CONFIG_NAME = "config.json"
 SAFE_WEIGHTS_NAME = "model.safetensors"
@@ -55,99 +60,6 @@ _DTYPES = {
 }
 # safetensors header dtype names
 _SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
-_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-
-
-# --------------------------------------------------------------------------------------------
-# Finding files: a local folder or a hub repo id
-# --------------------------------------------------------------------------------------------
-def looks_like_repo_id(name: str) -> bool:
-    """``"meta-llama/Llama-2-7b-hf"`` or ``"gpt2"`` (not ``./x``, ``/abs/path`` or ``a/b/c``)."""
-    return bool(_REPO_ID.match(name)) and not name.endswith((".json", ".safetensors", ".bin", ".pth"))
-
-
-def _hub_offline() -> bool:
-    """HF_HUB_OFFLINE read now (huggingface_hub reads it once, at import)."""
-    if os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
-        return True
-    try:
-        from huggingface_hub import constants
-
-        return bool(constants.HF_HUB_OFFLINE)
-    except ImportError:
-        return False
-
-
-def _how_to_download(repo_id: str) -> str:
-    return (
-        f"download it on a machine with network access: `huggingface-cli download {repo_id} "
-        f"--local-dir DIR` (gated repos such as meta-llama/* also need `huggingface-cli login` and "
-        "an accepted licence), then pass DIR instead of the repo id"
-    )
-
-
-def _hub_download(repo_id: str, filename: str, missing_ok: bool, **hub_kwargs: Any) -> Path | None:
-    """``hf_hub_download`` with errors that say what to do; ``None`` when the repo has no such
-    file and ``missing_ok``. ``hub_kwargs`` (cache_dir, revision, token, local_files_only) are
-    passed on."""
-    try:
-        from huggingface_hub import hf_hub_download
-    except ImportError:
-        raise OSError(
-            f"{repo_id!r} is not a local folder, and huggingface_hub is not installed to download it. "
-            f"`pip install huggingface_hub`, or {_how_to_download(repo_id)}"
-        ) from None
-    offline = _hub_offline() or bool(hub_kwargs.pop("local_files_only", False))
-    hub_kwargs = {k: v for k, v in hub_kwargs.items() if v is not None}
-    try:
-        # local_files_only: offline we may still find it in the hub cache, without a network call.
-        return Path(hf_hub_download(repo_id, filename, local_files_only=offline, **hub_kwargs))
-    except Exception as e:  # noqa: BLE001 - hub errors come in many classes; we sort them by name
-        kind = type(e).__name__
-        if missing_ok and kind in ("EntryNotFoundError", "RemoteEntryNotFoundError", "LocalEntryNotFoundError"):
-            return None
-        if kind == "RepositoryNotFoundError":
-            raise OSError(
-                f"{repo_id!r} is neither a local folder nor a hub repository you can access "
-                "(private or gated repos need `huggingface-cli login`)"
-            ) from None
-        if kind == "GatedRepoError":
-            raise OSError(f"{repo_id!r} is gated: accept its licence on huggingface.co and `huggingface-cli login`") from None
-        why = "HF_HUB_OFFLINE is set and it is not in the hub cache" if offline else f"{kind}: {e}"
-        raise OSError(
-            f"{repo_id!r} is not a local folder, and {filename} could not be fetched from the Hugging Face hub "
-            f"({why}); {_how_to_download(repo_id)}"
-        ) from None
-
-
-def resolve_file(
-    path_or_repo: str | os.PathLike, filename: str, *, missing_ok: bool = False, **hub_kwargs: Any
-) -> Path | None:
-    """The local path of ``filename`` inside a checkpoint folder or a hub repo.
-
-    - a local folder: the file in it, or ``FileNotFoundError`` naming the folder and the file;
-    - a path that does not exist and is not a repo id: ``FileNotFoundError``;
-    - a repo id such as ``"meta-llama/Llama-2-7b-hf"``: downloaded (and cached) through
-      ``huggingface_hub.hf_hub_download`` with its usual token; offline, or without
-      huggingface_hub, an ``OSError`` that says what to download and where to put it.
-
-    ``missing_ok=True`` returns ``None`` instead of raising when only the file is missing.
-    """
-    p = Path(path_or_repo).expanduser()
-    if p.is_dir():
-        f = p / filename
-        if f.is_file():
-            return f
-        if missing_ok:
-            return None
-        present = sorted(x.name for x in p.iterdir())[:12]
-        raise FileNotFoundError(f"{filename} is missing from the folder {p} (it holds: {present or 'nothing'})")
-    if p.exists():
-        raise FileNotFoundError(f"{p} is a file; pass the checkpoint folder that contains {filename}")
-    name = str(path_or_repo)
-    if not looks_like_repo_id(name):
-        raise FileNotFoundError(f"{name} does not exist (and it is not a hub repo id like 'meta-llama/Llama-2-7b-hf')")
-    return _hub_download(name, filename, missing_ok, **hub_kwargs)
 
 
 # --------------------------------------------------------------------------------------------
@@ -194,15 +106,22 @@ def parse_size(size: int | str) -> int:
     raise ValueError(f"max_shard_size {size!r} is not a size; use bytes (int) or a string like '200MB' or '5GB'")
 
 
-def _parse_device(device: str | torch.device | int | None) -> torch.device:
+def parse_device(device: str | torch.device | int | None, default: str = "cpu") -> torch.device:
+    """A torch.device from ``"cpu"``, ``"cuda:0"``, ``0``, a torch.device, ``"auto"`` (cuda when
+    available, else cpu) or None (``default``). Unknown names, the meta device (a model there
+    holds no weights) and a CUDA device on a machine without one are clear errors."""
     if device is None:
-        return torch.device("cpu")
+        device = default
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         parsed = torch.device(device)
     except (RuntimeError, TypeError) as e:
-        raise ValueError(f"unknown device {device!r} ({e}); use 'cpu', 'cuda', 'cuda:0' or 'mps'") from None
+        raise ValueError(f"unknown device {device!r} ({e}); use 'cpu', 'cuda', 'cuda:0', 'mps' or 'auto'") from None
     if parsed.type == "meta":
-        raise ValueError(f"device '{parsed}' holds shapes but no values, so weights cannot be loaded there; use 'cpu' or 'cuda'")
+        raise ValueError("device 'meta' holds no weights; use 'cpu', 'cuda' or 'auto'")
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asks for CUDA but no CUDA GPU is available here; use 'cpu' or 'auto'")
     return parsed
 
 
@@ -280,9 +199,11 @@ class _WeightFile:
 
     A safetensors file is an 8-byte little-endian header length, a JSON header
     ``{key: {"dtype": "F32", "shape": [...], "data_offsets": [begin, end]}}`` and the raw bytes.
-    ``safe_open`` validates it; we then read each tensor's bytes straight into a fresh tensor
-    with ``readinto``. (Reading through the memory map would also count every page of the file
-    in the process's resident memory until the map is closed: two copies of the weights.)"""
+    ``safe_open`` validates it. :meth:`mapped` then gives a tensor that *is* the bytes in the file:
+    a private (copy-on-write) memory map, file-backed pages the OS reads on first use and may drop
+    again, so loading takes no memory of its own; writing to the tensor copies only the pages
+    written, never the file. :meth:`tensor` reads the bytes into a fresh tensor instead, for a
+    conversion to another dtype or device."""
 
     def __init__(self, path: Path):
         self.path = path
@@ -298,7 +219,7 @@ class _WeightFile:
                     self._header = json.loads(f.read(n))
                 self._data_start = 8 + n
             else:
-                self._handle = _torch_load(path)
+                self._handle = load_torch_state_dict(path)
                 self.keys = list(self._handle.keys())
         except OSError:
             raise
@@ -314,6 +235,22 @@ class _WeightFile:
         if self.is_safetensors:
             return _SAFETENSORS_DTYPES.get(self._handle.get_slice(key).get_dtype())
         return self._handle[key].dtype
+
+    def mapped(self, key: str) -> torch.Tensor | None:
+        """The tensor ``key`` as a view of the memory-mapped file, or None where that cannot be
+        (a pickle file, an unusual dtype, data not aligned to its element size)."""
+        if not self.is_safetensors:
+            return None
+        info = self._header[key]
+        dtype = _SAFETENSORS_DTYPES.get(info["dtype"])
+        begin, end = (self._data_start + offset for offset in info["data_offsets"])
+        if dtype is None or begin % dtype.itemsize:
+            return None
+        if getattr(self, "_map", None) is None:
+            size = self.path.stat().st_size
+            storage = torch.UntypedStorage.from_file(str(self.path), shared=False, nbytes=size)
+            self._map = torch.empty(0, dtype=torch.uint8).set_(storage)  # the whole file, as bytes
+        return self._map[begin:end].view(dtype).view(info["shape"])
 
     def tensor(self, key: str) -> torch.Tensor:
         if not self.is_safetensors:
@@ -334,10 +271,10 @@ class _WeightFile:
         return t
 
 
-def _torch_load(path: Path) -> dict[str, torch.Tensor]:
-    """``torch.load`` of a pickle checkpoint that refuses anything but tensors (weights_only),
-    memory-mapped when the file format allows it."""
-    import pickle
+def load_torch_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """``torch.load`` of a pickle checkpoint (``pytorch_model.bin``, Meta's ``consolidated.NN.pth``)
+    that refuses anything but tensors (weights_only), memory-mapped when the file format allows."""
+    import pickle  # only for its exception class
 
     try:
         try:
@@ -352,8 +289,10 @@ def _torch_load(path: Path) -> dict[str, torch.Tensor]:
             f"them could run arbitrary code ({str(e).splitlines()[0]}). Only if you trust its source, "
             "convert it yourself with torch.load(..., weights_only=False) and save it as safetensors"
         ) from None
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise OSError(f"{path} does not hold a state dict (a dict of tensors)")
+    except Exception as e:  # noqa: BLE001 - a truncated zip, a file of another format, ...
+        raise OSError(f"could not read {path}: it is corrupt or truncated ({type(e).__name__}: {e})") from None
+    if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
+        raise ValueError(f"{path} holds a {type(sd).__name__}, not a state dict (names -> tensors); is it a checkpoint?")
     return sd
 
 
@@ -438,6 +377,7 @@ def load_pretrained(
     attn_implementation: str | None = None,
     progress: bool = True,
     low_cpu_mem_usage: bool | None = None,
+    mmap: bool = True,
     **config_overrides: Any,
 ) -> nn.Module:
     """Build ``cls`` (LlamaForCausalLM, LlamaModel or LlamaForSequenceClassification) from a
@@ -447,7 +387,9 @@ def load_pretrained(
     ``torch_dtype`` (else the weights' dtype), or an explicit dtype to convert to.
     ``device``: where the weights go ("cpu" default, "cuda", ...). ``config_overrides`` set config
     fields (e.g. ``num_labels=3``). ``low_cpu_mem_usage`` is accepted for compatibility; loading
-    is always low-memory. Returns the model in ``eval()`` mode.
+    is always low-memory. ``mmap=False`` reads the weights into the process's own memory even
+    when they could stay mapped from the file (then the file may be deleted or changed in place).
+    Returns the model in ``eval()`` mode.
     """
     del low_cpu_mem_usage
     # -- config -------------------------------------------------------------------------------
@@ -464,7 +406,7 @@ def load_pretrained(
     if attn_implementation is not None:
         config.attn_implementation = attn_implementation
     config.validate()
-    target_device = _parse_device(device)
+    target_device = parse_device(device)
 
     # -- what the files hold ------------------------------------------------------------------
     files = [_WeightFile(f) for f in find_weight_files(path_or_repo)]
@@ -484,6 +426,8 @@ def load_pretrained(
     # -- build without memory, then match keys ------------------------------------------------
     with torch.device("meta"), _skip_init(cls):
         model = cls(config)
+    qconfig = getattr(config, "quantization_config", None)  # a checkpoint written by llama_edu.quantize
+    keep_dtype = prepare_quantized_model(model, qconfig, path_or_repo) if qconfig is not None else set()
     prefix = getattr(cls, "base_model_prefix", "model") + "."
     expected = {k: tuple(v.shape) for k, v in model.state_dict(keep_vars=True).items()}
     tied = bool(config.tie_word_embeddings) and model.get_output_embeddings() is not None
@@ -517,6 +461,9 @@ def load_pretrained(
             lines.append(f"missing keys ({len(body_missing)}): {body_missing[:10]}" + (" ..." if len(body_missing) > 10 else ""))
         if body_unexpected:
             lines.append(f"unexpected keys ({len(body_unexpected)}): {body_unexpected[:10]}" + (" ..." if len(body_unexpected) > 10 else ""))
+            hint = quantized_checkpoint_hint(body_unexpected)
+            if hint:
+                lines.append(hint)
         raise ValueError("\n".join(lines))
     if head_unused:
         warnings.warn(
@@ -549,11 +496,15 @@ def load_pretrained(
     bar = tqdm(total=len(found), desc="Loading weights", unit="tensor", disable=not show)
     for wf in files:
         for dst in by_file.get(wf.path, []):
-            t = wf.tensor(found[dst])
-            if t.is_floating_point():
-                # copy=True detaches pickle-file tensors from their memory map; safetensors ones
-                # are fresh already, and .to() with nothing to do is free.
-                t = t.to(device=target_device, dtype=dtype, copy=not wf.is_safetensors)
+            key = found[dst]
+            # Zero-copy when the file already holds what is asked for, on the CPU.
+            t = wf.mapped(key) if mmap and target_device.type == "cpu" and wf.dtype(key) == dtype else None
+            if t is None:
+                t = wf.tensor(key)
+                if t.is_floating_point() and dst not in keep_dtype:  # quantization scales keep their dtype
+                    # copy=True detaches pickle-file tensors from their memory map; safetensors
+                    # ones are fresh already, and .to() with nothing to do is free.
+                    t = t.to(device=target_device, dtype=dtype, copy=not wf.is_safetensors)
             state[dst] = t
             bar.update(1)
     bar.close()
@@ -607,6 +558,7 @@ def write_checkpoint(
     max_shard_size: int | str = "5GB",
     safe_serialization: bool = True,
     extra_files: dict[str, Any] | None = None,
+    atomic: bool = True,
 ) -> list[Path]:
     """Stream ``(key, tensor)`` pairs into an HF-layout folder, atomically.
 
@@ -620,7 +572,8 @@ def write_checkpoint(
     and swapped in, under a lock, so a crash, Ctrl-C or a concurrent save never leaves a mixture
     of two models. The previous checkpoint's files (config.json and weights in any layout) and
     the ``extra_files`` names are replaced; every other file in the folder is kept. Returns the
-    final paths.
+    final paths. ``atomic=False`` writes straight into ``save_directory``: for a caller that
+    stages a larger set of files itself (a training checkpoint: weights, optimizer, state).
     """
     limit = parse_size(max_shard_size)
     out = Path(save_directory)
@@ -632,7 +585,9 @@ def write_checkpoint(
     def owned(name: str) -> bool:
         return bool(CHECKPOINT_FILE.match(name)) or name in extra_names
 
-    with replace_folder_files(out, owned) as staging:
+    if not atomic:
+        out.mkdir(parents=True, exist_ok=True)
+    with replace_folder_files(out, owned) if atomic else contextlib.nullcontext(out) as staging:
         shards: list[list[str]] = []
         current: dict[str, torch.Tensor] = {}
         storages: set[int] = set()  # of the tensors in `current`
@@ -701,12 +656,15 @@ def save_pretrained(
     max_shard_size: int | str = "5GB",
     safe_serialization: bool = True,
     state_dict: dict[str, torch.Tensor] | None = None,
+    atomic: bool = True,
 ) -> None:
     """Write ``config.json`` (with ``torch_dtype`` and ``architectures``) and the weights as
     ``model.safetensors`` (or shards + ``model.safetensors.index.json`` above ``max_shard_size``;
     ``pytorch_model.bin`` when ``safe_serialization=False``), in a form transformers loads.
 
     A tied LM head is not written (it is the embedding matrix; transformers re-ties it).
+    The files replace the folder's previous checkpoint at once (``atomic=False``: see
+    :func:`write_checkpoint`).
     """
     sd = model.state_dict() if state_dict is None else state_dict
     config = model.config
@@ -722,5 +680,6 @@ def save_pretrained(
     cfg = config.to_dict()
     cfg["torch_dtype"] = dtype_name(float_dtypes[0]) if float_dtypes else "float32"
     cfg["architectures"] = [type(model).__name__]
-    cfg.setdefault("transformers_version", "4.37.2")  # the format we write; transformers reads it
-    write_checkpoint(sd.items(), save_directory, cfg, max_shard_size=max_shard_size, safe_serialization=safe_serialization)
+    cfg.setdefault("transformers_version", TRANSFORMERS_VERSION)  # the format we write; transformers reads it
+    write_checkpoint(sd.items(), save_directory, cfg, max_shard_size=max_shard_size,
+                     safe_serialization=safe_serialization, atomic=atomic)

@@ -15,7 +15,10 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .files import atomic_write_bytes
+from .files import atomic_write_bytes, resolve_file
+
+#: The transformers release whose config.json format we write (and test against).
+TRANSFORMERS_VERSION = "4.37.2"
 
 ACTIVATIONS = ("silu", "swish", "gelu", "gelu_new", "gelu_pytorch_tanh", "relu")
 ATTENTION_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2")
@@ -327,8 +330,6 @@ class LlamaConfig:
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, **overrides: Any) -> "LlamaConfig":
         """Read ``config.json`` from a directory (or a path to the file itself), or a hub repo id."""
-        from .checkpoint import resolve_file  # local import: checkpoint imports config
-
         p = Path(path)
         file = p if p.is_file() else resolve_file(path, "config.json")
         cfg = cls.from_json_file(file)

@@ -21,8 +21,8 @@ with i + head_dim/2. Permuting the output rows of ``wq``/``wk`` inside every hea
 the other (:func:`permute_qk`); the same model, bit for bit. Forgetting it gives a model that
 produces sensible text for a few tokens and then gibberish (llama2.c PR #286).
 
-:func:`meta_reference_forward` runs Meta-layout weights through Meta's own math (complex RoPE)
-so the conversion can be checked against an independent implementation.
+:func:`llama_edu.reference.reference_forward` runs Meta-layout weights through Meta's own math
+(complex RoPE), so the conversion is checked against an independent implementation.
 """
 
 from __future__ import annotations
@@ -39,11 +39,13 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .atomic_save import replace_folder_files
-from .checkpoint import dtype_name, parse_dtype, write_checkpoint
-from .config import LlamaConfig
+from .checkpoint import dtype_name, load_torch_state_dict, parse_dtype, write_checkpoint
+from .config import TRANSFORMERS_VERSION, LlamaConfig
+from .files import cache_dir, find_data_file
+from .mlp import swiglu_hidden_size
+from .modeling import LlamaForCausalLM
 
 # ============================================================================================
 # The q/k permutation
@@ -115,16 +117,6 @@ def _split_dim(meta_key: str) -> int | None:
     return META_SPLIT_DIM[suffix]
 
 
-def meta_intermediate_size(dim: int, multiple_of: int = 256, ffn_dim_multiplier: float | None = None) -> int:
-    """The SwiGLU hidden size of Meta's ``FeedForward``: 2/3 of 4*dim, scaled by
-    ``ffn_dim_multiplier`` and rounded up to a multiple of ``multiple_of`` (11008 for 7B,
-    28672 for 70B)."""
-    hidden = int(2 * (4 * dim) / 3)
-    if ffn_dim_multiplier is not None:
-        hidden = int(ffn_dim_multiplier * hidden)
-    return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
-
-
 def guess_max_position_embeddings(params: dict[str, Any], model_size: str | None = None) -> int:
     """The context length to write, since Meta's params.json does not say it.
 
@@ -142,28 +134,6 @@ def guess_max_position_embeddings(params: dict[str, Any], model_size: str | None
     if math.isclose(float(params.get("norm_eps", 1e-5)), 1e-6):
         return 2048
     return 4096
-
-
-def _load_pth(path: Path) -> dict[str, torch.Tensor]:
-    """A consolidated.NN.pth, memory-mapped, refusing anything but tensors."""
-    import pickle
-
-    try:
-        try:
-            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as e:
-            if "mmap" not in str(e):
-                raise
-            sd = torch.load(path, map_location="cpu", weights_only=True)
-        if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
-            raise ValueError(f"{path} holds a {type(sd).__name__}, not a state dict (names -> tensors); is it a Meta checkpoint?")
-        return sd
-    except ValueError:
-        raise
-    except pickle.UnpicklingError as e:
-        raise OSError(f"refused to load {path}: it holds Python objects other than tensors ({str(e).splitlines()[0]})") from None
-    except Exception as e:  # noqa: BLE001 - truncated zip etc.
-        raise OSError(f"could not read {path}: it is corrupt or truncated ({type(e).__name__}: {e})") from None
 
 
 def merge_meta_shards(shards: list[dict[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
@@ -186,7 +156,7 @@ def merged_meta_state_dict(input_dir: str | os.PathLike) -> tuple[dict[str, torc
     """All of a Meta checkpoint as one unsharded state dict with Meta's key names, and its
     params.json. For small models (tests, the notebook): it holds the whole model in memory."""
     params, files = _read_meta_dir(Path(input_dir))
-    shards = [_load_pth(f) for f in files]
+    shards = [load_torch_state_dict(f) for f in files]
     return {k: v.clone() for k, v in merge_meta_shards(shards)}, params
 
 
@@ -289,7 +259,7 @@ def _meta_config(params: dict[str, Any], shard0: dict[str, torch.Tensor], num_sh
     head_dim = dim // n_heads
     w1 = shard0.get("layers.0.feed_forward.w1.weight")
     intermediate = w1.shape[0] * num_shards if w1 is not None else None
-    from_params = meta_intermediate_size(dim, params.get("multiple_of", 256), params.get("ffn_dim_multiplier"))
+    from_params = swiglu_hidden_size(dim, params.get("multiple_of", 256), params.get("ffn_dim_multiplier"))
     if intermediate is not None and intermediate != from_params:
         raise ValueError(
             f"params.json gives a feed-forward size of {from_params} (dim {dim}, multiple_of "
@@ -390,7 +360,7 @@ def convert_meta_checkpoint(
     if out_dtype == "auto":
         raise ValueError("dtype must be a concrete dtype for conversion (float16, bfloat16 or float32)")
 
-    shards = [_load_pth(f) for f in files]  # memory-mapped: nothing is read yet
+    shards = [load_torch_state_dict(f) for f in files]  # memory-mapped: nothing is read yet
     shard0 = shards[0]
     n_heads, n_layers = params["n_heads"], params["n_layers"]
     n_kv = params.get("n_kv_heads") or n_heads
@@ -405,7 +375,7 @@ def convert_meta_checkpoint(
         raise ValueError(f"params.json says dim={params['dim']} but tok_embeddings is {emb.shape[1]} wide in each of {num_shards} shard(s)")
 
     w1 = shard0.get("layers.0.feed_forward.w1.weight")
-    intermediate = w1.shape[0] * num_shards if w1 is not None else meta_intermediate_size(
+    intermediate = w1.shape[0] * num_shards if w1 is not None else swiglu_hidden_size(
         params["dim"], params.get("multiple_of", 256), params.get("ffn_dim_multiplier"))
     _check_meta_weights(params, shards, files, vocab_size, intermediate)
 
@@ -444,10 +414,10 @@ def convert_meta_checkpoint(
     config.torch_dtype = dtype_name(out_dtype)
     cfg = config.to_dict()
     cfg["architectures"] = ["LlamaForCausalLM"]
-    cfg["transformers_version"] = "4.37.2"
+    cfg["transformers_version"] = TRANSFORMERS_VERSION
     extra: dict[str, Any] = {
         "generation_config.json": {"_from_model_config": True, "bos_token_id": bos, "eos_token_id": eos,
-                                   "transformers_version": "4.37.2"},
+                                   "transformers_version": TRANSFORMERS_VERSION},
     }
     if tok is not None:
         extra.update(tokenizer_files(tok, max_pos))
@@ -508,14 +478,14 @@ def meta_params(config: LlamaConfig) -> dict[str, Any]:
     if config.num_key_value_heads != config.num_attention_heads:
         params["n_kv_heads"] = config.num_key_value_heads
     for multiple_of in (256, 128, 64, 32, 16, 8, 4, 2, 1):
-        if meta_intermediate_size(config.hidden_size, multiple_of) == config.intermediate_size:
+        if swiglu_hidden_size(config.hidden_size, multiple_of) == config.intermediate_size:
             params["multiple_of"] = multiple_of
             return params
     # Fall back to ffn_dim_multiplier with multiple_of 1.
     base = int(2 * 4 * config.hidden_size / 3)
     params["multiple_of"] = 1
     params["ffn_dim_multiplier"] = config.intermediate_size / base
-    if meta_intermediate_size(config.hidden_size, 1, params["ffn_dim_multiplier"]) != config.intermediate_size:
+    if swiglu_hidden_size(config.hidden_size, 1, params["ffn_dim_multiplier"]) != config.intermediate_size:
         params["ffn_dim_multiplier"] = (config.intermediate_size + 0.5) / base
     return params
 
@@ -534,55 +504,6 @@ def write_meta_checkpoint(model: torch.nn.Module, output_dir: str | os.PathLike,
             torch.save(shard, staging / f"consolidated.{i:02d}.pth")
         (staging / "params.json").write_text(json.dumps(meta_params(model.config)))
     return out
-
-
-# ============================================================================================
-# Meta's forward, for checking (llama/model.py math, without model parallelism or caches)
-# ============================================================================================
-
-
-def meta_reference_forward(sd: dict[str, torch.Tensor], params: dict[str, Any], tokens: torch.Tensor) -> torch.Tensor:
-    """Logits (batch, seq, vocab) of Meta's ``Transformer.forward`` on an unsharded Meta state
-    dict (Meta key names, interleaved q/k), with Meta's complex-number RoPE:
-    ``freqs_cis = polar(1, m * theta_i)`` and ``x_rotated = x_complex * freqs_cis``."""
-    dim, n_heads = params["dim"], params["n_heads"]
-    n_kv = params.get("n_kv_heads") or n_heads
-    head_dim, eps = dim // n_heads, params.get("norm_eps", 1e-5)
-    theta = float(params.get("rope_theta", 10000.0))
-    bsz, seqlen = tokens.shape
-    dev = tokens.device
-
-    def rmsnorm(x, w):
-        return (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)).type_as(x) * w
-
-    # precompute_freqs_cis: one unit complex number per (position, pair)
-    freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=dev)[: head_dim // 2].float() / head_dim))
-    angles = torch.outer(torch.arange(seqlen, device=dev).float(), freqs)  # (seq, head_dim/2): m * theta_i
-    freqs_cis = torch.polar(torch.ones_like(angles), angles)
-
-    def rope(x):  # (b, s, heads, head_dim): neighbours (2i, 2i+1) are one complex number
-        xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
-        return torch.view_as_real(xc * freqs_cis[None, :, None, :]).flatten(3).type_as(x)
-
-    mask = torch.full((seqlen, seqlen), float("-inf"), device=dev).triu(1)
-    h = F.embedding(tokens, sd["tok_embeddings.weight"])
-    for i in range(params["n_layers"]):
-        p = f"layers.{i}."
-        x = rmsnorm(h, sd[p + "attention_norm.weight"])
-        xq = (x @ sd[p + "attention.wq.weight"].T).view(bsz, seqlen, n_heads, head_dim)
-        xk = (x @ sd[p + "attention.wk.weight"].T).view(bsz, seqlen, n_kv, head_dim)
-        xv = (x @ sd[p + "attention.wv.weight"].T).view(bsz, seqlen, n_kv, head_dim)
-        xq, xk = rope(xq), rope(xk)
-        rep = n_heads // n_kv  # repeat_kv
-        xk, xv = xk.repeat_interleave(rep, dim=2), xv.repeat_interleave(rep, dim=2)
-        q, k, v = (t.transpose(1, 2) for t in (xq, xk, xv))  # (b, heads, s, head_dim)
-        scores = q @ k.transpose(2, 3) / math.sqrt(head_dim) + mask
-        out = (F.softmax(scores.float(), dim=-1).type_as(q) @ v).transpose(1, 2).reshape(bsz, seqlen, -1)
-        h = h + out @ sd[p + "attention.wo.weight"].T
-        x = rmsnorm(h, sd[p + "ffn_norm.weight"])
-        ff = F.silu(x @ sd[p + "feed_forward.w1.weight"].T) * (x @ sd[p + "feed_forward.w3.weight"].T)
-        h = h + ff @ sd[p + "feed_forward.w2.weight"].T
-    return (rmsnorm(h, sd["norm.weight"]) @ sd["output.weight"].T).float()
 
 
 # ============================================================================================
@@ -704,10 +625,8 @@ def read_llama2c(path: str | os.PathLike) -> tuple[LlamaConfig, dict[str, torch.
     return config, {k: v.contiguous() for k, v in sd.items()}
 
 
-def load_llama2c(path: str | os.PathLike, device: str | torch.device | None = None) -> "LlamaForCausalLM":  # noqa: F821
+def load_llama2c(path: str | os.PathLike, device: str | torch.device | None = None) -> LlamaForCausalLM:
     """A llama2.c ``model.bin`` as a ready LlamaForCausalLM (float32, eval mode)."""
-    from .model import LlamaForCausalLM
-
     config, sd = read_llama2c(path)
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
@@ -733,9 +652,9 @@ def convert_llama2c_checkpoint(
     config.torch_dtype = dtype_name(out_dtype)
     cfg = config.to_dict()
     cfg["architectures"] = ["LlamaForCausalLM"]
-    cfg["transformers_version"] = "4.37.2"
+    cfg["transformers_version"] = TRANSFORMERS_VERSION
     extra: dict[str, Any] = {"generation_config.json": {"_from_model_config": True, "bos_token_id": 1, "eos_token_id": 2,
-                                                        "transformers_version": "4.37.2"}}
+                                                        "transformers_version": TRANSFORMERS_VERSION}}
     if tokenizer_path is not None:
         if not Path(tokenizer_path).is_file():
             raise FileNotFoundError(f"tokenizer {tokenizer_path} does not exist")
@@ -743,6 +662,19 @@ def convert_llama2c_checkpoint(
     write_checkpoint(((k, v.to(out_dtype)) for k, v in sd.items()), output_dir, cfg,
                      max_shard_size=max_shard_size, extra_files=extra)
     return config
+
+
+def stories260k_hf(download: bool = True) -> Path:
+    """The folder of stories260K in the HF layout: the shared copy when there is one (tests, CI),
+    else made once in the user cache from llama2.c's ``stories260K.bin`` (found or downloaded)
+    with :func:`convert_llama2c_checkpoint`: the same weights (Colab, fresh clones)."""
+    try:
+        return find_data_file("stories260K/hf", download=False)
+    except FileNotFoundError:
+        target = cache_dir() / "stories260K" / "hf"
+        if not (target / "config.json").is_file():
+            convert_llama2c_checkpoint(find_data_file("stories260K/stories260K.bin", download=download), target)
+        return target
 
 
 # ============================================================================================
@@ -772,20 +704,20 @@ def _cmd_convert_llama2c(args: argparse.Namespace) -> int:
 def add_cli_commands(subparsers: Any) -> None:
     """Register ``convert-meta`` and ``convert-llama2c`` with ``python -m llama_edu``."""
     p = subparsers.add_parser("convert-meta", help="Meta consolidated.*.pth checkpoint -> Hugging Face layout")
-    p.add_argument("--input_dir", required=True, help="folder with params.json and consolidated.NN.pth")
-    p.add_argument("--output_dir", required=True, help="where to write the HF-layout checkpoint")
-    p.add_argument("--model_size", default=None, help="7B, 13B, 70B, ... (optional; cross-checks the shard count)")
+    p.add_argument("--input-dir", "--input_dir", dest="input_dir", required=True, help="folder with params.json and consolidated.NN.pth")
+    p.add_argument("--output-dir", "--output_dir", dest="output_dir", required=True, help="where to write the HF-layout checkpoint")
+    p.add_argument("--model-size", "--model_size", dest="model_size", default=None, help="7B, 13B, 70B, ... (optional; cross-checks the shard count)")
     p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"], help="output dtype")
-    p.add_argument("--max_shard_size", default="5GB", help="e.g. 5GB, 500MB")
-    p.add_argument("--max_position_embeddings", type=int, default=None,
+    p.add_argument("--max-shard-size", "--max_shard_size", dest="max_shard_size", default="5GB", help="e.g. 5GB, 500MB")
+    p.add_argument("--max-position-embeddings", "--max_position_embeddings", dest="max_position_embeddings", type=int, default=None,
                    help="context length to write (default: 4096 for Llama 2, 2048 for Llama 1, 16384 for Code Llama)")
-    p.add_argument("--tokenizer_path", default=None, help="tokenizer.model (default: in or above input_dir)")
+    p.add_argument("--tokenizer-path", "--tokenizer_path", dest="tokenizer_path", default=None, help="tokenizer.model (default: in or above input_dir)")
     p.set_defaults(func=_cmd_convert_meta)
 
     p = subparsers.add_parser("convert-llama2c", help="llama2.c model.bin -> Hugging Face layout")
     p.add_argument("--input", required=True, help="llama2.c model.bin (legacy or version-1 export)")
-    p.add_argument("--output_dir", required=True, help="where to write the HF-layout checkpoint")
+    p.add_argument("--output-dir", "--output_dir", dest="output_dir", required=True, help="where to write the HF-layout checkpoint")
     p.add_argument("--dtype", default="float32", choices=["float16", "bfloat16", "float32"], help="output dtype")
-    p.add_argument("--max_shard_size", default="5GB", help="e.g. 5GB, 500MB")
-    p.add_argument("--tokenizer_path", default=None, help="a SentencePiece tokenizer.model to include")
+    p.add_argument("--max-shard-size", "--max_shard_size", dest="max_shard_size", default="5GB", help="e.g. 5GB, 500MB")
+    p.add_argument("--tokenizer-path", "--tokenizer_path", dest="tokenizer_path", default=None, help="a SentencePiece tokenizer.model to include")
     p.set_defaults(func=_cmd_convert_llama2c)

@@ -1,16 +1,260 @@
-"""Atomic file writes: a reader (or a crash) never sees half a file.
+"""The one place that finds files, and writes them atomically.
 
-Every file the project writes (configs, tokenizers, checkpoints) goes to a temporary name in
-the target folder first and is renamed into place, which is atomic on POSIX and Windows.
+Data files (Meta's tokenizer, tiny Shakespeare, the SMS spam collection, stories260K) are never
+committed to the repository. :func:`find_data_file` looks for them, in this order:
+
+1. an explicit path given by the caller;
+2. the directory named by the environment variable ``LLAMA_EDU_DATA``;
+3. ``../shared/data`` beside the checkout (how the tests and CI get them);
+4. the user cache (``~/.cache/llama_edu``), filled by a download from the public original
+   and verified against its sha256.
+
+Offline with nothing found, it raises a ``FileNotFoundError`` that says where to put the file.
+
+Checkpoint files (``config.json``, weights, tokenizer) are found by :func:`resolve_file`: in a
+local folder, or downloaded from the Hugging Face hub when given a repo id.
+
+Every file the project writes goes through :func:`atomic_write_bytes`: a temporary name in the
+target folder, then a rename, so a reader (or a crash) never sees half a file.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 import tempfile
+import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+#: The repository root (the folder holding ``llama_edu/`` and ``data/``).
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+#: The project's own artefacts: its trained tokenizer and default checkpoint.
+PROJECT_DATA_DIR = REPO_ROOT / "data"
+
+#: Where the default model (HF layout) lives.
+DEFAULT_MODEL_DIR = PROJECT_DATA_DIR / "shakespeare-llama"
 
 
+@dataclass(frozen=True)
+class DataFile:
+    """A public file the course uses: its sha256 and where the original lives."""
+
+    name: str
+    sha256: str | None
+    url: str | None
+    description: str
+
+
+KNOWN_FILES = {
+    f.name: f
+    for f in [
+        DataFile(
+            "llama2-tokenizer.model",
+            "9e556afd44213b6bd1be2b850ebbbd98f5481437a8021afaf58ee7fb1818d347",
+            "https://huggingface.co/hf-internal-testing/llama-tokenizer/resolve/main/tokenizer.model",
+            "Meta's Llama 2 SentencePiece tokenizer (32,000 pieces)",
+        ),
+        DataFile(
+            "tinyshakespeare.txt",
+            "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed",
+            "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",
+            "the tiny Shakespeare corpus (1.1 MB)",
+        ),
+        DataFile(
+            "sms_spam_collection.tsv",
+            "7d039a24a6083ed9ef0f806ebad56bbb976e3aeb8de05669173bfdc4996c239d",
+            None,  # the UCI original is a zip archive: download and unpack it by hand
+            "the UCI SMS Spam Collection (label<TAB>text)",
+        ),
+        DataFile(
+            "stories260K/stories260K.bin",
+            "9414d5a285453a7eab631713d171753232c978f6f97654211469aff8be93c8d6",
+            "https://huggingface.co/karpathy/tinyllamas/resolve/main/stories260K/stories260K.bin",
+            "llama2.c's pretrained stories260K model",
+        ),
+    ]
+}
+
+
+def cache_dir() -> Path:
+    """The user cache for downloaded data (``$XDG_CACHE_HOME/llama_edu`` or ``~/.cache/llama_edu``)."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "llama_edu"
+
+
+def search_dirs() -> list[Path]:
+    """The directories searched for shared data, in order."""
+    dirs = []
+    if os.environ.get("LLAMA_EDU_DATA"):
+        dirs.append(Path(os.environ["LLAMA_EDU_DATA"]))
+    dirs.append(REPO_ROOT.parent / "shared" / "data")
+    dirs.append(Path.cwd().parent / "shared" / "data")
+    dirs.append(cache_dir())
+    return dirs
+
+
+def sha256_of(path: str | os.PathLike) -> str:
+    """The hex sha256 of a file, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _download(info: DataFile, target: Path) -> Path:
+    """Download ``info.url`` to ``target`` atomically and check its sha256."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=target.name + ".", suffix=".part")
+    os.close(fd)
+    try:
+        urllib.request.urlretrieve(info.url, tmp)
+        got = sha256_of(tmp)
+        if info.sha256 and got != info.sha256:
+            raise OSError(
+                f"downloaded {info.name} from {info.url} but its sha256 is {got}, "
+                f"expected {info.sha256}; the file was not kept"
+            )
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return target
+
+
+def find_data_file(name: str, path: str | os.PathLike | None = None, download: bool = True) -> Path:
+    """Locate a shared data file (or folder) by ``name``, e.g. ``"tinyshakespeare.txt"``.
+
+    ``path``, when given, wins and must exist. Otherwise the search order of the module
+    docstring applies; ``download=False`` skips the network step.
+    """
+    if path is not None:
+        p = Path(path).expanduser()
+        if not p.exists():
+            raise FileNotFoundError(f"{p} does not exist (it was given explicitly for {name!r})")
+        return p
+    for d in search_dirs():
+        candidate = d / name
+        if candidate.exists():
+            return candidate
+    info = KNOWN_FILES.get(name)
+    if download and info is not None and info.url is not None:
+        try:
+            return _download(info, cache_dir() / name)
+        except OSError as e:  # offline, or a bad download: fall through to the clear error
+            reason = f" (download from {info.url} failed: {e})"
+    else:
+        reason = ""
+    what = f"{info.description} " if info else ""
+    where = "\n  ".join(str(d / name) for d in search_dirs())
+    raise FileNotFoundError(
+        f"could not find {what}{name!r}{reason}. Put the file at one of:\n  {where}\n"
+        "or set LLAMA_EDU_DATA to the folder that holds it."
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoint files: a local folder or a hub repo id
+# --------------------------------------------------------------------------------------------
+def looks_like_repo_id(name: str) -> bool:
+    """``"meta-llama/Llama-2-7b-hf"`` or ``"gpt2"`` (not ``./x``, ``/abs/path`` or ``a/b/c``)."""
+    return bool(_REPO_ID.match(name)) and not name.endswith((".json", ".safetensors", ".bin", ".pth"))
+
+
+def _hub_offline() -> bool:
+    """HF_HUB_OFFLINE read now (huggingface_hub reads it once, at import)."""
+    if os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
+        return True
+    try:
+        from huggingface_hub import constants
+
+        return bool(constants.HF_HUB_OFFLINE)
+    except ImportError:
+        return False
+
+
+def _how_to_download(repo_id: str) -> str:
+    return (
+        f"download it on a machine with network access: `huggingface-cli download {repo_id} "
+        f"--local-dir DIR` (gated repos such as meta-llama/* also need `huggingface-cli login` and "
+        "an accepted licence), then pass DIR instead of the repo id"
+    )
+
+
+def _hub_download(repo_id: str, filename: str, missing_ok: bool, **hub_kwargs: Any) -> Path | None:
+    """``hf_hub_download`` with errors that say what to do; ``None`` when the repo has no such
+    file and ``missing_ok``. ``hub_kwargs`` (cache_dir, revision, token, local_files_only) are
+    passed on."""
+    try:
+        from huggingface_hub import hf_hub_download
+    except ImportError:
+        raise OSError(
+            f"{repo_id!r} is not a local folder, and huggingface_hub is not installed to download it. "
+            f"`pip install huggingface_hub`, or {_how_to_download(repo_id)}"
+        ) from None
+    offline = _hub_offline() or bool(hub_kwargs.pop("local_files_only", False))
+    hub_kwargs = {k: v for k, v in hub_kwargs.items() if v is not None}
+    try:
+        # local_files_only: offline we may still find it in the hub cache, without a network call.
+        return Path(hf_hub_download(repo_id, filename, local_files_only=offline, **hub_kwargs))
+    except Exception as e:  # noqa: BLE001 - hub errors come in many classes; we sort them by name
+        kind = type(e).__name__
+        if missing_ok and kind in ("EntryNotFoundError", "RemoteEntryNotFoundError", "LocalEntryNotFoundError"):
+            return None
+        if kind == "RepositoryNotFoundError":
+            raise OSError(
+                f"{repo_id!r} is neither a local folder nor a hub repository you can access "
+                "(private or gated repos need `huggingface-cli login`)"
+            ) from None
+        if kind == "GatedRepoError":
+            raise OSError(f"{repo_id!r} is gated: accept its licence on huggingface.co and `huggingface-cli login`") from None
+        why = "HF_HUB_OFFLINE is set and it is not in the hub cache" if offline else f"{kind}: {e}"
+        raise OSError(
+            f"{repo_id!r} is not a local folder, and {filename} could not be fetched from the Hugging Face hub "
+            f"({why}); {_how_to_download(repo_id)}"
+        ) from None
+
+
+def resolve_file(
+    path_or_repo: str | os.PathLike, filename: str, *, missing_ok: bool = False, **hub_kwargs: Any
+) -> Path | None:
+    """The local path of ``filename`` inside a checkpoint folder or a hub repo.
+
+    - a local folder: the file in it, or ``FileNotFoundError`` naming the folder and the file;
+    - a path that does not exist and is not a repo id: ``FileNotFoundError``;
+    - a repo id such as ``"meta-llama/Llama-2-7b-hf"``: downloaded (and cached) through
+      ``huggingface_hub.hf_hub_download`` with its usual token; offline, or without
+      huggingface_hub, an ``OSError`` that says what to download and where to put it.
+
+    ``missing_ok=True`` returns ``None`` instead of raising when only the file is missing.
+    """
+    p = Path(path_or_repo).expanduser()
+    if p.is_dir():
+        f = p / filename
+        if f.is_file():
+            return f
+        if missing_ok:
+            return None
+        present = sorted(x.name for x in p.iterdir())[:12]
+        raise FileNotFoundError(f"{filename} is missing from the folder {p} (it holds: {present or 'nothing'})")
+    if p.exists():
+        raise FileNotFoundError(f"{p} is a file; pass the checkpoint folder that contains {filename}")
+    name = str(path_or_repo)
+    if not looks_like_repo_id(name):
+        raise FileNotFoundError(f"{name} does not exist (and it is not a hub repo id like 'meta-llama/Llama-2-7b-hf')")
+    return _hub_download(name, filename, missing_ok, **hub_kwargs)
+
+
+
+# --------------------------------------------------------------------------------------------
+# Writing
+# --------------------------------------------------------------------------------------------
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """Write ``data`` to ``path`` through a temporary file in the same folder and a rename.
 

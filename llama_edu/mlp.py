@@ -21,18 +21,14 @@ ACT2FN = {
 }
 
 
-def sliced_linear(x: torch.Tensor, layer: nn.Linear, slices: int, split_input: bool = False) -> torch.Tensor:
-    """``layer(x)`` computed in ``slices`` pieces, as Meta's tensor-parallel pretraining did
-    (``pretraining_tp``); mathematically equal, it reproduces their rounding exactly.
-    Rows of the weight are split (outputs concatenated), or with ``split_input`` its columns
-    (partial products summed)."""
-    if slices == 1:
-        return layer(x)
-    if split_input:
-        out = sum(F.linear(xi, wi) for xi, wi in zip(x.chunk(slices, -1), layer.weight.chunk(slices, 1)))
-    else:
-        out = torch.cat([F.linear(x, w) for w in layer.weight.chunk(slices, 0)], dim=-1)
-    return out if layer.bias is None else out + layer.bias
+def swiglu_hidden_size(hidden_size: int, multiple_of: int = 256, ffn_dim_multiplier: float | None = None) -> int:
+    """Llama's feed-forward width (Meta's ``FeedForward``): 2/3 of 4 * hidden_size, scaled by
+    ``ffn_dim_multiplier``, rounded up to a multiple of ``multiple_of``. The 2/3 keeps the
+    parameter count of a 4x GELU MLP with three matrices instead of two (4096 -> 11008)."""
+    hidden = int(2 * (4 * hidden_size) / 3)
+    if ffn_dim_multiplier is not None:
+        hidden = int(ffn_dim_multiplier * hidden)
+    return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
 
 
 class LlamaMLP(nn.Module):
@@ -49,7 +45,4 @@ class LlamaMLP(nn.Module):
         self.act_fn = ACT2FN[config.hidden_act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        tp = self.config.pretraining_tp
-        gate = sliced_linear(x, self.gate_proj, tp)  # (batch, seq, intermediate)
-        up = sliced_linear(x, self.up_proj, tp)
-        return sliced_linear(self.act_fn(gate) * up, self.down_proj, tp, split_input=True)
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))

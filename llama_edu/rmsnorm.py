@@ -9,6 +9,7 @@ bf16/fp16 activations loses too much precision (and can overflow in fp16) otherw
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -22,10 +23,12 @@ class LlamaRMSNorm(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """(..., hidden_size) -> (..., hidden_size), in the input's dtype times the weight's."""
-        input_dtype = hidden_states.dtype
-        x = hidden_states.to(torch.float32)
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
-        return self.weight * x.to(input_dtype)
+        # F.rms_norm is the formula above in one kernel.
+        if hidden_states.dtype == torch.float32:
+            return F.rms_norm(hidden_states, self.weight.shape, self.weight, self.variance_epsilon)
+        # Half precision: normalise in float32, round to the input dtype, then scale (as transformers).
+        x = F.rms_norm(hidden_states.float(), self.weight.shape, eps=self.variance_epsilon)
+        return self.weight * x.to(hidden_states.dtype)
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.variance_epsilon}"

@@ -80,9 +80,15 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rotary_pos_emb(
-    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, unsqueeze_dim: int | None = 1
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotate queries (batch, heads, seq, dim) and keys (batch, kv_heads, seq, dim) by the
-    angles whose cos/sin (batch, seq, dim) come from :class:`LlamaRotaryEmbedding`."""
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # broadcast over heads
+    """Rotate queries (batch, heads, seq, dim) and keys (batch, kv_heads, seq, dim) by the angles
+    whose cos/sin (batch, seq, dim) come from :class:`LlamaRotaryEmbedding` (eq. 34 of the paper):
+
+        q' = q * cos + rotate_half(q) * sin
+
+    cos/sin are unsqueezed at ``unsqueeze_dim`` to broadcast over heads, as in transformers;
+    ``None`` when the caller already did it once for all layers."""
+    if unsqueeze_dim is not None:
+        cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
     return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin

@@ -34,8 +34,7 @@ import torch
 
 from .atomic_save import replace_folder_files
 from .bpe import BYTE, CONTROL, SPIECE_UNDERLINE, UNKNOWN, set_add_dummy_prefix
-from .checkpoint import looks_like_repo_id, resolve_file
-from .files import atomic_write_bytes
+from .files import atomic_write_bytes, looks_like_repo_id, resolve_file
 
 VOCAB_FILE = "tokenizer.model"
 TOKENIZER_FILE = "tokenizer.json"
@@ -1217,7 +1216,7 @@ def _read_vocab_file(vocab_file: Any) -> bytes:
     if not path.is_file():
         raise FileNotFoundError(
             f"vocab_file {vocab_file} does not exist; pass the path of a sentencepiece tokenizer.model "
-            "(e.g. llama_edu.data.find_data_file('llama2-tokenizer.model'))"
+            "(e.g. llama_edu.files.find_data_file('llama2-tokenizer.model'))"
         )
     return path.read_bytes()
 

@@ -1,9 +1,27 @@
-"""Training-loop pieces: a token stream, batches, the LR schedule, AdamW, evaluation, checkpoints.
+"""Pretraining a Llama from scratch: a token stream, batches, the LR schedule, AdamW, evaluation,
+resumable checkpoints, and the loop that made the project's default model.
 
-The loop is nanoGPT's, for a Llama: sample random windows of ``block_size + 1`` tokens from the
-training stream, predict each next token, step AdamW with a warm-up + cosine learning rate and
-clipped gradients, and every ``eval_interval`` steps measure the validation loss and keep the
-best checkpoint (early stopping by validation loss, since tiny corpora overfit quickly).
+The loop is nanoGPT's, for a Llama. Every optimizer step:
+
+1. set the learning rate (linear warm-up, then a half cosine down to ``min_lr``);
+2. draw ``batch_size * grad_accum`` random windows of ``block_size + 1`` tokens and cut them
+   into ``grad_accum`` micro-batches (gradient accumulation: the same update as one batch
+   ``grad_accum`` times larger, in the memory of one micro-batch);
+3. forward each micro-batch (under bf16/fp16 autocast on a GPU), add the gradient of its
+   next-token loss divided by ``grad_accum``;
+4. stop with an error if the loss is not finite; clip the gradient norm; step AdamW;
+5. every ``eval_interval`` steps measure the validation loss, keep the best weights in
+   ``OUT/best/`` (early stopping: tiny corpora overfit) and everything needed to continue in
+   ``OUT/last/``.
+
+``OUT/last/`` holds the model (``config.json`` + ``model.safetensors``, the Hugging Face layout),
+``optimizer.pt`` (AdamW's moments and the fp16 grad scaler), ``rng.pt`` (the batch sampler's
+generator, which is the position in the data, and torch's CPU/CUDA and Python's random states)
+and ``train_state.json`` (step, history, the run's settings). ``--resume`` continues from it and
+gives, on a CPU, bit-identical weights to a run that was never stopped. Each checkpoint folder is
+written beside its final place and swapped in by renames, so a crash or ``kill -9`` at any moment
+leaves either the previous folder or the new one, whole. Ctrl-C finishes the current step,
+saves ``OUT/last/`` and stops (exit status 130 from the command line); a second Ctrl-C stops at once.
 
 Losses are reported two ways:
 
@@ -12,10 +30,22 @@ Losses are reported two ways:
   does not depend on the tokenizer, so a BPE model compares with a character-level one
   (nanoGPT's char model on tiny Shakespeare: 1.47 nats/char on validation).
 
+Mixed precision follows transformers' performance guide: bfloat16 autocast on a GPU that has it
+(weights, optimizer and checkpoints stay float32), float16 autocast only together with a gradient
+scaler (float16's small range underflows small gradients otherwise), float32 on a CPU.
+
 Command line::
 
     python -m llama_edu train --data input.txt --out runs/shakespeare --steps 2000 \\
         --hidden-size 256 --num-hidden-layers 4 --batch-size 16 --block-size 256 --lr 1e-3
+    python -m llama_edu train ... --resume        # continue runs/shakespeare/last/
+    torchrun --nproc_per_node 2 -m llama_edu train ... --parallel fsdp   # see llama_edu.distributed
+
+With ``--parallel ddp|fsdp|tp|fsdp+tp`` under torchrun, ``--batch-size`` stays the global batch:
+every rank draws the same windows and keeps its ``batch_size / N`` rows, so the run follows the
+one-process run. Rank 0 logs, evaluates and writes; ``OUT/last/`` then also holds ``dcp/``, the
+model and optimizer shards of every rank (``torch.distributed.checkpoint``), from which
+``--resume`` continues on any number of ranks, one process included.
 """
 
 from __future__ import annotations
@@ -24,18 +54,27 @@ import argparse
 import json
 import math
 import os
+import random
+import shutil
+import signal
+import sys
+import threading
 import time
+import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
+from . import distributed
+from .atomic_save import recover_folder, replace_folder_files
 from .config import PRESETS, LlamaConfig
-from .data import PROJECT_DATA_DIR
-from .files import atomic_write_bytes
-from .model import LlamaForCausalLM
+from .files import PROJECT_DATA_DIR, atomic_write_bytes
+from .mlp import swiglu_hidden_size
+from .modeling import LlamaForCausalLM
 
 DEFAULT_TOKENIZER = PROJECT_DATA_DIR / "tokenizer.model"
 
@@ -114,6 +153,21 @@ def get_batch(
     return windows[:, :-1], windows[:, 1:]
 
 
+# ----------------------------------------------------------------------------- the loss
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The pretraining objective: mean next-token cross-entropy, as ``LlamaForCausalLM(labels=...)``
+    computes it.
+
+    ``logits`` (batch, seq, vocab) at position t score the token at t + 1, so the last position
+    has no target and the first label has no prediction: compare ``logits[:, :-1]`` with
+    ``labels[:, 1:]``. Labels equal to -100 (padding, prompt tokens) count neither in the sum nor
+    in the number of tokens the mean divides by. Returns a float32 scalar.
+    """
+    shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()  # (batch * (seq - 1), vocab)
+    shift_labels = labels[:, 1:].reshape(-1).to(shift_logits.device)  # (batch * (seq - 1),)
+    return nn.functional.cross_entropy(shift_logits, shift_labels, ignore_index=-100)
+
+
 # ----------------------------------------------------------------------------- optimisation
 def lr_at(step: int, max_lr: float, warmup_steps: int, total_steps: int, min_lr: float) -> float:
     """Linear warm-up from ~0 to ``max_lr`` over ``warmup_steps``, then a half cosine down to
@@ -175,25 +229,35 @@ def evaluate(model: LlamaForCausalLM, tokens: torch.Tensor, char_lengths: torch.
 
 
 # ----------------------------------------------------------------------------- checkpoints
-def save_checkpoint(model: LlamaForCausalLM, out_dir: str | os.PathLike, state: dict[str, Any] | None = None) -> Path:
-    """Write the model to ``out_dir`` in the Hugging Face layout with ``model.save_pretrained``
-    (``config.json`` + ``model.safetensors``; a tied LM head is stored once, as transformers
-    does) and, if given, the training ``state`` to ``train_state.json``. Every file is written
-    under a temporary name and renamed into place, so a save that dies midway leaves the
-    previous checkpoint whole."""
-    out_dir = Path(out_dir)
-    model.save_pretrained(out_dir)
-    if state is not None:
-        atomic_write_bytes(out_dir / "train_state.json", (json.dumps(state, indent=2) + "\n").encode())
-    return out_dir
+def save_checkpoint(model: LlamaForCausalLM, out_dir: str | os.PathLike, state: dict[str, Any] | None = None,
+                    extra: dict[str, Any] | None = None, *, state_dict: dict[str, torch.Tensor] | None = None,
+                    folders: dict[str, Path] | None = None) -> Path:
+    """Write a checkpoint folder ``out_dir`` whole or not at all (:mod:`llama_edu.atomic_save`): the
+    model in the Hugging Face layout with ``model.save_pretrained`` (``config.json`` +
+    ``model.safetensors``; a tied LM head is stored once, as transformers does), ``state`` as
+    ``train_state.json``, and each ``extra`` item (a name -> object) with ``torch.save``
+    (tensors, numbers, lists and dicts only, so ``torch.load(weights_only=True)`` reads it).
+    ``state_dict`` replaces ``model.state_dict()`` (a distributed run's gathered weights), and
+    each ``folders`` item (a name -> an existing folder) is moved inside, e.g. sharded states."""
+
+    # The whole folder is the checkpoint: every entry of the previous one is replaced.
+    with replace_folder_files(out_dir, owned=lambda name: True, last=None) as folder:
+        model.save_pretrained(folder, state_dict=state_dict, atomic=False)  # this save is staged already
+        if state is not None:
+            (folder / "train_state.json").write_text(json.dumps(state, indent=1) + "\n")
+        for name, obj in (extra or {}).items():
+            torch.save(obj, folder / name)
+        for name, src in (folders or {}).items():
+            os.replace(src, folder / name)
+    return Path(out_dir)
 
 
 def load_checkpoint(out_dir: str | os.PathLike) -> LlamaForCausalLM:
-    """Load a checkpoint written by :func:`save_checkpoint` (any HF-layout folder works)."""
+    """Load the model of a checkpoint written by :func:`save_checkpoint` (any HF-layout folder works)."""
     return LlamaForCausalLM.from_pretrained(out_dir)
 
 
-# ----------------------------------------------------------------------------- the loop
+# ----------------------------------------------------------------------------- settings
 @dataclass
 class TrainConfig:
     """Everything a run depends on; saved next to the checkpoints as ``train_config.json``."""
@@ -206,14 +270,15 @@ class TrainConfig:
         num_key_value_heads=8, max_position_embeddings=256, tie_word_embeddings=True, rms_norm_eps=1e-5,
     ))  # LlamaConfig fields; vocab_size comes from the tokenizer
     steps: int = 2000
-    batch_size: int = 16
+    batch_size: int = 16  # windows per micro-batch (one forward/backward)
+    grad_accum: int = 1  # micro-batches per optimizer step: batch_size * grad_accum windows a step
     block_size: int = 256
     lr: float = 1e-3
     min_lr: float | None = None  # None: lr / 10
     warmup_steps: int = 100
     weight_decay: float = 0.1
     beta2: float = 0.95
-    grad_clip: float = 1.0
+    grad_clip: float = 1.0  # <= 0: no clipping (as transformers' Trainer)
     eval_interval: int = 100
     eval_batches: int | None = None  # None: the whole validation split
     log_interval: int = 10
@@ -221,87 +286,508 @@ class TrainConfig:
     threads: int | None = None
     max_minutes: float | None = None  # stop early (after an evaluation) when the wall time runs out
     device: str = "cpu"
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16 (see resolve_precision)
+    compile: bool = False  # torch.compile the model for the training steps
+    progress: bool | None = None  # a tqdm bar; None: only when stderr is a terminal
+    parallel: str | None = None  # ddp | fsdp | tp | fsdp+tp under torchrun (see llama_edu.distributed)
+    tp_size: int | None = None  # tensor-parallel group size for fsdp+tp
 
 
-def train(config: TrainConfig, dataset: TokenDataset | None = None, log=print) -> dict[str, Any]:
-    """Train a fresh LlamaForCausalLM as ``config`` says and return the history:
+#: Settings a resumed run must share with the run it continues. Changing one would not continue
+#: the same run. The rest may change: intervals, threads, device, precision, and ``steps`` and
+#: ``warmup_steps`` (the command line caps the warm-up at the step count), whose new values the
+#: learning-rate schedule follows from the resumed step on.
+RESUME_MUST_MATCH = ("model", "batch_size", "grad_accum", "block_size", "lr", "min_lr", "weight_decay", "beta2",
+                     "grad_clip", "seed")
+
+#: What ``--overwrite`` removes from OUT: what a run writes there, nothing else.
+RUN_OUTPUTS = ("best", "last", "history.json", "train_config.json")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def check_config(config: TrainConfig) -> None:
+    """Refuse settings that cannot train, with a message naming the flag and the fix."""
+    for name in ("steps", "batch_size", "grad_accum", "eval_interval", "log_interval"):
+        value = getattr(config, name)
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{_flag(name)} must be a whole number >= 1, got {value!r}")
+    if not isinstance(config.block_size, int) or config.block_size < 2:
+        raise ValueError(f"--block-size must be a whole number >= 2, got {config.block_size!r}")
+    for name in ("threads", "eval_batches"):
+        value = getattr(config, name)
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise ValueError(f"{_flag(name)} must be a whole number >= 1 (or left out), got {value!r}")
+    if not isinstance(config.warmup_steps, int) or config.warmup_steps < 0:
+        raise ValueError(f"--warmup-steps must be a whole number >= 0, got {config.warmup_steps!r}")
+    if not (math.isfinite(config.lr) and config.lr > 0):
+        raise ValueError(f"--lr must be a finite number > 0 (e.g. 1e-3), got {config.lr}")
+    for name in ("min_lr", "weight_decay"):
+        value = getattr(config, name)
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"{_flag(name)} must be a finite number >= 0, got {value}")
+    if not 0.0 <= config.beta2 < 1.0:
+        raise ValueError(f"--beta2 must be in [0, 1), got {config.beta2}")
+    if math.isnan(config.grad_clip):
+        raise ValueError("--grad-clip must be a number (<= 0 turns clipping off), got nan")
+    if config.max_minutes is not None and not config.max_minutes > 0:
+        raise ValueError(f"--max-minutes must be > 0 (or left out), got {config.max_minutes}")
+    resolve_precision(config.precision, check_device(config.device))
+
+
+def check_device(name: str) -> torch.device:
+    """The torch.device to train on, or a ValueError saying why ``name`` cannot train."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"--device {name!r} is not a device; use cpu, cuda, cuda:N or mps") from None
+    if device.type == "meta":
+        raise ValueError("--device meta holds shapes but no numbers, so nothing can train there; use cpu or cuda")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: no CUDA GPU is available here; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s); use cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
+    elif device.type == "mps":
+        if not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+            raise ValueError(f"--device {name}: Apple's MPS is not available here; use --device cpu")
+    elif device.type != "cpu":
+        raise ValueError(f"--device {name!r}: training runs on cpu, cuda or mps, not {device.type}")
+    return device
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for ``precision`` on ``device`` (None: plain float32).
+
+    ``auto``: bfloat16 on a CUDA GPU that supports it, float16 (with a grad scaler) on an older
+    one, float32 elsewhere. ``bf16`` needs a GPU with bfloat16 or a CPU; ``fp16`` needs CUDA.
+    """
+    if precision not in ("auto", "fp32", "bf16", "fp16"):
+        raise ValueError(f"--precision must be auto, fp32, bf16 or fp16, got {precision!r}")
+    if precision == "auto":
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise ValueError("--precision bf16: this GPU has no bfloat16; use --precision fp16 (with its grad scaler) or auto")
+        if device.type not in ("cuda", "cpu"):
+            raise ValueError(f"--precision bf16 runs on cuda or cpu, not {device.type}; use fp32")
+        return torch.bfloat16
+    if device.type != "cuda":
+        raise ValueError(f"--precision fp16 needs a CUDA GPU (its grad scaler runs there); on {device.type} use fp32 or bf16")
+    return torch.float16
+
+
+# ----------------------------------------------------------------------------- faults
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN or infinite: training stopped before the step that would spread it."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped training after a whole step; ``checkpoint`` is the resumable OUT/last/
+    (None when the run had no output folder) and ``step`` the last finished step."""
+
+    def __init__(self, step: int, checkpoint: Path | None):
+        super().__init__(f"interrupted after step {step}")
+        self.step, self.checkpoint = step, checkpoint
+
+
+class _StopOnSigint:
+    """While active (in the main thread), the first Ctrl-C only sets ``requested`` so the loop
+    can stop after the current step and save; a second Ctrl-C raises KeyboardInterrupt at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __enter__(self) -> "_StopOnSigint":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+# ----------------------------------------------------------------------------- one step
+def train_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    micro_batches: list[tuple[torch.Tensor, torch.Tensor]],
+    *,
+    autocast_dtype: torch.dtype | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+    grad_clip: float = 1.0,
+    parallel: distributed.Parallel | None = None,
+) -> float:
+    """One optimizer step over ``micro_batches`` (each ``(x, y)``, (b, block) token ids, ``y``
+    the next tokens); returns the mean next-token loss.
+
+    This is the one place that runs backward and steps, so a distributed wrapper only has to
+    hand in a wrapped ``model``: for a DDP model, gradients are all-reduced once, after the last
+    micro-batch (``no_sync`` before it). Each micro-batch's loss is divided by their number, so
+    the summed gradient is the gradient of the mean loss over all of them: the same update as
+    one batch that many times larger. ``grad_clip <= 0`` means no clipping. With ``parallel``
+    (each rank holding its rows of the micro-batches) the returned loss is the mean over ranks,
+    the loss of the global batch, and the gradient norm is taken over the sharded gradients.
+    """
+    n = len(micro_batches)
+    device_type = micro_batches[0][0].device.type
+    total = torch.zeros((), device=micro_batches[0][0].device)
+    for i, (x, y) in enumerate(micro_batches):
+        last = i == n - 1
+        with distributed.no_sync(model, sync=last):
+            with torch.autocast(device_type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+                logits = model(input_ids=x, use_cache=False).logits  # (b, block, vocab)
+                loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1))
+            scaled = loss / n
+            (scaler.scale(scaled) if scaler is not None else scaled).backward()
+        total += loss.detach()
+    mean_loss = distributed.mean_over_ranks(total, parallel) / n  # one host sync a step
+    if not math.isfinite(mean_loss):
+        optimizer.zero_grad(set_to_none=True)
+        raise NonFiniteLossError(f"the training loss is {mean_loss}")
+    if grad_clip > 0:
+        if scaler is not None:
+            scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+        if parallel is None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        else:
+            distributed.clip_grad_norm_(model.parameters(), grad_clip)  # sharded gradients
+
+    if scaler is not None:
+        scaler.step(optimizer)  # skips the step when a gradient overflowed in float16
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return mean_loss
+
+
+def micro_batches(dataset: TokenDataset, config: TrainConfig, generator: torch.Generator, device: torch.device,
+                  parallel: distributed.Parallel | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The batch of one optimizer step, ``batch_size * grad_accum`` random windows drawn at
+    once (so the data do not depend on how they are split) and cut into ``grad_accum``
+    micro-batches of ``batch_size``; with ``parallel``, this rank's rows of each."""
+    x, y = get_batch(dataset.train, config.batch_size * config.grad_accum, config.block_size, generator, device)
+    return [(distributed.local_rows(xi, parallel), distributed.local_rows(yi, parallel))
+            for xi, yi in zip(x.split(config.batch_size), y.split(config.batch_size))]
+
+
+# ----------------------------------------------------------------------------- the run
+def _join_parallel(config: TrainConfig, model_cfg: LlamaConfig, device: torch.device,
+                   amp_dtype: torch.dtype | None) -> distributed.Parallel | None:
+    """Join the torchrun process group for ``config.parallel`` (None: one process)."""
+    if config.parallel is None:
+        if config.tp_size is not None:
+            raise ValueError("--tp-size needs --parallel tp or fsdp+tp")
+        return None
+    if amp_dtype == torch.float16 and config.parallel != "ddp":
+        raise ValueError(f"--precision fp16 (with its grad scaler) runs with --parallel ddp only; use bf16 with --parallel {config.parallel}")
+    if config.compile and config.parallel != "ddp":
+        raise ValueError(f"--compile is supported with --parallel ddp only here; drop it for --parallel {config.parallel}")
+    par = distributed.init_parallel(config.parallel, model_cfg, device, config.tp_size)
+    distributed.check_batch_divides(config.batch_size, par.dp_size)
+    return par
+
+
+def _data_fingerprint(dataset: TokenDataset) -> dict[str, int]:
+    """Enough to tell whether a resumed run reads the same token streams."""
+    weights = torch.arange(1, len(dataset.train) + 1, dtype=torch.float64)
+    return {"train_tokens": len(dataset.train), "val_tokens": len(dataset.val), "vocab_size": dataset.vocab_size,
+            "train_checksum": int((dataset.train.double() * weights).sum().item()) % (2**61 - 1)}
+
+
+def prepare_out_dir(out_dir: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse to mix two runs in one folder: an existing non-empty ``out_dir`` needs
+    ``resume`` (continue its last/) or ``overwrite`` (remove what a previous run wrote there).
+    Checks that the folder can be written before any training starts."""
+    if resume and overwrite:
+        raise ValueError("--resume continues the run in --out and --overwrite deletes it; pass only one")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"--out {out_dir} exists and is not a folder; choose another --out")
+    recover_folder(out_dir / "last")
+    recover_folder(out_dir / "best")
+    if resume:
+        if not (out_dir / "last" / "train_state.json").is_file():
+            raise ValueError(f"--resume: {out_dir} holds no resumable checkpoint (last/train_state.json); "
+                             f"drop --resume to start a new run there")
+    elif out_dir.is_dir() and any(out_dir.iterdir()):
+        if not overwrite:
+            raise ValueError(f"--out {out_dir} already holds files (a previous run?); pass --resume to continue "
+                             f"it, --overwrite to replace it, or choose another --out")
+        for name in RUN_OUTPUTS:
+            path = out_dir / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / f".write-test.{uuid.uuid4().hex[:8]}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ValueError(f"--out {out_dir} cannot be written ({e.strerror or e}); choose a writable folder") from None
+
+
+def _rng_state(generator: torch.Generator) -> dict[str, Any]:
+    return {
+        "batches": generator.get_state(),  # the position in the data: which windows come next
+        "torch": torch.get_rng_state(),  # dropout, if the model has any
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "python": random.getstate(),
+    }
+
+
+def _set_rng_state(state: dict[str, Any], generator: torch.Generator) -> None:
+    generator.set_state(state["batches"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    random.setstate(state["python"])
+
+
+def _resume_mismatches(saved: dict[str, Any], config: TrainConfig) -> list[str]:
+    now = asdict(config)
+    return [f"{_flag(k)}: {saved.get(k)!r} in the checkpoint, {now[k]!r} now" if k != "model" else
+            f"model: {saved.get(k)} in the checkpoint, {now[k]} now" for k in RESUME_MUST_MATCH if saved.get(k) != now[k]]
+
+
+def train(
+    config: TrainConfig,
+    dataset: TokenDataset | None = None,
+    log: Callable[[str], None] = print,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    model: LlamaForCausalLM | None = None,
+    on_step: Callable[[int, dict[str, Any], LlamaForCausalLM], None] | None = None,
+) -> dict[str, Any]:
+    """Train a LlamaForCausalLM as ``config`` says and return the history:
     ``{"train": [(step, loss), ...], "val": [(step, nats/token, nats/char), ...], "best": {...},
     "model": the model with the best validation weights, "params": count, "seconds": wall time,
-    "tokens_seen": n}``. With ``out_dir``, the best model is saved to ``out_dir/best`` each
-    time validation improves, and the last one to ``out_dir/last`` at the end. ``dataset``
-    skips re-tokenizing ``config.data``; ``log`` receives the progress lines."""
+    "steps": steps done, "tokens_seen": n}``.
+
+    With ``config.out_dir`` the best model goes to ``OUT/best/`` each time validation improves
+    and a resumable ``OUT/last/`` is written at every evaluation, at the end and on Ctrl-C
+    (which then raises :class:`TrainingInterrupted`). An existing non-empty ``OUT`` needs
+    ``resume=True`` (continue from ``OUT/last/``) or ``overwrite=True``.
+
+    ``dataset`` skips re-tokenizing ``config.data``; ``log`` receives the progress lines;
+    ``model`` trains that model (its config must match ``config.model``) instead of a fresh one
+    (seeded with ``config.seed``); ``on_step(step, history, model)`` is called after every step
+    (and its evaluation, if one was due) with the history so far, e.g. to draw a live loss curve.
+    A non-finite loss raises :class:`NonFiniteLossError` and saves nothing.
+    """
+    check_config(config)
+    device = check_device(config.device)
+    amp_dtype = resolve_precision(config.precision, device)
     if config.threads:
         torch.set_num_threads(config.threads)
-    torch.manual_seed(config.seed)
-    gen = torch.Generator().manual_seed(config.seed)
     dataset = dataset or TokenDataset(config.data, config.tokenizer)
-    for name in ("steps", "batch_size", "block_size", "eval_interval"):
-        if getattr(config, name) < 1:
-            raise ValueError(f"{name} must be at least 1, got {getattr(config, name)}")
-
     model_cfg = LlamaConfig(**{"vocab_size": dataset.vocab_size, "max_position_embeddings": config.block_size, **config.model})
     if model_cfg.max_position_embeddings < config.block_size:
-        raise ValueError(f"block_size {config.block_size} exceeds the model's max_position_embeddings {model_cfg.max_position_embeddings}")
-    model = LlamaForCausalLM(model_cfg).to(config.device)
-    model.train()
-    optimizer = make_optimizer(model, config.lr, config.weight_decay, (0.9, config.beta2))
-    min_lr = config.lr / 10 if config.min_lr is None else config.min_lr
+        raise ValueError(f"--block-size {config.block_size} exceeds the model's max_position_embeddings {model_cfg.max_position_embeddings}; lower --block-size")
+    # Several processes (torchrun): join them; rank 0 alone logs, evaluates' output and writes.
+    par = _join_parallel(config, model_cfg, device, amp_dtype)
+    if par is not None:
+        device = par.device
+        if not par.is_main:
+            log = lambda line: None  # noqa: E731
     out_dir = Path(config.out_dir) if config.out_dir else None
     if out_dir:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(out_dir / "train_config.json", (json.dumps(asdict(config), indent=2) + "\n").encode())
+        distributed.on_main(lambda: prepare_out_dir(out_dir, resume, overwrite), par)
+    elif resume:
+        raise ValueError("resume=True needs config.out_dir (the folder holding last/)")
 
-    n_params = model.num_parameters()
-    log(f"model: {n_params:,} parameters; train {len(dataset.train):,} tokens, val {len(dataset.val):,} tokens")
-    history: dict[str, Any] = {"train": [], "val": [], "best": None, "params": n_params}
-    best_state = None
-    t0 = time.time()
+    # The model, its optimizer and the batch sampler, fresh ...
+    torch.manual_seed(config.seed)
+    gen = torch.Generator().manual_seed(config.seed)
+    if model is None:
+        model = LlamaForCausalLM(model_cfg)
+    elif model.config.to_dict() != model_cfg.to_dict():
+        raise ValueError("the model passed to train() does not have the shape config.model describes; build it from the same settings")
+    model.to(device).train()
+    min_lr = config.lr / 10 if config.min_lr is None else config.min_lr
+    fingerprint = _data_fingerprint(dataset)
+    history: dict[str, Any] = {"train": [], "val": [], "best": None, "params": model.num_parameters()}
+    best_state: dict[str, torch.Tensor] | None = None
+    best_from_disk = False  # best_state read from OUT/best/ (whole tensors) rather than taken from the model
+    start_step, seconds_before = 0, 0.0
 
-    def run_eval(step: int) -> bool:
-        nonlocal best_state
-        res = evaluate(model, dataset.val, dataset.char_lengths, config.block_size, config.batch_size, config.eval_batches)
+    # ... or as the last checkpoint left them (the weights before the model is split up).
+    if resume:
+        last = out_dir / "last"
+        state = json.loads((last / "train_state.json").read_text())
+        problems = _resume_mismatches(state["train_config"], config)
+        if state.get("data") != fingerprint:
+            problems.append(f"the training data: {state.get('data')} in the checkpoint, {fingerprint} now")
+        if problems:
+            raise ValueError(f"--resume: {last} is a checkpoint of another configuration; use the settings it was "
+                             f"trained with (see {out_dir / 'train_config.json'}) or start a new run. Differences: " + "; ".join(problems))
+        model.load_state_dict(LlamaForCausalLM.from_pretrained(last).state_dict())
+    # DDP wraps the model (``step_model``); FSDP and TP shard it in place: ``model`` is the one to
+    # evaluate and save, and its parameters are the ones to optimize.
+    wrapped = distributed.parallelize(model, par) if par is not None else model
+    optimizer = make_optimizer(model, config.lr, config.weight_decay, (0.9, config.beta2))
+    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+    if resume:
+        if (last / "dcp").is_dir():  # written by a distributed run, on any number of ranks
+            distributed.load_sharded(wrapped, optimizer, last / "dcp")
+        else:
+            saved = torch.load(last / "optimizer.pt", weights_only=True, map_location=device)
+            if par is None:
+                optimizer.load_state_dict(saved["optimizer"])
+            else:
+                distributed.load_one_process_optimizer_state(wrapped, optimizer, saved["optimizer"])
+        if scaler is not None and (last / "scaler.pt").is_file():
+            scaler.load_state_dict(torch.load(last / "scaler.pt", weights_only=True))
+        _set_rng_state(torch.load(last / "rng.pt", weights_only=True), gen)
+        history.update(state["history"])
+        history["train"] = [tuple(t) for t in history["train"]]
+        history["val"] = [tuple(v) for v in history["val"]]
+        start_step, seconds_before = state["step"], state["seconds"]
+        if (out_dir / "best").is_dir():
+            best_state = {k: v.to(device) for k, v in LlamaForCausalLM.from_pretrained(out_dir / "best").state_dict().items()}
+            best_from_disk = True
+        log(f"resuming {out_dir} at step {start_step} of {config.steps}")
+        changed = [f"{k} {getattr(config, k)} (was {state['train_config'][k]})" for k in ("steps", "warmup_steps")
+                   if state["train_config"].get(k) != getattr(config, k)]
+        if changed:
+            log("the learning-rate schedule follows the new " + ", ".join(changed))
+    if out_dir:
+        distributed.on_main(lambda: atomic_write_bytes(out_dir / "train_config.json", (json.dumps(asdict(config), indent=2) + "\n").encode()), par)
+
+    step_model: nn.Module = torch.compile(wrapped) if config.compile else wrapped  # saving and evaluation use `model`
+    tokens_per_step = config.batch_size * config.grad_accum * config.block_size
+    show_bar = (sys.stderr.isatty() if config.progress is None else config.progress) and (par is None or par.is_main)
+    bar = tqdm(total=config.steps, initial=start_step, disable=not show_bar, unit="step", dynamic_ncols=True)
+    say = bar.write if show_bar and log is print else log
+    say(f"model: {history['params']:,} parameters; train {len(dataset.train):,} tokens, val {len(dataset.val):,} tokens; "
+        f"{tokens_per_step:,} tokens a step; {config.device}, {'fp32' if amp_dtype is None else str(amp_dtype).split('.')[-1]}"
+        + (f"; --parallel {par.strategy} on {par.world_size} ranks ({par.dp_size} data-parallel x {par.tp_size} tensor-parallel)" if par else ""))
+    t0 = time.time() - seconds_before
+
+    def snapshot(step: int) -> dict[str, Any]:
+        kept = {k: v for k, v in history.items() if k in ("train", "val", "best", "params")}
+        kept.update(steps=step, seconds=time.time() - t0, tokens_seen=step * tokens_per_step)
+        return {"step": step, "seconds": time.time() - t0, "history": kept, "train_config": asdict(config), "data": fingerprint}
+
+    def save_last(step: int) -> Path | None:
+        if not out_dir:
+            return None
+        if par is None:
+            extra = {"optimizer.pt": {"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler else None},
+                     "rng.pt": _rng_state(gen)}
+            save_checkpoint(model, out_dir / "last", snapshot(step), extra)
+            atomic_write_bytes(out_dir / "history.json", (json.dumps(snapshot(step)["history"], indent=1) + "\n").encode())
+            return out_dir / "last"
+        # Distributed: every rank writes its shards of the model and optimizer (DCP) into a
+        # folder beside OUT, the weights are gathered to rank 0, and rank 0 swaps in a last/
+        # with both: the HF-layout model one process would write, and dcp/ inside it.
+        shards = out_dir / f".last-dcp.{distributed.broadcast_object(uuid.uuid4().hex[:8], par)}.tmp"
+        distributed.save_sharded(wrapped, optimizer, shards)
+        weights = distributed.full_state_dict(model)
+        extra = {"rng.pt": _rng_state(gen), **({"scaler.pt": scaler.state_dict()} if scaler else {})}
+
+        def write() -> None:
+            for stale in out_dir.glob(".last-dcp.*.tmp"):  # left by a run that died while saving
+                if stale != shards:
+                    shutil.rmtree(stale, ignore_errors=True)
+            save_checkpoint(distributed.hf_shell(model), out_dir / "last", snapshot(step), extra,
+                            state_dict=weights, folders={"dcp": shards})
+            atomic_write_bytes(out_dir / "history.json", (json.dumps(snapshot(step)["history"], indent=1) + "\n").encode())
+
+        distributed.on_main(write, par)
+        return out_dir / "last"
+
+    def save_best(meta: dict[str, Any]) -> None:
+        if par is None:
+            save_checkpoint(model, out_dir / "best", meta)
+            return
+        weights = distributed.full_state_dict(model)  # collective: every rank takes part
+        distributed.on_main(lambda: save_checkpoint(distributed.hf_shell(model), out_dir / "best", meta, state_dict=weights), par)
+
+    def run_eval(step: int) -> None:
+        nonlocal best_state, best_from_disk
+
+        def measure() -> dict[str, float]:
+            return evaluate(model, dataset.val, dataset.char_lengths, config.block_size, config.batch_size, config.eval_batches)
+
+        if par is not None and par.strategy == "ddp":  # every rank holds the whole model: rank 0 evaluates
+            res = distributed.broadcast_object(distributed.on_main(measure, par), par)
+        else:  # FSDP/TP: the weights are spread over the ranks, so all of them run the forward
+            res = measure()
+        if not math.isfinite(res["loss"]):
+            raise NonFiniteLossError(f"the validation loss is {res['loss']} at step {step}; training stopped and this model was "
+                                     f"not saved: best/ and last/ hold the last good checkpoints. Lower --lr, or check the data")
         history["val"].append((step, res["loss"], res["nats_per_char"]))
         improved = history["best"] is None or res["loss"] < history["best"]["val_loss"]
         if improved:
             history["best"] = {"step": step, "val_loss": res["loss"], "val_nats_per_char": res["nats_per_char"]}
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}  # this rank's shards
+            best_from_disk = False
             if out_dir:
-                save_checkpoint(model, out_dir / "best", {**history["best"], "seconds": time.time() - t0})
-        log(f"step {step:5d} | val {res['loss']:.4f} nats/token {res['nats_per_char']:.4f} nats/char"
+                save_best({**history["best"], "seconds": time.time() - t0})
+        say(f"step {step:5d} | val {res['loss']:.4f} nats/token {res['nats_per_char']:.4f} nats/char"
             f"{' *' if improved else ''} | {time.time() - t0:.0f}s")
-        return improved
+        save_last(step)
 
-    for step in range(config.steps):
-        lr = lr_at(step, config.lr, config.warmup_steps, config.steps, min_lr)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        x, y = get_batch(dataset.train, config.batch_size, config.block_size, gen, config.device)
-        logits = model(input_ids=x, use_cache=False).logits  # (b, block, vocab)
-        loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if config.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-        optimizer.step()
-        history["train"].append((step + 1, loss.item()))
-        if (step + 1) % config.log_interval == 0:
-            log(f"step {step + 1:5d} | loss {loss.item():.4f} | lr {lr:.2e} | {time.time() - t0:.0f}s")
-        out_of_time = config.max_minutes is not None and time.time() - t0 > 60 * config.max_minutes
-        if (step + 1) % config.eval_interval == 0 or step + 1 == config.steps or out_of_time:
-            run_eval(step + 1)
-        if out_of_time:
-            log(f"stopping after {step + 1} steps: the {config.max_minutes} minute budget is spent")
-            break
-    steps_done = len(history["train"])
-    if not history["val"] or history["val"][-1][0] != steps_done:
-        run_eval(steps_done)
+    step = start_step
+    try:
+        with _StopOnSigint() as stop:
+            while step < config.steps:
+                lr = lr_at(step, config.lr, config.warmup_steps, config.steps, min_lr)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                t_step = time.time()
+                try:
+                    loss = train_step(step_model, optimizer, micro_batches(dataset, config, gen, device, par),
+                                      autocast_dtype=amp_dtype, scaler=scaler, grad_clip=config.grad_clip, parallel=par)
+                except NonFiniteLossError as e:
+                    raise NonFiniteLossError(f"{e} at step {step + 1} (lr {lr:.3g}); training stopped and nothing of this "
+                                             f"step was saved: best/ and last/ hold the last good checkpoints. Lower --lr "
+                                             f"or --grad-clip, or check the data") from None
+                step += 1
+                history["train"].append((step, loss))
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_step / max(time.time() - t_step, 1e-9):,.0f}", refresh=False)
+                if step % config.log_interval == 0:
+                    say(f"step {step:5d} | loss {loss:.4f} | lr {lr:.2e} | {time.time() - t0:.0f}s")
+                out_of_time = config.max_minutes is not None and time.time() - t0 > 60 * config.max_minutes
+                if step % config.eval_interval == 0 or step == config.steps or out_of_time:
+                    run_eval(step)
+                if on_step is not None:
+                    on_step(step, history, model)
+                if distributed.any_rank(stop.requested, par):  # all ranks stop after the same step
+                    raise TrainingInterrupted(step, save_last(step))
+                if out_of_time:
+                    say(f"stopping after {step} steps: the {config.max_minutes} minute budget is spent")
+                    break
+    finally:
+        bar.close()
+    if not history["val"] or history["val"][-1][0] != step:
+        run_eval(step)
     history["seconds"] = time.time() - t0
-    history["steps"] = steps_done
-    history["tokens_seen"] = steps_done * config.batch_size * config.block_size
-    if out_dir:
-        save_checkpoint(model, out_dir / "last", {"step": steps_done, "seconds": history["seconds"]})
-        atomic_write_bytes(out_dir / "history.json", (json.dumps(history, indent=1) + "\n").encode())
-    model.load_state_dict(best_state)
+    history["steps"] = step
+    history["tokens_seen"] = step * tokens_per_step
+    if best_state is not None:
+        if par is not None and best_from_disk:
+            distributed.load_full_state(model, best_state)  # best/ read back on resume: whole tensors
+        else:
+            model.load_state_dict(best_state)
     model.eval()
     history["model"] = model
     return history
@@ -318,45 +804,67 @@ def _train_command(args: argparse.Namespace) -> int:
     if args.num_attention_heads is not None and args.num_key_value_heads is None:
         model["num_key_value_heads"] = args.num_attention_heads  # multi-head attention unless told otherwise
     if args.hidden_size is not None and args.intermediate_size is None and not args.preset:
-        model["intermediate_size"] = _swiglu_hidden(args.hidden_size)
+        model["intermediate_size"] = swiglu_hidden_size(args.hidden_size, multiple_of=16)
     model["max_position_embeddings"] = max(args.block_size, model.get("max_position_embeddings", 0))
+    if args.eval_interval is not None and args.eval_interval < 0:
+        raise ValueError(f"--eval-interval must be >= 0 (0: evaluate only at the end), got {args.eval_interval}")
     config = TrainConfig(
         data=args.data, out_dir=args.out, tokenizer=args.tokenizer, model=model, steps=args.steps,
-        batch_size=args.batch_size, block_size=args.block_size, lr=args.lr, min_lr=args.min_lr,
-        warmup_steps=min(args.warmup_steps, args.steps), weight_decay=args.weight_decay, grad_clip=args.grad_clip,
-        eval_interval=args.eval_interval or args.steps, eval_batches=args.eval_batches, log_interval=args.log_interval,
-        seed=args.seed, threads=args.threads, max_minutes=args.max_minutes, device=args.device,
+        batch_size=args.batch_size, grad_accum=args.grad_accum, block_size=args.block_size, lr=args.lr, min_lr=args.min_lr,
+        warmup_steps=min(args.warmup_steps, args.steps), weight_decay=args.weight_decay, beta2=args.beta2,
+        grad_clip=args.grad_clip, eval_interval=args.eval_interval or max(1, args.steps), eval_batches=args.eval_batches,
+        log_interval=args.log_interval, seed=args.seed, threads=args.threads, max_minutes=args.max_minutes,
+        device=args.device, precision=args.precision, compile=args.compile, progress=False if args.quiet else None,
+        parallel=args.parallel, tp_size=args.tp_size,
     )
-    history = train(config)
+    log = (lambda s: None) if args.quiet else (lambda s: print(s, flush=True))
+    try:
+        history = train(config, log=log, resume=args.resume, overwrite=args.overwrite)
+        if config.parallel and not distributed.is_main():
+            return 0  # rank 0 prints the summary
+    except TrainingInterrupted as e:
+        where = f"saved {e.checkpoint}; continue with the same command and --resume" if e.checkpoint else "nothing saved"
+        print(f"interrupted after step {e.step}: {where}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:  # before the loop started, or a second Ctrl-C that stops at once
+        print(f"interrupted: stopped at once; {args.out}/last/ holds the last complete checkpoint, if any", file=sys.stderr)
+        return 130
+    except NonFiniteLossError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        distributed.shutdown()
     best = history["best"]
     print(f"best val {best['val_loss']:.4f} nats/token {best['val_nats_per_char']:.4f} nats/char at step {best['step']}; "
           f"{history['steps']} steps in {history['seconds']:.0f}s; saved to {args.out}/best")
     return 0
 
 
-def _swiglu_hidden(hidden_size: int, multiple_of: int = 16) -> int:
-    """Llama's feed-forward width: 2/3 of 4 * hidden, rounded up to a multiple (256 -> 688)."""
-    n = int(2 * 4 * hidden_size / 3)
-    return multiple_of * ((n + multiple_of - 1) // multiple_of)
-
-
 def add_cli_commands(subparsers: argparse._SubParsersAction) -> None:
     """Add ``train`` to ``python -m llama_edu``."""
-    p = subparsers.add_parser("train", help="train a small Llama on a text file", description=__doc__.splitlines()[0])
+    p = subparsers.add_parser(
+        "train", help="train a small Llama on a text file",
+        description="Train a Llama from scratch on a UTF-8 text file (nanoGPT's loop), keeping the best and a resumable "
+                    "last checkpoint in --out. Ctrl-C saves last/ and exits with status 130; --resume continues it.")
     p.add_argument("--data", required=True, help="UTF-8 text file; its last 10%% is the validation split")
     p.add_argument("--out", required=True, help="output folder: best/ and last/ checkpoints (HF layout), history.json")
+    run = p.add_mutually_exclusive_group()
+    run.add_argument("--resume", action="store_true", help="continue the run in --out from its last/ checkpoint (same settings)")
+    run.add_argument("--overwrite", action="store_true", help="replace a previous run in --out (its best/, last/, history.json)")
     p.add_argument("--tokenizer", default=None, help="SentencePiece .model (default: data/tokenizer.model)")
-    p.add_argument("--steps", type=int, default=2000)
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--steps", type=int, default=2000, help="optimizer steps")
+    p.add_argument("--batch-size", type=int, default=16, help="windows per micro-batch (one forward and backward)")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (gradient accumulation)")
     p.add_argument("--block-size", type=int, default=256, help="context length of the training windows")
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
     p.add_argument("--min-lr", type=float, default=None, help="final learning rate (default: lr / 10)")
     p.add_argument("--warmup-steps", type=int, default=100)
     p.add_argument("--weight-decay", type=float, default=0.1)
-    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--beta2", type=float, default=0.95, help="AdamW's second-moment decay")
+    p.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this; <= 0: no clipping (as transformers' Trainer)")
     p.add_argument("--eval-interval", type=int, default=100, help="steps between validation runs (0: only at the end)")
     p.add_argument("--eval-batches", type=int, default=None, help="limit validation to this many batches")
-    p.add_argument("--log-interval", type=int, default=10)
+    p.add_argument("--log-interval", type=int, default=10, help="steps between progress lines")
     p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="start from a named model shape")
     p.add_argument("--hidden-size", type=int, default=None)
     p.add_argument("--intermediate-size", type=int, default=None)
@@ -367,5 +875,13 @@ def add_cli_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     p.add_argument("--max-minutes", type=float, default=None, help="stop (after a final evaluation) when this much wall time is spent")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+                   help="auto: bf16 autocast on a GPU that has it, fp16 with a grad scaler on an older GPU, fp32 on CPU")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (slow to start, faster steps on a GPU)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar and no progress lines")
+    p.add_argument("--parallel", choices=distributed.STRATEGIES, default=None,
+                   help="under torchrun: data parallel (ddp), sharded (fsdp), tensor parallel (tp) or both (fsdp+tp); "
+                        "--batch-size stays the global batch")
+    p.add_argument("--tp-size", type=int, default=None, help="tensor-parallel group size for --parallel fsdp+tp")
     p.set_defaults(func=_train_command)

@@ -79,7 +79,7 @@ def plot_attention_maps(
     """One heatmap per head from attention weights (heads, query, key) or (query, key).
 
     Row i shows how query position i distributes its attention over key positions. ``tokens``
-    labels both axes when given (keep it short, e.g. token ids as strings). ``panel_size`` is the
+    labels both axes when given (the tokens' text, e.g. from ``tokenizer.convert_ids_to_tokens``). ``panel_size`` is the
     height of one panel in inches.
     """
     w = to_numpy(weights)

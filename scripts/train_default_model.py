@@ -25,8 +25,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from llama_edu.data import DEFAULT_MODEL_DIR, PROJECT_DATA_DIR, REPO_ROOT, find_data_file  # noqa: E402
-from llama_edu.model import LlamaForCausalLM  # noqa: E402
+from llama_edu.files import DEFAULT_MODEL_DIR, PROJECT_DATA_DIR, REPO_ROOT, find_data_file  # noqa: E402
+from llama_edu import LlamaForCausalLM  # noqa: E402
 from llama_edu.train import DEFAULT_TOKENIZER, TokenDataset, TrainConfig, evaluate, load_checkpoint, train  # noqa: E402
 
 RUN_DIR = REPO_ROOT / "runs" / "default-model"

@@ -21,7 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
 from llama_edu.bpe import train_sentencepiece  # noqa: E402
-from llama_edu.data import PROJECT_DATA_DIR, find_data_file  # noqa: E402
+from llama_edu.files import PROJECT_DATA_DIR, find_data_file  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:

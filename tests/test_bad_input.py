@@ -23,8 +23,8 @@ import torch
 
 import llama_edu
 from llama_edu import LlamaConfig, LlamaForCausalLM, LlamaTokenizer, LlamaTokenizerFast, checkpoint, convert
-from llama_edu.__main__ import main
-from llama_edu.data import find_data_file
+from llama_edu.cli import main
+from llama_edu.files import find_data_file
 
 REPO = Path(__file__).resolve().parents[1]
 PROJECT_TOKENIZER = REPO / "data"
@@ -670,8 +670,9 @@ def test_chat_command_encodes_injection_as_plain_text(tmp_path):
     """The chat command (a subprocess, fed on stdin): the prompt the model gets for a message
     full of control-token text has one BOS per user turn and no EOS of the user's making."""
     script = r"""
-import sys, llama_edu.generation as g
-from llama_edu.__main__ import main
+import importlib, sys
+from llama_edu.cli import main
+g = importlib.import_module("llama_edu.chat")  # the module (llama_edu.chat is also the function's name)
 real = g.generate
 def spy(model, ids, **kw):
     print("PROMPT", ids[0].tolist(), file=sys.stderr)
@@ -762,7 +763,7 @@ def test_cli_user_error_is_one_line(env, tmp_path, capsys, monkeypatch, argv, st
     ],
 )
 def test_cli_error_classes(monkeypatch, capsys, raised, status, pattern):
-    import llama_edu.generation as gen
+    import llama_edu.cli as gen
 
     def boom(*args, **kwargs):
         raise raised
@@ -776,7 +777,7 @@ def test_cli_error_classes(monkeypatch, capsys, raised, status, pattern):
 
 def test_cli_safetensor_error_is_a_user_error(monkeypatch, capsys):
     from safetensors import SafetensorError
-    import llama_edu.generation as gen
+    import llama_edu.cli as gen
 
     def boom(*args, **kwargs):
         raise SafetensorError("Error while deserializing header: HeaderTooLarge")
@@ -787,7 +788,7 @@ def test_cli_safetensor_error_is_a_user_error(monkeypatch, capsys):
 
 
 def test_cli_debug_shows_the_traceback(monkeypatch, capsys):
-    import llama_edu.generation as gen
+    import llama_edu.cli as gen
 
     monkeypatch.setattr(gen, "load_model_and_tokenizer", lambda *a, **k: 1 / 0)
     assert main(["--debug", "generate", "--prompt", "a"]) == 70

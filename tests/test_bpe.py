@@ -20,7 +20,7 @@ from llama_edu.bpe import (
     train_bpe,
     train_sentencepiece,
 )
-from llama_edu.data import PROJECT_DATA_DIR, find_data_file
+from llama_edu.files import PROJECT_DATA_DIR, find_data_file
 
 spm = pytest.importorskip("sentencepiece")
 

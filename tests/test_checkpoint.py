@@ -8,6 +8,7 @@ import json
 import os
 import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,7 +18,7 @@ from safetensors.torch import save_file
 import llama_edu
 from llama_edu import checkpoint
 from llama_edu.checkpoint import parse_size, resolve_file
-from llama_edu.data import find_data_file
+from llama_edu.files import find_data_file
 
 from conftest import SMALL, max_diff, twins
 
@@ -438,3 +439,31 @@ def test_classification_round_trip_with_transformers(tmp_path):
         expected = theirs(IDS).logits
         assert max_diff(back(IDS).logits, expected) == 0.0
         assert max_diff(again(IDS).logits, expected) == 0.0
+
+
+def test_cpu_load_in_the_stored_dtype_is_zero_copy(tmp_path):
+    """Parameters are views of the memory-mapped file (private, copy-on-write): in-place changes
+    work and never reach the file, and an atomic save over the folder leaves the loaded model intact."""
+    torch.manual_seed(0)
+    src = llama_edu.LlamaForCausalLM(llama_edu.LlamaConfig(**SMALL))
+    src.save_pretrained(tmp_path)
+    model = llama_edu.LlamaForCausalLM.from_pretrained(tmp_path)
+    storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    assert len(storages) == 1  # every parameter lives in the one mapping of model.safetensors
+    if Path("/proc/self/maps").exists():
+        assert str(tmp_path / "model.safetensors") in Path("/proc/self/maps").read_text()
+    ids = torch.randint(0, SMALL["vocab_size"], (1, 6))
+    with torch.no_grad():
+        before = model(ids).logits
+        model.lm_head.weight.mul_(2)  # copy-on-write: only this process sees it
+    reloaded = llama_edu.LlamaForCausalLM.from_pretrained(tmp_path)
+    assert torch.equal(reloaded.lm_head.weight, src.lm_head.weight)
+    with torch.no_grad():
+        model.lm_head.weight.div_(2)
+        assert torch.equal(model(ids).logits, before)
+    torch.manual_seed(1)
+    llama_edu.LlamaForCausalLM(llama_edu.LlamaConfig(**SMALL)).save_pretrained(tmp_path)  # replaces the file
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, before)  # the mapped (old) file is still what we read
+    converted = llama_edu.LlamaForCausalLM.from_pretrained(tmp_path, torch_dtype=torch.bfloat16)
+    assert len({p.untyped_storage().data_ptr() for p in converted.parameters()}) > 1  # converted: copies

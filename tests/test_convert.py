@@ -18,20 +18,20 @@ from safetensors import safe_open
 
 import llama_edu
 from llama_edu import convert
-from llama_edu.__main__ import main
+from llama_edu.cli import main
 from llama_edu.convert import (
     convert_meta_checkpoint,
     guess_max_position_embeddings,
     load_llama2c,
     merged_meta_state_dict,
-    meta_intermediate_size,
-    meta_reference_forward,
     permute_qk,
     read_llama2c,
     unpermute_qk,
     write_meta_checkpoint,
 )
-from llama_edu.data import find_data_file
+from llama_edu.files import find_data_file
+from llama_edu.mlp import swiglu_hidden_size
+from llama_edu.reference import reference_forward
 from llama_edu.rope import LlamaRotaryEmbedding, apply_rotary_pos_emb
 
 transformers = pytest.importorskip("transformers")
@@ -43,7 +43,7 @@ def small_model(n_kv=8, seed=0, tie=False, vocab=96):
     """A random LlamaForCausalLM whose intermediate_size follows Meta's formula (multiple_of 32)."""
     torch.manual_seed(seed)
     cfg = llama_edu.LlamaConfig(
-        vocab_size=vocab, hidden_size=64, intermediate_size=meta_intermediate_size(64, 32), num_hidden_layers=2,
+        vocab_size=vocab, hidden_size=64, intermediate_size=swiglu_hidden_size(64, 32), num_hidden_layers=2,
         num_attention_heads=8, num_key_value_heads=n_kv, rms_norm_eps=1e-5, max_position_embeddings=64,
         tie_word_embeddings=tie,
     )
@@ -96,8 +96,8 @@ def test_unpermute_inverts_permute():
     (8192, 4096, 1.3, 28672),  # 70B
     (4096, 256, 1.3, 14336),   # Llama 3 8B-style
 ])
-def test_meta_intermediate_size(dim, multiple_of, mult, expected):
-    assert meta_intermediate_size(dim, multiple_of, mult) == expected
+def test_swiglu_hidden_size(dim, multiple_of, mult, expected):
+    assert swiglu_hidden_size(dim, multiple_of, mult) == expected
 
 
 def test_max_position_embeddings_rule():
@@ -122,7 +122,7 @@ def test_meta_checkpoint_converts_to_identical_logits(tmp_path, n_kv, shards):
     # Meta's own forward on Meta's layout gives our model's logits (an independent check).
     meta_sd, params = merged_meta_state_dict(tmp_path / "meta")
     with torch.no_grad():
-        torch.testing.assert_close(meta_reference_forward(meta_sd, params, IDS), expected, rtol=0, atol=1e-5)
+        torch.testing.assert_close(reference_forward(meta_sd, params, IDS), expected, rtol=0, atol=1e-5)
 
     shard = "100KB" if shards == 2 else "5GB"  # sharded output once is enough (transformers loads shards slowly)
     config = convert_meta_checkpoint(tmp_path / "meta", tmp_path / "hf", dtype=torch.float32, max_shard_size=shard)

@@ -8,7 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from llama_edu import data
+from llama_edu import convert
+from llama_edu import files as data
 
 
 def test_shared_files_are_found_and_verified():
@@ -41,7 +42,9 @@ def test_stories260k_hf_is_made_from_the_llama2c_file(tmp_path, monkeypatch):
     shutil.copy(shared_bin, tmp_path / "src" / "stories260K" / "stories260K.bin")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.setattr(data, "search_dirs", lambda: [tmp_path / "src", data.cache_dir()])
-    made = data.find_data_file("stories260K/hf")
+    with pytest.raises(FileNotFoundError):  # finding never converts ...
+        data.find_data_file("stories260K/hf", download=False)
+    made = convert.stories260k_hf()  # ... this does, once
     assert made.parent.parent == data.cache_dir()
     ours, ref = load_file(made / "model.safetensors"), load_file(shared_hf / "model.safetensors")
     assert set(ours) <= set(ref)

@@ -10,8 +10,11 @@ import pytest
 import torch
 
 import llama_edu
+from llama_edu.chat import chat as chat_fn, chat_loop
 from llama_edu import generation as G
-from llama_edu.data import find_data_file
+from llama_edu import sampling as S
+from llama_edu import streaming as ST
+from llama_edu.files import find_data_file
 
 from conftest import twins
 
@@ -190,16 +193,16 @@ def test_min_new_tokens_suppresses_eos(stories260k):
 @pytest.mark.parametrize(
     "ours_fn, theirs_fn",
     [
-        (lambda: G.RepetitionPenaltyLogitsProcessor(1.5), lambda: hf_lp.RepetitionPenaltyLogitsProcessor(1.5)),
-        (lambda: G.RepetitionPenaltyLogitsProcessor(0.7), lambda: hf_lp.RepetitionPenaltyLogitsProcessor(0.7)),
-        (lambda: G.TemperatureLogitsWarper(0.6), lambda: hf_lp.TemperatureLogitsWarper(0.6)),
-        (lambda: G.TopKLogitsWarper(5), lambda: hf_lp.TopKLogitsWarper(5)),
-        (lambda: G.TopKLogitsWarper(500), lambda: hf_lp.TopKLogitsWarper(500)),
-        (lambda: G.TopPLogitsWarper(0.9), lambda: hf_lp.TopPLogitsWarper(0.9)),
-        (lambda: G.TopPLogitsWarper(0.3), lambda: hf_lp.TopPLogitsWarper(0.3)),
-        (lambda: G.TopPLogitsWarper(0.0), lambda: hf_lp.TopPLogitsWarper(0.0)),
-        (lambda: G.TopPLogitsWarper(0.5, min_tokens_to_keep=3), lambda: hf_lp.TopPLogitsWarper(0.5, min_tokens_to_keep=3)),
-        (lambda: G.MinNewTokensLengthLogitsProcessor(4, 3, [2, 7]), lambda: hf_lp.MinNewTokensLengthLogitsProcessor(4, 3, [2, 7])),
+        (lambda: S.RepetitionPenaltyLogitsProcessor(1.5), lambda: hf_lp.RepetitionPenaltyLogitsProcessor(1.5)),
+        (lambda: S.RepetitionPenaltyLogitsProcessor(0.7), lambda: hf_lp.RepetitionPenaltyLogitsProcessor(0.7)),
+        (lambda: S.TemperatureLogitsWarper(0.6), lambda: hf_lp.TemperatureLogitsWarper(0.6)),
+        (lambda: S.TopKLogitsWarper(5), lambda: hf_lp.TopKLogitsWarper(5)),
+        (lambda: S.TopKLogitsWarper(500), lambda: hf_lp.TopKLogitsWarper(500)),
+        (lambda: S.TopPLogitsWarper(0.9), lambda: hf_lp.TopPLogitsWarper(0.9)),
+        (lambda: S.TopPLogitsWarper(0.3), lambda: hf_lp.TopPLogitsWarper(0.3)),
+        (lambda: S.TopPLogitsWarper(0.0), lambda: hf_lp.TopPLogitsWarper(0.0)),
+        (lambda: S.TopPLogitsWarper(0.5, min_tokens_to_keep=3), lambda: hf_lp.TopPLogitsWarper(0.5, min_tokens_to_keep=3)),
+        (lambda: S.MinNewTokensLengthLogitsProcessor(4, 3, [2, 7]), lambda: hf_lp.MinNewTokensLengthLogitsProcessor(4, 3, [2, 7])),
     ],
 )
 def test_processors_match_transformers(ours_fn, theirs_fn):
@@ -215,17 +218,17 @@ def test_processors_match_transformers(ours_fn, theirs_fn):
 
 def test_top_p_keeps_at_least_one_and_filters_with_minus_inf():
     scores = torch.tensor([[5.0, 1.0, 0.0, -1.0]])
-    out = G.TopPLogitsWarper(0.01)(None, scores.clone())
+    out = S.TopPLogitsWarper(0.01)(None, scores.clone())
     assert out[0, 0] == 5.0 and torch.isinf(out[0, 1:]).all() and (out[0, 1:] < 0).all()
 
 
 def test_processor_order_is_transformers_order():
-    procs = G.build_logits_processors(True, 0.7, 10, 0.9, 1.2, 3, 5, [2])
+    procs = S.build_logits_processors(True, 0.7, 10, 0.9, 1.2, 3, 5, [2])
     assert [type(p).__name__ for p in procs] == [
         "RepetitionPenaltyLogitsProcessor", "MinNewTokensLengthLogitsProcessor",
         "TemperatureLogitsWarper", "TopKLogitsWarper", "TopPLogitsWarper",
     ]
-    assert G.build_logits_processors(False, 0.7, 10, 0.9) == []  # warpers only when sampling
+    assert S.build_logits_processors(False, 0.7, 10, 0.9) == []  # warpers only when sampling
 
 
 # -- input validation ------------------------------------------------------------------------
@@ -238,8 +241,8 @@ def test_processor_order_is_transformers_order():
         (dict(max_new_tokens=0), "max_new_tokens"),
         (dict(max_new_tokens=-2), "max_new_tokens"),
         (dict(max_new_tokens=100), "context of 64"),
-        (dict(input_ids=torch.tensor([[1, 97]])), "outside the model's vocabulary"),
-        (dict(input_ids=torch.tensor([[-1, 3]])), "outside the model's vocabulary"),
+        (dict(input_ids=torch.tensor([[1, 97]])), "outside the vocabulary"),
+        (dict(input_ids=torch.tensor([[-1, 3]])), "outside the vocabulary"),
         (dict(input_ids=torch.tensor([1, 2, 3, 4]).view(1, 2, 2)), "2-D"),
         (dict(do_sample=True, temperature=0.0), "do_sample=False"),
         (dict(do_sample=True, top_p=1.5), "top_p"),
@@ -302,7 +305,7 @@ class CharTokenizer:
         return "".join(out)
 
 
-class Collect(G.TextStreamer):
+class Collect(ST.TextStreamer):
     def __init__(self, tokenizer, **kw):
         super().__init__(tokenizer, **kw)
         self.pieces: list[str] = []
@@ -349,7 +352,7 @@ def test_text_streamer_with_metas_tokenizer_emoji():
 def test_text_streamer_prints_to_stdout_during_generate(stories260k, capsys):
     _, ours = stories260k
     tok = CharTokenizer()  # stories260K ids < 512 are printable as chr(); good enough for the plumbing
-    out = ours.generate(torch.tensor([[1]]), max_new_tokens=20, streamer=G.TextStreamer(tok))
+    out = ours.generate(torch.tensor([[1]]), max_new_tokens=20, streamer=ST.TextStreamer(tok))
     printed = capsys.readouterr().out
     assert printed == tok.decode(out[0].tolist()) + "\n"
 
@@ -357,7 +360,7 @@ def test_text_streamer_prints_to_stdout_during_generate(stories260k, capsys):
 def test_text_iterator_streamer_in_a_thread(stories260k):
     _, ours = stories260k
     tok = CharTokenizer()
-    streamer = G.TextIteratorStreamer(tok, skip_prompt=True, timeout=30)
+    streamer = ST.TextIteratorStreamer(tok, skip_prompt=True, timeout=30)
     result = {}
     thread = threading.Thread(
         target=lambda: result.setdefault("ids", ours.generate(torch.tensor([[1]]), max_new_tokens=30, streamer=streamer))
@@ -384,7 +387,7 @@ def chat_model():
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        tok = LlamaTokenizer.from_pretrained(llama_edu.data.PROJECT_DATA_DIR / "tokenizer.model")
+        tok = LlamaTokenizer.from_pretrained(llama_edu.files.PROJECT_DATA_DIR / "tokenizer.model")
     torch.manual_seed(0)
     cfg = llama_edu.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                 num_attention_heads=4, max_position_embeddings=256)
@@ -399,18 +402,38 @@ def test_chat_uses_template_and_stops_at_eos(chat_model):
     free = model.generate(torch.tensor([prompt]), max_new_tokens=12, eos_token_id=None)[0, len(prompt):].tolist()
     stop = free[5]
     first = free.index(stop)
-    answer = G.chat(model, tok, messages, max_new_tokens=12, eos_token_id=stop)
+    answer = chat_fn(model, tok, messages, max_new_tokens=12, eos_token_id=stop)
     assert answer == tok.decode(free[:first], skip_special_tokens=True).strip()
     with pytest.raises(ValueError, match="user turn"):
-        G.chat(model, tok, messages[:1])
+        chat_fn(model, tok, messages[:1])
 
 
 def test_chat_loop_keeps_history_and_resets(chat_model):
     model, tok = chat_model
     out = io.StringIO()
-    history = G.chat_loop(model, tok, system="sys", input_stream=io.StringIO("hello\nhow now?\n/reset\nagain\n"),
+    history = chat_loop(model, tok, system="sys", input_stream=io.StringIO("hello\nhow now?\n/reset\nagain\n"),
                           output_stream=out, max_new_tokens=5)
     assert [m["role"] for m in history] == ["system", "user", "assistant"]
     assert history[1]["content"] == "again"
     text = out.getvalue()
     assert text.count("assistant> ") == 3 and "(history cleared)" in text
+
+
+def test_pad_token_and_cache_size_are_checked_before_anything_runs():
+    torch.manual_seed(0)
+    cfg = llama_edu.LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=112, num_hidden_layers=2,
+                                num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=2**40)
+    model = llama_edu.LlamaForCausalLM(cfg).eval()
+    with pytest.raises(ValueError, match="pad_token_id=500"):
+        model.generate(torch.tensor([[1, 2]]), max_new_tokens=3, pad_token_id=500)
+    with pytest.raises(ValueError, match=r"needs \d+.* GiB .*cache_implementation='dynamic'"):
+        model.generate(torch.tensor([[1, 2]]), max_new_tokens=2**38)  # terabytes of cache: refused up front
+
+
+def test_explicit_positions_past_the_context_warn():
+    torch.manual_seed(0)
+    model = llama_edu.LlamaForCausalLM(llama_edu.LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=112,
+                                                              num_hidden_layers=1, num_attention_heads=8,
+                                                              max_position_embeddings=32)).eval()
+    with pytest.warns(UserWarning, match="longer than max_position_embeddings"):
+        model(torch.tensor([[1, 2]]), position_ids=torch.tensor([[40, 41]]))

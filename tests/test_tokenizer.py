@@ -12,7 +12,7 @@ import warnings
 import pytest
 import torch
 
-from llama_edu.data import PROJECT_DATA_DIR, find_data_file
+from llama_edu.files import PROJECT_DATA_DIR, find_data_file
 from llama_edu.tokenizer import (
     DEFAULT_SYSTEM_PROMPT,
     BatchEncoding,

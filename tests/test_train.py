@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from llama_edu import LlamaConfig, LlamaForCausalLM
-from llama_edu.data import DEFAULT_MODEL_DIR, find_data_file
+from llama_edu.files import DEFAULT_MODEL_DIR, find_data_file
 from llama_edu.train import (TokenDataset, TrainConfig, add_cli_commands, evaluate, get_batch,
                              load_checkpoint, lr_at, make_optimizer, save_checkpoint, train)
 
@@ -147,7 +147,7 @@ def test_checkpoint_is_atomic_and_reloads(tmp_path, monkeypatch):
 
 
 def test_cli_trains_five_steps(shakespeare_slice, tmp_path, capsys):
-    from llama_edu.__main__ import main  # python -m llama_edu
+    from llama_edu.cli import main  # python -m llama_edu
 
     out = tmp_path / "run"
     argv = ["train", "--data", str(shakespeare_slice), "--out", str(out), "--steps", "5", "--batch-size", "4",

@@ -1,0 +1,143 @@
+"""Chat: a conversation rendered with the chat template, answered by ``generate``.
+
+The tokenizer's chat template (Llama 2: ``<s>[INST] <<SYS>>...<</SYS>> user [/INST] answer
+</s><s>[INST] ...``) turns a list of messages into token ids; the model continues after the
+last ``[/INST]`` until it emits ``</s>``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any, Callable, TextIO
+
+import torch
+
+from .checkpoint import parse_device
+from .files import DEFAULT_MODEL_DIR, looks_like_repo_id
+from .generation import context_limit, generate
+from .modeling import LlamaForCausalLM
+from .streaming import CallbackStreamer
+from .tokenizer import LlamaTokenizer
+
+
+def chat(model, tokenizer, messages: list[dict[str, str]], streamer: Any = None, **gen_kwargs: Any) -> str:
+    """The assistant's answer to ``messages`` ([{"role": "system"|"user"|"assistant",
+    "content": ...}, ...], ending with a user turn).
+
+    The conversation is rendered with the tokenizer's chat template (Llama 2:
+    ``<s>[INST] <<SYS>>...<</SYS>> user [/INST] answer </s><s>[INST] ...``), generation
+    stops at ``</s>``, and the new tokens are decoded without special tokens.
+    ``gen_kwargs`` go to :func:`generate` (default ``max_new_tokens=256``, greedy).
+    """
+    if not messages or messages[-1].get("role") != "user":
+        raise ValueError("messages must end with a user turn: [..., {'role': 'user', 'content': '...'}]")
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    if isinstance(ids, torch.Tensor):
+        ids = ids.reshape(-1).tolist()
+    prompt = torch.tensor([ids], dtype=torch.long, device=model.device)
+    gen_kwargs.setdefault("max_new_tokens", 256)
+    gen_kwargs.setdefault("eos_token_id", tokenizer.eos_token_id)
+    gen_kwargs.setdefault("pad_token_id", tokenizer.eos_token_id)
+    if streamer is not None and hasattr(streamer, "skip_prompt"):
+        streamer.skip_prompt = True
+    room = context_limit(model.config) - prompt.shape[1]
+    if room <= 0:
+        raise ValueError(
+            f"the conversation is {prompt.shape[1]} tokens, the model's context is {context_limit(model.config)}: "
+            "start a new conversation (/reset) or shorten it"
+        )
+    gen_kwargs["max_new_tokens"] = min(gen_kwargs["max_new_tokens"], room)
+    out = generate(model, prompt, streamer=streamer, **gen_kwargs)
+    new_tokens = out[0, prompt.shape[1] :].tolist()
+    eos = gen_kwargs["eos_token_id"]
+    eos = set([eos] if isinstance(eos, int) else eos or [])
+    for i, token in enumerate(new_tokens):  # the answer ends before the first end-of-sequence token
+        if token in eos:
+            new_tokens = new_tokens[:i]
+            break
+    return tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
+
+
+def chat_loop(
+    model,
+    tokenizer,
+    system: str | None = None,
+    input_stream: TextIO | None = None,
+    output_stream: TextIO | None = None,
+    output_filter: Callable[[str], str] | None = None,
+    **gen_kwargs: Any,
+) -> list[dict[str, str]]:
+    """A multi-turn conversation on a terminal: read a user line, stream the answer, keep the
+    history. ``/reset`` forgets the history, ``/exit`` or end of input (Ctrl-D) ends. Ctrl-C
+    during an answer stops that answer (what was said so far stays in the history); Ctrl-C at
+    the prompt ends the session (``KeyboardInterrupt``). ``output_filter`` cleans text before it
+    is written (the command line strips terminal control characters). Returns the history."""
+    input_stream = input_stream or sys.stdin
+    output_stream = output_stream or sys.stdout
+    interactive = hasattr(input_stream, "isatty") and input_stream.isatty()
+    start = [{"role": "system", "content": system}] if system else []
+    history = list(start)
+
+    def write(text: str) -> None:
+        output_stream.write(output_filter(text) if output_filter else text)
+        output_stream.flush()
+
+    while True:
+        if interactive:
+            write("you> ")
+        line = input_stream.readline()
+        if not line:  # EOF
+            if interactive:
+                write("\n")
+            break
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/exit", "/quit"):
+            break
+        if text == "/reset":
+            history = list(start)
+            write("(history cleared)\n")
+            continue
+        history.append({"role": "user", "content": text})
+        write("assistant> ")
+        said: list[str] = []
+
+        def show(piece: str) -> None:
+            said.append(piece)
+            write(piece)
+
+        streamer = CallbackStreamer(tokenizer, show, skip_prompt=True, skip_special_tokens=True)
+        try:
+            answer = chat(model, tokenizer, history, streamer=streamer, **gen_kwargs)
+        except KeyboardInterrupt:
+            answer = "".join(said).strip()
+            write(" (stopped)")
+        write("\n")
+        history.append({"role": "assistant", "content": answer})
+    return history
+
+
+def load_model_and_tokenizer(path: str | os.PathLike | None = None, device: str | None = None, dtype: str | None = None):
+    """Load ``LlamaForCausalLM`` and its tokenizer from a Hugging Face-layout folder (or hub
+    repo id) on ``device`` (default: cuda when available) in ``dtype`` (default: as stored).
+    ``path=None`` is the project's default model, ``data/shakespeare-llama``."""
+    if path is None:
+        path = DEFAULT_MODEL_DIR
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(
+                f"the default model data/{path.name} does not exist yet: train it with `python -m llama_edu train` "
+                "or pass --model PATH (a folder with config.json, model.safetensors and tokenizer.model)"
+            )
+    name = os.fspath(path)
+    if not os.path.isdir(name) and (os.path.exists(name) or not looks_like_repo_id(name)):
+        raise FileNotFoundError(
+            f"model folder {name} does not exist: pass --model with a Hugging Face-layout folder "
+            "(config.json, model.safetensors, tokenizer.model) or a hub repo id"
+        )
+    model = LlamaForCausalLM.from_pretrained(
+        name, torch_dtype=dtype or "auto", device=parse_device(device, default="auto"), progress=False
+    )
+    tokenizer = LlamaTokenizer.from_pretrained(name)
+    return model.eval(), tokenizer

@@ -1,0 +1,102 @@
+"""Student copies of the notebooks (python -m llama_edu student-notebooks), and how the notebooks
+present their exercises: every registered exercise is checked in its notebook, every solution is
+hidden."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from llama_edu.cli import main
+from llama_edu.exercises import EXERCISES
+from llama_edu.handout import NOTEBOOKS_DIR, is_solution_cell, strip_solutions, write_student_notebooks
+
+
+def _source(cell) -> str:
+    return "".join(cell["source"]) if isinstance(cell["source"], list) else cell["source"]
+
+
+def _notebook(*cells):
+    return {"cells": list(cells), "metadata": {}, "nbformat": 4, "nbformat_minor": 5}
+
+
+def _code(source, tags=(), outputs=()):
+    return {"cell_type": "code", "metadata": {"tags": list(tags)}, "source": source, "outputs": list(outputs),
+            "execution_count": 3}
+
+
+def test_strip_solutions_replaces_code_by_stubs_and_keeps_other_cells():
+    output = {"output_type": "stream", "name": "stdout", "text": ["rotate_half: not attempted yet\n"]}
+    stub = _code("def my_rotate_half(x):\n    raise NotImplementedError\n", outputs=[output])
+    solution = _code("def rotate_half_solution(x):\n    x1, x2 = x.chunk(2, -1)\n    return x1\n\n\nassert check('rotate_half', rotate_half_solution)\n",
+                     tags=["solution"], outputs=[output])
+    text = {"cell_type": "markdown", "metadata": {}, "source": "## RoPE"}
+    nb = _notebook(text, stub, solution)
+    student, changed = strip_solutions(nb)
+    assert changed == 1
+    assert student["cells"][0] == text and student["cells"][1] == stub  # untouched, outputs kept
+    new = student["cells"][2]
+    assert "x.chunk" not in _source(new) and new["outputs"] == [] and new["execution_count"] is None
+    assert "def rotate_half_solution(*args, **kwargs):" in _source(new)
+    namespace = {}
+    exec(_source(new), namespace)  # the stub is valid Python and says what happened
+    with pytest.raises(NotImplementedError, match="removed"):
+        namespace["rotate_half_solution"](1)
+    assert nb["cells"][2]["source"].startswith("def rotate_half_solution")  # the original is not modified
+
+
+def test_student_copies_of_the_course(tmp_path):
+    written = write_student_notebooks(tmp_path)
+    originals = sorted(NOTEBOOKS_DIR.glob("*.ipynb"))
+    assert [p.name for p in written] == [p.name for p in originals]
+    for original, copy in zip(originals, written):
+        a, b = json.loads(original.read_text()), json.loads(copy.read_text())
+        assert len(a["cells"]) == len(b["cells"])
+        for ca, cb in zip(a["cells"], b["cells"]):
+            if is_solution_cell(ca):
+                assert cb["outputs"] == [] and "Solution removed" in _source(cb)
+                assert "assert check(" not in _source(cb)
+            else:
+                assert ca == cb  # source, metadata and outputs kept
+
+
+def test_notebooks_check_every_exercise_and_hide_every_solution():
+    """Each exercise of notebooks 00-09 and 15 is checked in its notebook, and every solution is
+    collapsed in JupyterLab and hidden in Colab."""
+    for path in sorted(NOTEBOOKS_DIR.glob("*.ipynb")):
+        cells = json.loads(path.read_text())["cells"]
+        for cell in cells:
+            if is_solution_cell(cell):
+                assert cell["metadata"].get("jupyter", {}).get("source_hidden") is True, path.name
+                assert cell["metadata"].get("cellView") == "form", path.name
+        code = "\n".join(_source(c) for c in cells if c["cell_type"] == "code")
+        for name, ex in EXERCISES.items():
+            if path.stem == ex.notebook:
+                assert f'check("{name}", my_' in code, f"{path.name} has no 'Your turn' cell for {name}"
+                assert f'assert check("{name}", ' in code, f"{path.name} has no solution for {name}"
+    ours = {ex.notebook for ex in EXERCISES.values() if ex.notebook[:2] <= "09"}
+    assert ours <= {p.stem for p in NOTEBOOKS_DIR.glob("*.ipynb")}
+
+
+def test_cli_writes_student_notebooks_and_refuses_bad_folders(tmp_path, capsys):
+    assert main(["student-notebooks", str(tmp_path / "out")]) == 0
+    assert "student notebooks in" in capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.ipynb")) == sorted(p.name for p in NOTEBOOKS_DIR.glob("*.ipynb"))
+    assert main(["student-notebooks", str(tmp_path / "x"), "--notebooks", str(tmp_path / "missing")]) == 1
+    assert "no notebooks folder" in capsys.readouterr().err
+    assert main(["student-notebooks", str(NOTEBOOKS_DIR)]) == 1
+    assert "keep their solutions" in capsys.readouterr().err
+
+
+def test_a_student_notebook_runs(tmp_path):
+    """The student copy of the course map executes: its checks report 'not attempted yet'."""
+    nbclient = pytest.importorskip("nbclient")
+    nbformat = pytest.importorskip("nbformat")
+    write_student_notebooks(tmp_path)
+    nb = nbformat.read(tmp_path / "00_course_map.ipynb", as_version=4)
+    nbclient.NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    printed = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+    assert "softmax: not attempted yet" in printed
+    assert "softmax: correct" not in printed
