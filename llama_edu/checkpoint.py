@@ -590,6 +590,7 @@ def write_checkpoint(
     with replace_folder_files(out, owned) if atomic else contextlib.nullcontext(out) as staging:
         shards: list[list[str]] = []
         current: dict[str, torch.Tensor] = {}
+        storages: set[int] = set()  # of the tensors in `current`
         current_size = total_size = 0
 
         def flush():
@@ -601,6 +602,8 @@ def write_checkpoint(
             if key in seen:
                 raise ValueError(f"the key {key} appears twice in the state dict")
             seen[key] = None
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"the state dict's {key!r} is a {type(t).__name__}, not a tensor; only tensors can be saved")
             # safetensors refuses views into shared storage; a contiguous CPU copy is what we store.
             t = t.detach().to("cpu").contiguous()
             if not safe_serialization:
@@ -608,7 +611,10 @@ def write_checkpoint(
             size = _tensor_bytes(t)
             if current and current_size + size > limit:
                 flush()
-                current, current_size = {}, 0
+                current, current_size, storages = {}, 0, set()
+            if t.untyped_storage().data_ptr() in storages:
+                t = t.clone()  # shares memory with a tensor of this shard (weights tied by hand): its own copy
+            storages.add(t.untyped_storage().data_ptr())
             current[key] = t
             current_size += size
             total_size += size
@@ -664,6 +670,9 @@ def save_pretrained(
     config = model.config
     if getattr(config, "tie_word_embeddings", False) and "lm_head.weight" in sd:
         sd = {k: v for k, v in sd.items() if k != "lm_head.weight"}
+    not_tensors = [k for k, v in sd.items() if not isinstance(v, torch.Tensor)]
+    if not_tensors:
+        raise TypeError(f"state_dict values must be tensors; {not_tensors[:5]} are not")
     meta = [k for k, v in sd.items() if v.is_meta]
     if meta:
         raise ValueError(f"cannot save tensors on the meta device (they hold no values): {meta[:5]}")

@@ -254,6 +254,8 @@ CASES = [
     ("ckpt-shard-size-zero", ValueError, r"max_shard_size must be positive, got 0", lambda e, t: e.model.save_pretrained(t / "x", max_shard_size=0)),
     ("ckpt-save-onto-file", FileExistsError, r"afile exists and is not a folder", lambda e, t: e.model.save_pretrained(write(t, "afile", b"x"))),
     ("ckpt-save-meta-tensors", ValueError, r"meta device", lambda e, t: _meta_model().save_pretrained(t / "x")),
+    ("ckpt-state-dict-not-tensor", TypeError, r"\['x'\] are not", lambda e, t: e.model.save_pretrained(
+        t / "x", state_dict={**e.model.state_dict(), "x": 3})),
     ("ckpt-duplicate-key", ValueError, r"key a appears twice", lambda e, t: checkpoint.write_checkpoint(
         [("a", torch.ones(1)), ("a", torch.ones(1))], t / "x", None)),
     ("ckpt-extra-file-escapes", ValueError, r"extra file name '\.\./x\.json'", lambda e, t: checkpoint.write_checkpoint(
@@ -305,6 +307,8 @@ CASES = [
         inputs_embeds=torch.zeros(1, 2, 7))),
     ("forward-labels-wrong-shape", ValueError, r"labels must have the shape.*\(1, 3\).*\(1, 2\)", lambda e, t: e.model(
         torch.tensor([[1, 2, 3]]), labels=torch.tensor([[1, 2]]))),
+    ("forward-past-key-values-fewer-layers", ValueError, r"past_key_values holds 1 layers but the model has 2", lambda e, t: e.model(
+        torch.tensor([[4]]), past_key_values=e.model(torch.tensor([[1, 2]]), use_cache=True).past_key_values[:1], use_cache=True)),
     ("forward-resize-zero", ValueError, r"new_num_tokens must be positive, got 0", lambda e, t: e.model.resize_token_embeddings(0)),
     # ---- generation (the lead's area: errors that are already clear) --------------------------
     ("generate-max-new-tokens-zero", ValueError, r"max_new_tokens must be a positive integer, got 0", lambda e, t: e.model.generate(
@@ -319,6 +323,8 @@ CASES = [
         torch.ones(1, 10, dtype=torch.long), max_new_tokens=64)),
     ("generate-empty-prompt", ValueError, r"input_ids is empty", lambda e, t: e.model.generate(torch.zeros(1, 0, dtype=torch.long), max_new_tokens=2)),
     ("generate-ids-out-of-vocab", ValueError, r"input_ids contain 999", lambda e, t: e.model.generate(torch.tensor([[999]]), max_new_tokens=2)),
+    ("generate-pad-out-of-vocab", ValueError, r"pad_token_id=500 is not a token of the model's vocabulary \[0, 128\)", lambda e, t: e.model.generate(
+        torch.tensor([[1]]), max_new_tokens=2, pad_token_id=500)),
     ("generate-cache-kind-unknown", ValueError, r"cache_implementation.*'offloaded'", lambda e, t: e.model.generate(
         torch.tensor([[1]]), max_new_tokens=2, cache_implementation="offloaded")),
     ("generate-mask-wrong-shape", ValueError, r"attention_mask must have the shape of input_ids \(1, 2\)", lambda e, t: e.model.generate(
@@ -509,6 +515,51 @@ def test_tokenizer_config_cannot_name_files_outside_the_folder(tmp_path, monkeyp
     for cls in (LlamaTokenizer, LlamaTokenizerFast):
         tok = cls.from_pretrained(d)
         assert tok.encode("to be") == LlamaTokenizer.from_pretrained(PROJECT_TOKENIZER).encode("to be")
+
+
+def test_weights_tied_by_hand_save_and_load(tmp_path):
+    """A head tied to the embedding by hand while the config says untied: safetensors refuses
+    tensors that share memory, so each gets its own copy; the model loads with equal logits."""
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**TINY)).eval()
+    model.lm_head.weight = model.model.embed_tokens.weight
+    model.save_pretrained(tmp_path)
+    again = LlamaForCausalLM.from_pretrained(tmp_path, progress=False)
+    ids = torch.tensor([[1, 2, 3]])
+    assert torch.equal(again(ids).logits, model(ids).logits)
+
+
+def test_positions_past_the_context_warn(recwarn):
+    """A forward past max_position_embeddings without RoPE scaling warns (once per model), also
+    when the positions are given explicitly."""
+    for kwargs in (dict(input_ids=torch.ones(1, 70, dtype=torch.long)),
+                   dict(input_ids=torch.tensor([[1, 2, 3]]), position_ids=torch.tensor([[100, 101, 102]]))):
+        model = LlamaForCausalLM(LlamaConfig(**TINY)).eval()
+        with pytest.warns(UserWarning, match=r"longer than max_position_embeddings \(64\)"):
+            model(**kwargs)
+
+
+@pytest.mark.parametrize("cache", ["static", "dynamic"])
+def test_an_enormous_context_does_not_preallocate_it(cache):
+    """max_position_embeddings = 10**12: generate sizes its cache by what it generates."""
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**{**TINY, "max_position_embeddings": 10**12})).eval()
+    out = model.generate(torch.tensor([[1, 2]]), max_new_tokens=3, cache_implementation=cache, pad_token_id=0)
+    assert out.shape == (1, 5)
+
+
+def test_cli_strips_terminal_control_characters(env, capsys):
+    """Generated text may hold escape bytes (byte-fallback tokens): the CLI's streamer prints
+    it without control characters other than newline and tab."""
+    from llama_edu.cli import TerminalStreamer
+
+    ids = env.tok.encode("to be\x1b[2J\x07 or\tnot\n", add_special_tokens=False)
+    assert "\x1b" in env.tok.decode(ids)  # the escape really is in the tokens
+    streamer = TerminalStreamer(env.tok, skip_special_tokens=True)
+    streamer.put(torch.tensor(ids))
+    streamer.end()
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\x07" not in out and "[2J" in out and "\t" in out and "\n" in out
 
 
 def test_hub_cache_links_are_allowed(env, tmp_path):

@@ -414,3 +414,68 @@ def test_skip_init_is_off_outside_the_load():
         LlamaForCausalLM(LlamaConfig(**TINY))
     m = LlamaForCausalLM(LlamaConfig(**TINY))
     assert 0.014 < m.lm_head.weight.std().item() < 0.026
+
+
+# ---------------------------------------------------------------------------------------------
+# Ctrl-C in the generate and chat commands
+# ---------------------------------------------------------------------------------------------
+STREAM_PAUSE = r"""
+import os, sys, time
+import llama_edu.streaming as streaming
+ready, pause_at = sys.argv[1], int(sys.argv[2])  # pause after the pause_at-th non-blank piece of text
+paused = []
+def pausing(real):
+    def on_text(self, text, stream_end=False):
+        real(self, text, stream_end)
+        if text.strip():
+            paused.append(1)
+            if len(paused) == pause_at:  # wait here to be interrupted
+                open(ready, "w").close()
+                time.sleep(120)
+    return on_text
+for cls in (streaming.TextStreamer, streaming.CallbackStreamer):
+    cls.on_finalized_text = pausing(cls.on_finalized_text)
+import importlib
+chat_module = importlib.import_module("llama_edu.chat")  # the module (llama_edu.chat is also a function)
+real_generate = chat_module.generate
+def spy(model, ids, **kw):
+    print("PROMPT", ids[0].tolist(), file=sys.stderr, flush=True)
+    return real_generate(model, ids, **kw)
+chat_module.generate = spy
+from llama_edu.cli import main
+sys.exit(main(sys.argv[3:]))
+"""
+
+
+def _run_paused(tmp_path: Path, argv: list[str], pause_at: int, stdin: str | None = None):
+    ready = tmp_path / "ready"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-c", STREAM_PAUSE, str(ready), str(pause_at), *argv], env=env, cwd=REPO,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if stdin is not None:
+        proc.stdin.write(stdin)
+        proc.stdin.flush()
+    wait_for(ready, proc, "the first words of the answer")
+    proc.send_signal(signal.SIGINT)
+    return proc
+
+
+def test_ctrl_c_during_generate_flushes_and_exits_130_quietly(tmp_path):
+    proc = _run_paused(tmp_path, ["generate", "--prompt", "ROMEO:", "--max-new-tokens", "100", "--greedy"], pause_at=3)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
+    assert out.startswith("ROMEO:") and len(out.split()) >= 3  # the words so far were printed
+
+
+def test_ctrl_c_during_a_chat_answer_keeps_the_session(tmp_path):
+    proc = _run_paused(tmp_path, ["chat", "--max-new-tokens", "30", "--greedy"], pause_at=1,
+                       stdin="first question\n")
+    out, err = proc.communicate("second question\n", timeout=120)
+    assert proc.returncode == 0, err[-2000:]
+    assert "Traceback" not in err and "(stopped)" in out
+    prompts = [json.loads(line.split("PROMPT ", 1)[1]) for line in err.splitlines() if line.startswith("PROMPT ")]
+    assert len(prompts) == 2  # the session went on to a second answer
+    tok = llama_edu.LlamaTokenizer.from_pretrained(REPO / "data" / "shakespeare-llama")
+    first = tok.encode("first question", add_special_tokens=False)
+    assert any(prompts[1][i:i + len(first)] == first for i in range(len(prompts[1])))  # with its history
