@@ -110,13 +110,11 @@ class LlamaAttention(nn.Module):
         cache_position: torch.Tensor | None = None,
         output_attentions: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """hidden_states (batch, seq, hidden) -> (batch, seq, hidden), and the attention weights
-        (batch, heads, seq, keys) when ``output_attentions``. cos/sin (batch, 1, seq, head_dim), or
-        (batch, seq, head_dim) as the rotary embedding returns them;
-        ``mask`` from :func:`causal_mask`, or None for plain causal attention."""
+        """hidden_states (batch, seq, hidden) -> (batch, seq, hidden), and the weights (batch, heads,
+        seq, keys) if ``output_attentions``. cos/sin (batch, [1,] seq, head_dim); ``mask`` from
+        :func:`causal_mask`, or None for plain causal attention."""
         bsz, q_len, _ = hidden_states.shape
-        # The head counts come from the weights, so a tensor-parallel shard (fewer heads per
-        # device) runs the same code.
+        # Head counts come from the weights: a tensor-parallel shard runs the same code.
         q = self.q_proj(hidden_states).view(bsz, q_len, -1, self.head_dim).transpose(1, 2)  # (b, heads, q, d)
         k = self.k_proj(hidden_states).view(bsz, q_len, -1, self.head_dim).transpose(1, 2)  # (b, kv_heads, q, d)
         v = self.v_proj(hidden_states).view(bsz, q_len, -1, self.head_dim).transpose(1, 2)
