@@ -38,8 +38,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .files import PROJECT_DATA_DIR
-from .lora import LoraConfig, apply_lora, lora_layers, save_lora_adapter, set_lora_enabled, trainable_parameters_report
-from .sft import IGNORE_INDEX, collate, load_for_finetuning, load_jsonl, pad_id, tokenize_chat
+from .lora import LoraConfig, apply_lora, lora_layers, set_lora_enabled, trainable_parameters_report
+from .sft import IGNORE_INDEX, add_lora_arguments, collate, load_for_finetuning, load_jsonl, pad_id, save_finetuned, tokenize_chat
 from .train import lr_at
 
 DPO_DATA = PROJECT_DATA_DIR / "dpo_preferences.jsonl"
@@ -262,12 +262,7 @@ def _cmd_dpo(args: argparse.Namespace) -> int:
     else:
         reference = copy.deepcopy(policy)
     train_dpo(policy, tokenizer, rows, reference=reference, beta=args.beta, steps=args.steps, batch_size=args.batch_size, lr=args.lr)
-    if args.lora_r:
-        save_lora_adapter(policy, args.out)
-    else:
-        policy.save_pretrained(args.out)
-        tokenizer.save_pretrained(args.out)
-    print(f"saved to {args.out}")
+    save_finetuned(policy, tokenizer, args.out, adapter_only=bool(args.lora_r))
     return 0
 
 
@@ -280,9 +275,7 @@ def add_cli_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--lora-r", type=int, default=8, help="LoRA rank (the reference is the model with adapters off); 0 = full fine-tuning against a frozen copy")
-    p.add_argument("--lora-alpha", type=float, default=16)
-    p.add_argument("--lora-targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
+    add_lora_arguments(p, default_r=8, r_help="LoRA rank (the reference is the model with adapters off); 0 = full fine-tuning against a frozen copy")
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None)
     p.set_defaults(func=_cmd_dpo)

@@ -274,6 +274,24 @@ def evaluate_format(model: nn.Module, tokenizer: Any, rows: Sequence[dict[str, A
 # -- the command line and the big version --------------------------------------------------------
 
 
+def save_finetuned(model, tokenizer, out: str | os.PathLike, adapter_only: bool) -> None:
+    """What the sft and dpo commands keep: the LoRA adapter alone (PEFT layout), or the whole
+    model with its tokenizer."""
+    if adapter_only:
+        save_lora_adapter(model, out)
+    else:
+        model.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+    print(f"saved to {out}")
+
+
+def add_lora_arguments(p: argparse.ArgumentParser, default_r: int, r_help: str) -> None:
+    """--lora-r, --lora-alpha, --lora-targets (the sft and dpo commands)."""
+    p.add_argument("--lora-r", type=int, default=default_r, help=r_help)
+    p.add_argument("--lora-alpha", type=float, default=16)
+    p.add_argument("--lora-targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
+
+
 def load_for_finetuning(name_or_path: str | os.PathLike | None = None, device: str | None = None, dtype: str | None = None):
     """(model, tokenizer) from a local folder or a hub repo id (e.g.
     ``TinyLlama/TinyLlama-1.1B-Chat-v1.0``); ``None`` is the project's Shakespeare model.
@@ -288,12 +306,7 @@ def _cmd_sft(args: argparse.Namespace) -> int:
         apply_lora(model, LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, target_modules=tuple(args.lora_targets.split(","))))
     print(trainable_parameters_report(model) if args.lora_r else f"full fine-tuning of {sum(p.numel() for p in model.parameters()):,d} parameters")
     train_sft(model, tokenizer, [r["messages"] for r in rows], steps=args.steps, batch_size=args.batch_size, lr=args.lr)
-    if args.lora_r:
-        save_lora_adapter(model, args.out)
-    else:
-        model.save_pretrained(args.out)
-        tokenizer.save_pretrained(args.out)
-    print(f"saved to {args.out}")
+    save_finetuned(model, tokenizer, args.out, adapter_only=bool(args.lora_r))
     return 0
 
 
@@ -305,9 +318,7 @@ def add_cli_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=150)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--lora-r", type=int, default=0, help="LoRA rank; 0 = full fine-tuning")
-    p.add_argument("--lora-alpha", type=float, default=16)
-    p.add_argument("--lora-targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
+    add_lora_arguments(p, default_r=0, r_help="LoRA rank; 0 = full fine-tuning")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16, ... (default: as stored)")
     p.set_defaults(func=_cmd_sft)
