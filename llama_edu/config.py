@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .files import atomic_write_bytes, resolve_file
+from .files import atomic_write_bytes, read_json_object, resolve_file
 
 #: The transformers release whose config.json format we write (and test against).
 TRANSFORMERS_VERSION = "4.37.2"
@@ -309,14 +309,7 @@ class LlamaConfig:
 
     @classmethod
     def from_json_file(cls, path: str | os.PathLike) -> "LlamaConfig":
-        with open(path, "rb") as f:
-            raw = f.read()
-        try:
-            d = json.loads(raw.decode("utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{path} is not valid JSON ({e}); is it really a config.json?") from None
-        if not isinstance(d, dict):
-            raise ValueError(f"{path} holds a JSON {type(d).__name__}, not an object of config fields; is it really a config.json?")
+        d = read_json_object(path, "is it really a config.json?")
         mt = d.get("model_type", "llama")
         if mt != "llama":
             raise ValueError(f"{path} describes a {mt!r} model, not a Llama ('model_type' should be 'llama')")

@@ -43,7 +43,7 @@ import torch
 from .atomic_save import replace_folder_files
 from .checkpoint import dtype_name, load_torch_state_dict, parse_dtype, write_checkpoint
 from .config import TRANSFORMERS_VERSION, LlamaConfig
-from .files import cache_dir, find_data_file
+from .files import cache_dir, find_data_file, read_json_object
 from .mlp import swiglu_hidden_size
 from .modeling import LlamaForCausalLM
 
@@ -166,12 +166,7 @@ def _read_meta_dir(input_dir: Path) -> tuple[dict[str, Any], list[Path]]:
     pfile = input_dir / "params.json"
     if not pfile.is_file():
         raise FileNotFoundError(f"params.json is missing from {input_dir}; pass the folder of one model size (e.g. llama-2-7b/)")
-    try:
-        params = json.loads(pfile.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{pfile} is not valid JSON ({e}); it should be Meta's params.json") from None
-    if not isinstance(params, dict):
-        raise ValueError(f"{pfile} holds a JSON {type(params).__name__}, not an object; it should be Meta's params.json")
+    params = read_json_object(pfile, "it should be Meta's params.json")
     params = params.get("model", params)
     files = sorted(input_dir.glob("consolidated.*.pth"))
     if not files:

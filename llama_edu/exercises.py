@@ -76,7 +76,7 @@ from .rope import LlamaRotaryEmbedding, apply_rotary_pos_emb, dynamic_ntk_base, 
 from .sft import assistant_labels
 from .tokenizer import LlamaTokenizer
 from .classification import classification_metrics
-from .train import causal_lm_loss
+from .modeling import causal_lm_loss
 
 Cases = list[tuple[str, tuple]]
 

@@ -21,6 +21,7 @@ target folder, then a rename, so a reader (or a crash) never sees half a file.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import tempfile
@@ -250,6 +251,18 @@ def resolve_file(
         raise FileNotFoundError(f"{name} does not exist (and it is not a hub repo id like 'meta-llama/Llama-2-7b-hf')")
     return _hub_download(name, filename, missing_ok, **hub_kwargs)
 
+
+
+def read_json_object(path: str | os.PathLike, what: str) -> dict:
+    """The JSON object in ``path``, or a ValueError naming the file; ``what`` completes the
+    message ("it should be Meta's params.json")."""
+    try:
+        data = json.loads(Path(path).read_bytes().decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); {what}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} holds a JSON {type(data).__name__}, not an object; {what}")
+    return data
 
 
 # --------------------------------------------------------------------------------------------

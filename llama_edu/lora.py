@@ -50,7 +50,7 @@ import torch
 from safetensors.torch import load_file, save
 from torch import nn
 
-from .files import atomic_write_bytes
+from .files import atomic_write_bytes, read_json_object
 
 # The Llama projections an adapter may sit on (transformers' module names).
 LORA_TARGET_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -449,10 +449,7 @@ def read_lora_config(directory: str | os.PathLike) -> LoraConfig:
     path = Path(directory) / ADAPTER_CONFIG_NAME
     if not path.is_file():
         raise FileNotFoundError(f"no {ADAPTER_CONFIG_NAME} in {directory}; is it a LoRA adapter folder saved by save_lora_adapter or PEFT?")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    data = read_json_object(path, "is it an adapter_config.json saved by save_lora_adapter or PEFT?")
     return LoraConfig.from_peft_dict(data, source=str(path))
 
 

@@ -363,10 +363,15 @@ class LlamaForCausalLM(LlamaPreTrainedModel):
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy: position t predicts token t + 1; labels of -100 are ignored.
-    logits (batch, seq, vocab), labels (batch, seq)."""
-    shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1])
-    shift_labels = labels[:, 1:].reshape(-1).to(logits.device)
+    """The pretraining objective: mean next-token cross-entropy.
+
+    ``logits`` (batch, seq, vocab) at position t score the token at t + 1, so the last position
+    has no target and the first label has no prediction: compare ``logits[:, :-1]`` with
+    ``labels[:, 1:]``. Labels equal to -100 (padding, prompt tokens) count neither in the sum nor
+    in the number of tokens the mean divides by. Returns a float32 scalar.
+    """
+    shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()  # (batch * (seq - 1), vocab)
+    shift_labels = labels[:, 1:].reshape(-1).to(shift_logits.device)  # (batch * (seq - 1),)
     return F.cross_entropy(shift_logits, shift_labels, ignore_index=-100)
 
 

@@ -34,7 +34,9 @@ import torch
 
 from .atomic_save import replace_folder_files
 from .bpe import BYTE, CONTROL, SPIECE_UNDERLINE, UNKNOWN, set_add_dummy_prefix
-from .files import atomic_write_bytes, looks_like_repo_id, resolve_file
+from .files import atomic_write_bytes, looks_like_repo_id, read_json_object, resolve_file
+
+_RESAVE = "re-save the tokenizer or delete that file"
 
 VOCAB_FILE = "tokenizer.model"
 TOKENIZER_FILE = "tokenizer.json"
@@ -1106,9 +1108,9 @@ class LlamaTokenizerBase:
             )
         config: dict[str, Any] = {}
         if TOKENIZER_CONFIG_FILE in files:
-            config.update(_read_json_object(files[TOKENIZER_CONFIG_FILE]))
+            config.update(read_json_object(files[TOKENIZER_CONFIG_FILE], _RESAVE))
         if SPECIAL_TOKENS_MAP_FILE in files:
-            for k, v in _read_json_object(files[SPECIAL_TOKENS_MAP_FILE]).items():
+            for k, v in read_json_object(files[SPECIAL_TOKENS_MAP_FILE], _RESAVE).items():
                 config.setdefault(k, v)
         # Which files to read is decided here, never by the folder's own JSON: a tokenizer_config.json
         # naming "vocab_file": "/some/other/file" must not make us read outside the folder.
@@ -1136,17 +1138,6 @@ class LlamaTokenizerBase:
             f"len={len(self)}, legacy={self.legacy}, padding_side={self.padding_side!r}, "
             f"special_tokens={self.special_tokens_map})"
         )
-
-
-def _read_json_object(path: Path) -> dict:
-    """A tokenizer JSON file as a dict, or a ValueError naming the file."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON ({e}); re-save the tokenizer or delete that file") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path} holds a JSON {type(data).__name__}, not an object; re-save the tokenizer or delete that file")
-    return data
 
 
 def clean_up_tokenization(text: str) -> str:

@@ -74,7 +74,7 @@ from .atomic_save import recover_folder, replace_folder_files
 from .config import PRESETS, LlamaConfig
 from .files import PROJECT_DATA_DIR, atomic_write_bytes
 from .mlp import swiglu_hidden_size
-from .modeling import LlamaForCausalLM
+from .modeling import LlamaForCausalLM, causal_lm_loss  # noqa: F401 (notebook 10 imports it from here)
 
 DEFAULT_TOKENIZER = PROJECT_DATA_DIR / "tokenizer.model"
 
@@ -154,20 +154,6 @@ def get_batch(
 
 
 # ----------------------------------------------------------------------------- the loss
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """The pretraining objective: mean next-token cross-entropy, as ``LlamaForCausalLM(labels=...)``
-    computes it.
-
-    ``logits`` (batch, seq, vocab) at position t score the token at t + 1, so the last position
-    has no target and the first label has no prediction: compare ``logits[:, :-1]`` with
-    ``labels[:, 1:]``. Labels equal to -100 (padding, prompt tokens) count neither in the sum nor
-    in the number of tokens the mean divides by. Returns a float32 scalar.
-    """
-    shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()  # (batch * (seq - 1), vocab)
-    shift_labels = labels[:, 1:].reshape(-1).to(shift_logits.device)  # (batch * (seq - 1),)
-    return nn.functional.cross_entropy(shift_logits, shift_labels, ignore_index=-100)
-
-
 # ----------------------------------------------------------------------------- optimisation
 def lr_at(step: int, max_lr: float, warmup_steps: int, total_steps: int, min_lr: float) -> float:
     """Linear warm-up from ~0 to ``max_lr`` over ``warmup_steps``, then a half cosine down to
