@@ -31,10 +31,13 @@ from typing import Any
 
 import torch
 
-from . import convert, dpo, gptq, handout, sft, train
-from .chat import chat_loop, load_model_and_tokenizer
-from .generation import context_limit, generate
-from .streaming import TextStreamer
+from .course import handout
+from .io import convert
+from .quant import gptq
+from .training import dpo, sft, train
+from .generation.chat import chat_loop, load_model_and_tokenizer
+from .generation.decode import context_limit, generate
+from .generation.streaming import TextStreamer
 
 
 DEBUG_ENV = "LLAMA_EDU_DEBUG"

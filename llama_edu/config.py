@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .files import atomic_write_bytes, read_json_object, resolve_file
+from .io.files import atomic_write_bytes, read_json_object, resolve_file
 
 #: The transformers release whose config.json format we write (and test against).
 TRANSFORMERS_VERSION = "4.37.2"

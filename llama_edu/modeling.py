@@ -21,9 +21,9 @@ from torch import nn
 
 from .attention import check_flash_attention_available
 from .cache import Cache, DynamicCache, StaticCache
-from .checkpoint import load_pretrained, save_pretrained
+from .io.checkpoint import load_pretrained, save_pretrained
 from .config import LlamaConfig
-from .generation import check_input_ids, generate
+from .generation.decode import check_input_ids, generate
 from .model import LlamaDecoder
 from .outputs import BaseModelOutputWithPast, CausalLMOutputWithPast, SequenceClassifierOutputWithPast
 from .pretraining_tp import apply_pretraining_tp

@@ -709,7 +709,7 @@ def test_chat_command_encodes_injection_as_plain_text(tmp_path):
     script = r"""
 import importlib, sys
 from llama_edu.cli import main
-g = importlib.import_module("llama_edu.chat")  # the module (llama_edu.chat is also the function's name)
+g = importlib.import_module("llama_edu.generation.chat")  # the module (llama_edu.chat is also the function's name)
 real = g.generate
 def spy(model, ids, **kw):
     print("PROMPT", ids[0].tolist(), file=sys.stderr)

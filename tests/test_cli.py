@@ -82,7 +82,7 @@ def test_missing_model_dir_is_one_clear_line(tmp_path, capsys):
 
 
 def test_missing_default_model_says_how_to_get_it(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(sys.modules["llama_edu.chat"], "DEFAULT_MODEL_DIR", tmp_path / "shakespeare-llama")
+    monkeypatch.setattr(sys.modules["llama_edu.generation.chat"], "DEFAULT_MODEL_DIR", tmp_path / "shakespeare-llama")
     rc, _, err = run(["generate", "--prompt", "hi"], capsys)
     assert rc == 1 and err.count("\n") == 1 and "python -m llama_edu train" in err
 

@@ -436,7 +436,7 @@ def pausing(real):
 for cls in (streaming.TextStreamer, streaming.CallbackStreamer):
     cls.on_finalized_text = pausing(cls.on_finalized_text)
 import importlib
-chat_module = importlib.import_module("llama_edu.chat")  # the module (llama_edu.chat is also a function)
+chat_module = importlib.import_module("llama_edu.generation.chat")  # the module (llama_edu.chat is also a function)
 real_generate = chat_module.generate
 def spy(model, ids, **kw):
     print("PROMPT", ids[0].tolist(), file=sys.stderr, flush=True)

@@ -44,10 +44,10 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from .files import PROJECT_DATA_DIR
-from .chat import load_model_and_tokenizer
-from .lora import LoraConfig, apply_lora, save_lora_adapter, trainable_parameters_report
-from .train import lr_at
+from ..io.files import PROJECT_DATA_DIR
+from ..generation.chat import load_model_and_tokenizer
+from ..training.lora import LoraConfig, apply_lora, save_lora_adapter, trainable_parameters_report
+from ..training.train import lr_at
 
 IGNORE_INDEX = -100  # the label cross_entropy skips (transformers' convention)
 

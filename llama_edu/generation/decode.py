@@ -25,9 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cache import Cache, DynamicCache, StaticCache
-from .model import LlamaDecoder
-from .sampling import LogitsProcessorList, build_logits_processors, next_tokens
+from ..cache import Cache, DynamicCache, StaticCache
+from ..model import LlamaDecoder
+from ..generation.sampling import LogitsProcessorList, build_logits_processors, next_tokens
 
 
 def context_limit(config) -> int:

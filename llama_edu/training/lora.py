@@ -50,7 +50,7 @@ import torch
 from safetensors.torch import load_file, save
 from torch import nn
 
-from .files import atomic_write_bytes, read_json_object
+from ..io.files import atomic_write_bytes, read_json_object
 
 # The Llama projections an adapter may sit on (transformers' module names).
 LORA_TARGET_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

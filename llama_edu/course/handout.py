@@ -18,7 +18,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .files import REPO_ROOT, atomic_write_bytes
+from ..io.files import REPO_ROOT, atomic_write_bytes
 
 SOLUTION_TAG = "solution"
 NOTEBOOKS_DIR = REPO_ROOT / "notebooks"

@@ -70,11 +70,11 @@ from torch import nn
 from tqdm import tqdm
 
 from . import distributed
-from .atomic_save import recover_folder, replace_folder_files
-from .config import PRESETS, LlamaConfig
-from .files import PROJECT_DATA_DIR, atomic_write_bytes
-from .mlp import swiglu_hidden_size
-from .modeling import LlamaForCausalLM, causal_lm_loss  # noqa: F401 (notebook 10 imports it from here)
+from ..io.atomic_save import recover_folder, replace_folder_files
+from ..config import PRESETS, LlamaConfig
+from ..io.files import PROJECT_DATA_DIR, atomic_write_bytes
+from ..mlp import swiglu_hidden_size
+from ..modeling import LlamaForCausalLM, causal_lm_loss  # noqa: F401 (notebook 10 imports it from here)
 
 DEFAULT_TOKENIZER = PROJECT_DATA_DIR / "tokenizer.model"
 

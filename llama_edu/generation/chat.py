@@ -13,12 +13,12 @@ from typing import Any, Callable, TextIO
 
 import torch
 
-from .checkpoint import parse_device
-from .files import DEFAULT_MODEL_DIR, looks_like_repo_id
-from .generation import context_limit, generate
-from .modeling import LlamaForCausalLM
-from .streaming import CallbackStreamer
-from .tokenizer import LlamaTokenizer
+from ..io.checkpoint import parse_device
+from ..io.files import DEFAULT_MODEL_DIR, looks_like_repo_id
+from ..generation.decode import context_limit, generate
+from ..modeling import LlamaForCausalLM
+from ..generation.streaming import CallbackStreamer
+from ..text.tokenizer import LlamaTokenizer
 
 
 def chat(model, tokenizer, messages: list[dict[str, str]], streamer: Any = None, **gen_kwargs: Any) -> str:

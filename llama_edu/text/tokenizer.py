@@ -32,9 +32,9 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
-from .atomic_save import replace_folder_files
-from .bpe import BYTE, CONTROL, SPIECE_UNDERLINE, UNKNOWN, set_add_dummy_prefix
-from .files import atomic_write_bytes, looks_like_repo_id, read_json_object, resolve_file
+from ..io.atomic_save import replace_folder_files
+from ..text.bpe import BYTE, CONTROL, SPIECE_UNDERLINE, UNKNOWN, set_add_dummy_prefix
+from ..io.files import atomic_write_bytes, looks_like_repo_id, read_json_object, resolve_file
 
 _RESAVE = "re-save the tokenizer or delete that file"
 

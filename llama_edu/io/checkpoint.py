@@ -36,10 +36,10 @@ from typing import Any, Iterable, Iterator
 import torch
 from torch import nn
 
-from .atomic_save import replace_folder_files
-from .config import TRANSFORMERS_VERSION, LlamaConfig
-from .files import resolve_file
-from .quantize import prepare_quantized_model, quantized_checkpoint_hint
+from ..io.atomic_save import replace_folder_files
+from ..config import TRANSFORMERS_VERSION, LlamaConfig
+from ..io.files import resolve_file
+from ..quant.quantize import prepare_quantized_model, quantized_checkpoint_hint
 
 CONFIG_NAME = "config.json"
 SAFE_WEIGHTS_NAME = "model.safetensors"

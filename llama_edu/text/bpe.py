@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
-from .files import atomic_write_bytes
+from ..io.files import atomic_write_bytes
 
 #: The space marker: SentencePiece writes every space as this character (U+2581).
 SPIECE_UNDERLINE = "▁"

@@ -54,29 +54,29 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from .attention import causal_mask as _package_causal_mask
-from .attention import eager_attention, repeat_kv
-from .bpe import merge_pair
-from .cache import StaticCache
-from .config import LlamaConfig
-from .convert import permute_qk
-from .files import PROJECT_DATA_DIR
-from .distributed import Parallel, local_rows
-from .dpo import dpo_loss
-from .generation import generate
-from .lora import lora_forward
-from .mlp import LlamaMLP, swiglu_hidden_size
-from .model import LlamaDecoderLayer
-from .pretraining_tp import SlicedLinear
-from .modeling import LlamaForCausalLM
-from .quantize import NF4_CODE, absmax_dequantize, absmax_quantize, blockwise_dequantize, blockwise_quantize, pack_codes, unpack_codes
-from .rmsnorm import LlamaRMSNorm
-from .sampling import RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
-from .rope import LlamaRotaryEmbedding, apply_rotary_pos_emb, dynamic_ntk_base, rope_inv_freq, rotate_half
-from .sft import assistant_labels
-from .tokenizer import LlamaTokenizer
-from .classification import classification_metrics
-from .modeling import causal_lm_loss
+from ..attention import causal_mask as _package_causal_mask
+from ..attention import eager_attention, repeat_kv
+from ..text.bpe import merge_pair
+from ..cache import StaticCache
+from ..config import LlamaConfig
+from ..io.convert import permute_qk
+from ..io.files import PROJECT_DATA_DIR
+from ..training.distributed import Parallel, local_rows
+from ..training.dpo import dpo_loss
+from ..generation.decode import generate
+from ..training.lora import lora_forward
+from ..mlp import LlamaMLP, swiglu_hidden_size
+from ..model import LlamaDecoderLayer
+from ..pretraining_tp import SlicedLinear
+from ..modeling import LlamaForCausalLM
+from ..quant.quantize import NF4_CODE, absmax_dequantize, absmax_quantize, blockwise_dequantize, blockwise_quantize, pack_codes, unpack_codes
+from ..rmsnorm import LlamaRMSNorm
+from ..generation.sampling import RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+from ..rope import LlamaRotaryEmbedding, apply_rotary_pos_emb, dynamic_ntk_base, rope_inv_freq, rotate_half
+from ..training.sft import assistant_labels
+from ..text.tokenizer import LlamaTokenizer
+from ..training.classification import classification_metrics
+from ..modeling import causal_lm_loss
 
 Cases = list[tuple[str, tuple]]
 

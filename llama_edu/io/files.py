@@ -33,7 +33,7 @@ from typing import Any
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 #: The repository root (the folder holding ``llama_edu/`` and ``data/``).
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 #: The project's own artefacts: its trained tokenizer and default checkpoint.
 PROJECT_DATA_DIR = REPO_ROOT / "data"

@@ -50,8 +50,8 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .config import LlamaConfig
-from .modeling import LlamaForCausalLM
+from ..config import LlamaConfig
+from ..modeling import LlamaForCausalLM
 
 STRATEGIES = ("ddp", "fsdp", "tp", "fsdp+tp")
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")

@@ -36,8 +36,8 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
-from .modeling import LlamaForCausalLM
-from .quantize import (
+from ..modeling import LlamaForCausalLM
+from ..quant.quantize import (
     INT_BITS,
     QUANT_METHOD,
     SCHEMES,
@@ -49,7 +49,7 @@ from .quantize import (
     round_to_grid,
     set_submodule,
 )
-from .tokenizer import LlamaTokenizer
+from ..text.tokenizer import LlamaTokenizer
 
 
 def gptq_quantize_weight(

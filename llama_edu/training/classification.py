@@ -38,7 +38,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch import nn
 
-from .files import find_data_file
+from ..io.files import find_data_file
 
 #: Label ids as the model predicts them: 0 = ham (legitimate), 1 = spam.
 LABELS = ("ham", "spam")

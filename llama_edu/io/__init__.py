@@ -1,0 +1,1 @@
+"""Files: finding data files, atomic saves, Hugging Face checkpoints, Meta and llama2.c import."""
