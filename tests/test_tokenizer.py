@@ -18,8 +18,8 @@ from llama_edu.tokenizer import (
     BatchEncoding,
     LlamaTokenizer,
     LlamaTokenizerFast,
-    _LEGACY_WARNED,
 )
+from llama_edu.text.base import _LEGACY_WARNED
 
 spm = pytest.importorskip("sentencepiece")
 

@@ -15,9 +15,9 @@ import torch
 
 from ..io.checkpoint import parse_device
 from ..io.files import DEFAULT_MODEL_DIR, looks_like_repo_id
-from ..generation.decode import context_limit, generate
+from .decode import context_limit, generate
 from ..modeling import LlamaForCausalLM
-from ..generation.streaming import CallbackStreamer
+from .streaming import CallbackStreamer
 from ..text.tokenizer import LlamaTokenizer
 
 

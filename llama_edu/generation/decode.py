@@ -27,7 +27,7 @@ from torch import nn
 
 from ..cache import Cache, DynamicCache, StaticCache
 from ..model import LlamaDecoder
-from ..generation.sampling import LogitsProcessorList, build_logits_processors, next_tokens
+from .sampling import LogitsProcessorList, build_logits_processors, next_tokens
 
 
 def context_limit(config) -> int:

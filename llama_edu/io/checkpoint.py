@@ -36,9 +36,9 @@ from typing import Any, Iterable, Iterator
 import torch
 from torch import nn
 
-from ..io.atomic_save import replace_folder_files
+from .atomic_save import replace_folder_files
 from ..config import TRANSFORMERS_VERSION, LlamaConfig
-from ..io.files import resolve_file
+from .files import resolve_file
 from ..quant.quantize import prepare_quantized_model, quantized_checkpoint_hint
 
 CONFIG_NAME = "config.json"

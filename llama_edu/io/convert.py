@@ -40,10 +40,10 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from ..io.atomic_save import replace_folder_files
-from ..io.checkpoint import dtype_name, load_torch_state_dict, parse_dtype, write_checkpoint
+from .atomic_save import replace_folder_files
+from .checkpoint import dtype_name, load_torch_state_dict, parse_dtype, write_checkpoint
 from ..config import TRANSFORMERS_VERSION, LlamaConfig
-from ..io.files import cache_dir, find_data_file, read_json_object
+from .files import cache_dir, find_data_file, read_json_object
 from ..mlp import swiglu_hidden_size
 from ..modeling import LlamaForCausalLM
 

@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from ..modeling import LlamaForCausalLM
-from ..quant.quantize import (
+from .quantize import (
     INT_BITS,
     QUANT_METHOD,
     SCHEMES,

@@ -38,9 +38,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..io.files import PROJECT_DATA_DIR
-from ..training.lora import LoraConfig, apply_lora, lora_layers, set_lora_enabled, trainable_parameters_report
-from ..training.sft import IGNORE_INDEX, add_lora_arguments, collate, load_for_finetuning, load_jsonl, pad_id, save_finetuned, tokenize_chat
-from ..training.train import lr_at
+from .lora import LoraConfig, apply_lora, lora_layers, set_lora_enabled, trainable_parameters_report
+from .sft import IGNORE_INDEX, add_lora_arguments, collate, load_for_finetuning, load_jsonl, pad_id, save_finetuned, tokenize_chat
+from .train import lr_at
 
 DPO_DATA = PROJECT_DATA_DIR / "dpo_preferences.jsonl"
 

@@ -46,8 +46,8 @@ from torch import nn
 
 from ..io.files import PROJECT_DATA_DIR
 from ..generation.chat import load_model_and_tokenizer
-from ..training.lora import LoraConfig, apply_lora, save_lora_adapter, trainable_parameters_report
-from ..training.train import lr_at
+from .lora import LoraConfig, apply_lora, save_lora_adapter, trainable_parameters_report
+from .train import lr_at
 
 IGNORE_INDEX = -100  # the label cross_entropy skips (transformers' convention)
 

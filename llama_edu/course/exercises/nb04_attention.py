@@ -1,0 +1,159 @@
+"""Exercises of notebook 04_attention."""
+
+from __future__ import annotations
+
+import math
+import torch
+import torch.nn.functional as F
+from ...attention import causal_mask as _package_causal_mask
+from ...attention import eager_attention, repeat_kv
+from ...cache import StaticCache
+from ...config import LlamaConfig
+
+from .checking import Cases, register, _gen
+
+
+def _causal_mask_reference(q_len: int, kv_len: int, dtype: torch.dtype) -> torch.Tensor:
+    """The package's boolean mask for q_len new tokens after kv_len - q_len cached ones, made additive."""
+    allowed = _package_causal_mask(torch.arange(kv_len - q_len, kv_len), kv_len)[0, 0]
+    return torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+def _mask_from(allowed: torch.Tensor, dtype: torch.dtype, fill: float | None = None) -> torch.Tensor:
+    return torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min if fill is None else fill)
+
+
+def _positions(q_len, kv_len):
+    return torch.arange(q_len)[:, None], torch.arange(kv_len)[None, :]
+
+
+register(
+    "causal_mask", "04_attention", "(q_len, kv_len, dtype)",
+    "the (q_len, kv_len) additive mask: 0 where key j <= query i + (kv_len - q_len), torch.finfo(dtype).min elsewhere",
+    reference=_causal_mask_reference,
+    cases=lambda: [("4 queries, 4 keys", (4, 4, torch.float32)), ("1 query after 5 cached keys", (1, 6, torch.float32)),
+                   ("3 queries after 5 cached keys", (3, 8, torch.float32)), ("float16, 5x5", (5, 5, torch.float16)),
+                   ("bfloat16, 2 queries, 7 keys", (2, 7, torch.bfloat16))],
+    mistakes=[
+        (lambda q, k, dt: _mask_from(_positions(q, k)[1] <= _positions(q, k)[0], dt),
+         "the cache offset is ignored: with kv_len > q_len, query i is token (kv_len - q_len) + i and sees all the cached keys",
+         "allow key j when j <= i + (kv_len - q_len)"),
+        (lambda q, k, dt: _mask_from(_positions(q, k)[1] < _positions(q, k)[0] + (k - q), dt),
+         "off by one: each query is masked from its own key (j < i instead of j <= i)", "use <=: a token attends to itself"),
+        (lambda q, k, dt: _mask_from(_positions(q, k)[1] <= _positions(q, k)[0] + (k - q) + 1, dt),
+         "off by one: each query also sees the next token", "use j <= i + (kv_len - q_len), not + 1"),
+        (lambda q, k, dt: _mask_from(_positions(q, k)[1] <= _positions(q, k)[0] + (k - q), dt, float("-inf")),
+         "-inf instead of torch.finfo(dtype).min: a row with nothing to attend to (left padding) becomes NaN after softmax",
+         "masked_fill with torch.finfo(dtype).min"),
+        (lambda q, k, dt: _mask_from(_positions(q, k)[1] >= _positions(q, k)[0] + (k - q), dt),
+         "the mask is upside down: queries see the future and not the past", "allow keys at or before the query's position"),
+        (lambda q, k, dt: _mask_from(_positions(q, k)[1] <= _positions(q, k)[0] + (k - q), torch.float32),
+         "the mask is always float32; it must be in `dtype` (and use that dtype's min)", "torch.zeros(..., dtype=dtype) and torch.finfo(dtype).min"),
+    ],
+)
+
+
+def _repeat_kv_cases() -> Cases:
+    g = _gen(4)
+    return [
+        ("2 kv heads, n_rep 3", (torch.randn(1, 2, 3, 4, generator=g), 3)),
+        ("batch 2, 4 kv heads, n_rep 2", (torch.randn(2, 4, 5, 8, generator=g), 2)),
+        ("n_rep 1 (plain multi-head)", (torch.randn(1, 3, 2, 4, generator=g), 1)),
+        ("1 kv head (multi-query), n_rep 4", (torch.randn(1, 1, 4, 8, generator=g), 4)),
+    ]
+
+
+register(
+    "repeat_kv", "04_attention", "(hidden_states, n_rep)",
+    "(b, kv_heads, seq, d) -> (b, kv_heads * n_rep, seq, d): each kv head repeated for its n_rep query heads",
+    reference=repeat_kv,
+    cases=_repeat_kv_cases,
+    mistakes=[
+        (lambda h, n: h.repeat(1, n, 1, 1),
+         "`repeat` tiles the heads (0, 1, 0, 1): query head 1 gets kv head 1 instead of kv head 0",
+         "consecutive query heads share a kv head: use repeat_interleave(n_rep, dim=1), or expand a new axis after the kv-head axis and reshape"),
+        (lambda h, n: h.repeat_interleave(n, dim=2),
+         "you repeated along the sequence axis (dim 2)", "repeat along the head axis, dim 1"),
+        (lambda h, n: h.repeat_interleave(n, dim=0),
+         "you repeated along the batch axis (dim 0)", "repeat along the head axis, dim 1"),
+    ],
+)
+
+
+def _attention_reference(q, k, v, mask):
+    return eager_attention(q, k, v, mask == 0)[0]  # the package takes the mask as booleans (True = attend)
+
+
+def _attention_cases() -> Cases:
+    g = _gen(5)
+
+    def qkv(b, h, q_len, kv_len, d, scale=1.0, dtype=torch.float32):
+        q = (torch.randn(b, h, q_len, d, generator=g) * scale).to(dtype)
+        k = (torch.randn(b, h, kv_len, d, generator=g) * scale).to(dtype)
+        v = torch.randn(b, h, kv_len, d, generator=g).to(dtype)
+        return q, k, v, _causal_mask_reference(q_len, kv_len, dtype)
+
+    return [
+        ("4 tokens, causal", qkv(1, 2, 4, 4, 8)),
+        ("batch 2, 3 heads, 6 tokens, head_dim 16", qkv(2, 3, 6, 6, 16)),
+        ("3 new queries after 5 cached keys", qkv(1, 2, 3, 8, 8)),
+        ("one query (decoding), 7 keys", qkv(2, 2, 1, 7, 32)),
+        ("large scores (x4)", qkv(1, 1, 5, 5, 64, scale=4.0)),
+        ("float16", qkv(1, 2, 5, 5, 16, dtype=torch.float16)),
+    ]
+
+
+def _scores(q, k):
+    return q @ k.transpose(-2, -1)
+
+
+register(
+    "attention", "04_attention", "(q, k, v, mask)",
+    "softmax(q k^T / sqrt(d) + mask) v with the softmax in float32 over the keys; q (b, h, q_len, d), k/v (b, h, kv_len, d)",
+    reference=_attention_reference,
+    cases=_attention_cases,
+    mistakes=[
+        (lambda q, k, v, m: F.softmax(_scores(q, k) / math.sqrt(q.shape[-1]) + m, dim=-2, dtype=torch.float32).to(q.dtype) @ v,
+         "the softmax runs over the queries (dim=-2): each key's column sums to 1 instead of each query's row",
+         "softmax over the last dimension, the keys: every query distributes its attention over the keys"),
+        (lambda q, k, v, m: F.softmax(_scores(q, k) + m, dim=-1, dtype=torch.float32).to(q.dtype) @ v,
+         "the scores are not divided by sqrt(d), so the softmax is too peaked", "divide q k^T by math.sqrt(head_dim)"),
+        (lambda q, k, v, m: F.softmax(_scores(q, k) / q.shape[-1] + m, dim=-1, dtype=torch.float32).to(q.dtype) @ v,
+         "the scores are divided by d instead of sqrt(d)", "use math.sqrt(q.shape[-1])"),
+        (lambda q, k, v, m: F.softmax(_scores(q, k) / math.sqrt(q.shape[-1]), dim=-1, dtype=torch.float32).to(q.dtype) @ v,
+         "the mask is not applied: queries see future tokens", "add the mask to the scores before the softmax"),
+        (lambda q, k, v, m: F.softmax(_scores(q, k) / math.sqrt(q.shape[-1]) * m, dim=-1, dtype=torch.float32).to(q.dtype) @ v,
+         "the mask is multiplied; it is additive (0 keeps a score, a huge negative number removes it)", "scores + mask"),
+        (lambda q, k, v, m: (F.softmax(_scores(q, k) / math.sqrt(q.shape[-1]) + m, dim=-1, dtype=torch.float32).to(q.dtype) @ v).transpose(1, 2),
+         "the output is transposed to (b, q_len, h, d)", "return weights @ v, shape (b, h, q_len, d)"),
+    ],
+)
+
+
+def _kv_cache_bytes_reference(config: LlamaConfig, batch_size: int, seq_len: int, dtype: torch.dtype) -> int:
+    cache = StaticCache(config, batch_size, seq_len, device="meta", dtype=dtype)
+    return sum(t.numel() * t.element_size() for t in cache.key_cache + cache.value_cache)
+
+
+def _kv_bytes(c, b, s, dt, heads=None, kv=2, layers=None):
+    heads = c.num_key_value_heads if heads is None else heads
+    layers = c.num_hidden_layers if layers is None else layers
+    return kv * layers * b * heads * s * c.head_dim * torch.empty(0, dtype=dt).element_size()
+
+
+register(
+    "kv_cache_bytes", "04_attention", "(config, batch_size, seq_len, dtype)",
+    "bytes the keys and values of every layer take for batch_size sequences of seq_len tokens",
+    reference=_kv_cache_bytes_reference,
+    cases=lambda: [("Llama 2 7B, fp16, 4096 tokens", (LlamaConfig.from_preset("llama2-7b"), 1, 4096, torch.float16)),
+                   ("Llama 2 70B (8 kv heads), bf16, batch 4", (LlamaConfig.from_preset("llama2-70b"), 4, 2048, torch.bfloat16)),
+                   ("stories260K, float32", (LlamaConfig.from_preset("stories260k"), 2, 512, torch.float32))],
+    mistakes=[
+        (lambda c, b, s, dt: _kv_bytes(c, b, s, dt, heads=c.num_attention_heads),
+         "you counted num_attention_heads; the cache holds only num_key_value_heads (grouped-query attention)",
+         "use config.num_key_value_heads"),
+        (lambda c, b, s, dt: _kv_bytes(c, b, s, dt, kv=1), "only the keys (or only the values) are counted", "multiply by 2: keys and values"),
+        (lambda c, b, s, dt: _kv_bytes(c, b, s, dt, layers=1), "one layer only", "every layer has its own cache: multiply by num_hidden_layers"),
+        (lambda c, b, s, dt: _kv_bytes(c, b, s, torch.float32), "4 bytes per value whatever the dtype", "use torch.empty(0, dtype=dtype).element_size()"),
+    ],
+)

@@ -1,0 +1,56 @@
+"""``BatchEncoding``: what a tokenizer's ``__call__`` returns (a dict of ids and masks, with attribute
+access), and turning its lists into tensors."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+class BatchEncoding(dict):
+    """The output of a tokenizer call: a dict (``input_ids``, ``attention_mask``, ...) with
+    attribute access (``enc.input_ids``) and ``.to(device)`` for its tensors."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(f"BatchEncoding has no field {name!r}; it has {list(self.keys())}") from None
+
+    def to(self, device: str | torch.device) -> "BatchEncoding":
+        """Move every tensor to ``device`` (in place, like transformers); returns self."""
+        for k, v in self.items():
+            if isinstance(v, torch.Tensor):
+                self[k] = v.to(device)
+        return self
+
+    def __getstate__(self) -> dict:
+        return dict(self)
+
+    def __setstate__(self, state: dict) -> None:
+        self.update(state)
+
+
+def _to_tensors(enc: BatchEncoding, return_tensors: str | None, prepend_batch_axis: bool) -> BatchEncoding:
+    if return_tensors is None:
+        return enc
+    if return_tensors not in ("pt", "np"):
+        raise ValueError(f"return_tensors must be 'pt', 'np' or None, got {return_tensors!r}")
+    out = BatchEncoding()
+    for k, v in enc.items():
+        rows = [v] if prepend_batch_axis else v
+        if rows and not isinstance(rows[0], list):  # e.g. "length": one number per sequence
+            out[k] = torch.tensor(rows, dtype=torch.long)
+            out[k] = out[k] if return_tensors == "pt" else out[k].numpy()
+            continue
+        if len({len(r) for r in rows}) > 1:
+            raise ValueError(
+                f"cannot make a tensor of {k}: the sequences have different lengths "
+                f"{sorted({len(r) for r in rows})}; pass padding=True (and set a pad token) or truncation=True"
+            )
+        t = torch.tensor(rows, dtype=torch.long)
+        if not rows:
+            t = t.reshape(0, 0)
+        out[k] = t if return_tensors == "pt" else t.numpy()
+    return out
