@@ -15,6 +15,7 @@ import importlib
 import importlib.abc
 import importlib.util
 import sys
+import types
 
 __version__ = "0.1.0"
 
@@ -88,6 +89,19 @@ class _MovedModuleFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         # The import system has stamped the alias's spec on the real module: give it its own back.
         module.__spec__ = self._own_spec
 
+
+class _Package(types.ModuleType):
+    """``llama_edu.chat`` is the function ``chat``; importing the old module name ``llama_edu.chat``
+    must not replace it with the module (the import system sets a parent's attribute after a
+    submodule import)."""
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in _EXPORTS and isinstance(value, types.ModuleType) and name in MOVED_MODULES:
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 
 if not any(isinstance(f, _MovedModuleFinder) for f in sys.meta_path):
     sys.meta_path.append(_MovedModuleFinder())

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from llama_edu import LlamaConfig, LlamaForCausalLM
 from llama_edu import distributed as D
+from llama_edu.course import costs
 from llama_edu.files import DEFAULT_MODEL_DIR, find_data_file
 from llama_edu.train import TrainConfig, TrainingInterrupted, make_optimizer, train
 
@@ -190,11 +191,11 @@ def test_data_parallel_matches_one_process_and_reshards(strategy, tokens, refere
         ids = tokens[:16][None]
         assert torch.allclose(loaded(ids).logits, theirs(ids).logits, atol=1e-5)
     # memory each rank holds, as computed
-    expected = D.per_rank_memory(config, strategy, 2)
+    expected = costs.per_rank_memory(config, strategy, 2)
     for part in ("params", "grads", "optim"):
         assert res["memory"][part] == pytest.approx(expected[part], rel=0.01), part  # FSDP pads rows to even shards
     # the bytes the collectives carried in one forward + backward, as computed
-    computed = D.bytes_per_step(config, strategy, 2)
+    computed = costs.bytes_per_step(config, strategy, 2)
     kinds = {"ddp": ["all_reduce"], "fsdp": ["all_gather", "reduce_scatter"]}[strategy]
     assert sorted(res["bytes"]) == kinds
     for kind in kinds:
@@ -242,11 +243,11 @@ def test_tensor_parallel_matches_one_process(tokens, reference, two_ranks):
     print(f"tp: max |weight difference| after {STEPS} steps = {diff:.2e}")
     assert diff < WEIGHT_TOL
     config = model.config
-    expected_mem = D.per_rank_memory(config, "tp", 2)
+    expected_mem = costs.per_rank_memory(config, "tp", 2)
     for part in ("params", "grads", "optim"):
         assert res["memory"][part] == expected_mem[part], part
     # two all-reduces of (rows, block, hidden) per layer forward, two backward
-    computed = D.bytes_per_step(config, "tp", 2, tokens=BATCH * BLOCK)
+    computed = costs.bytes_per_step(config, "tp", 2, tokens=BATCH * BLOCK)
     assert res["calls"] == {"all_reduce": 4 * config.num_hidden_layers}
     assert res["bytes"]["all_reduce"] == computed["all_reduce"]
 
@@ -301,10 +302,10 @@ def test_shapes_that_do_not_divide_are_clear_errors():
 def test_parameter_count_and_7b_memory():
     from llama_edu.config import PRESETS
 
-    assert D.count_parameters(shakespeare_model().config) == shakespeare_model().num_parameters()
+    assert costs.count_parameters(shakespeare_model().config) == shakespeare_model().num_parameters()
     cfg = LlamaConfig(**PRESETS["llama2-7b"])
-    assert D.count_parameters(cfg) == 6_738_415_616  # Llama-2-7b-hf's parameter count
-    ddp, fsdp = D.per_rank_memory(cfg, "ddp", 8), D.per_rank_memory(cfg, "fsdp", 8)
+    assert costs.count_parameters(cfg) == 6_738_415_616  # Llama-2-7b-hf's parameter count
+    ddp, fsdp = costs.per_rank_memory(cfg, "ddp", 8), costs.per_rank_memory(cfg, "fsdp", 8)
     assert ddp["total"] == 16 * 6_738_415_616 and fsdp["total"] == ddp["total"] / 8
 
 
