@@ -551,7 +551,7 @@ def test_an_enormous_context_does_not_preallocate_it(cache):
 def test_cli_strips_terminal_control_characters(env, capsys):
     """Generated text may hold escape bytes (byte-fallback tokens): the CLI's streamer prints
     it without control characters other than newline and tab."""
-    from llama_edu.cli import TerminalStreamer
+    from llama_edu.generation.streaming import TerminalStreamer
 
     ids = env.tok.encode("to be\x1b[2J\x07 or\tnot\n", add_special_tokens=False)
     assert "\x1b" in env.tok.decode(ids)  # the escape really is in the tokens
@@ -800,7 +800,7 @@ def test_cli_user_error_is_one_line(env, tmp_path, capsys, monkeypatch, argv, st
     ],
 )
 def test_cli_error_classes(monkeypatch, capsys, raised, status, pattern):
-    import llama_edu.cli as gen
+    import llama_edu.generation.chat as gen
 
     def boom(*args, **kwargs):
         raise raised
@@ -814,7 +814,7 @@ def test_cli_error_classes(monkeypatch, capsys, raised, status, pattern):
 
 def test_cli_safetensor_error_is_a_user_error(monkeypatch, capsys):
     from safetensors import SafetensorError
-    import llama_edu.cli as gen
+    import llama_edu.generation.chat as gen
 
     def boom(*args, **kwargs):
         raise SafetensorError("Error while deserializing header: HeaderTooLarge")
@@ -825,7 +825,7 @@ def test_cli_safetensor_error_is_a_user_error(monkeypatch, capsys):
 
 
 def test_cli_debug_shows_the_traceback(monkeypatch, capsys):
-    import llama_edu.cli as gen
+    import llama_edu.generation.chat as gen
 
     monkeypatch.setattr(gen, "load_model_and_tokenizer", lambda *a, **k: 1 / 0)
     assert main(["--debug", "generate", "--prompt", "a"]) == 70

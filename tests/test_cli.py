@@ -181,7 +181,7 @@ def test_ctrl_c_during_a_chat_answer_keeps_the_session(slow_model_dir):
 
 def test_terminal_control_characters_are_stripped(capsys):
     """Byte tokens can spell escape sequences; the command line never prints them."""
-    from llama_edu.cli import TerminalStreamer, printable
+    from llama_edu.generation.streaming import TerminalStreamer, printable
 
     assert printable("a\x1b[31mb\x07\r\x9b\n\tc") == "a[31mb\n\tc"
     tok = llama_edu.LlamaTokenizer.from_pretrained(PROJECT_DATA_DIR / "tokenizer.model")

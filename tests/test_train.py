@@ -12,7 +12,8 @@ import torch
 
 from llama_edu import LlamaConfig, LlamaForCausalLM
 from llama_edu.files import DEFAULT_MODEL_DIR, find_data_file
-from llama_edu.train import (TokenDataset, TrainConfig, add_cli_commands, evaluate, get_batch,
+from llama_edu.cli import build_parser
+from llama_edu.train import (TokenDataset, TrainConfig, evaluate, get_batch,
                              load_checkpoint, lr_at, make_optimizer, save_checkpoint, train)
 
 TINY_MODEL = dict(hidden_size=32, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -163,9 +164,7 @@ def test_cli_trains_five_steps(shakespeare_slice, tmp_path, capsys):
 
 
 def test_cli_missing_data_is_a_clear_error(tmp_path):
-    parser = argparse.ArgumentParser()
-    add_cli_commands(parser.add_subparsers())
-    args = parser.parse_args(["train", "--data", str(tmp_path / "nope.txt"), "--out", str(tmp_path / "o")])
+    args = build_parser().parse_args(["train", "--data", str(tmp_path / "nope.txt"), "--out", str(tmp_path / "o")])
     with pytest.raises(FileNotFoundError, match="nope.txt"):
         args.func(args)
     assert not (tmp_path / "o").exists()  # nothing written for a run that could not start

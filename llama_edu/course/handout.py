@@ -11,7 +11,6 @@ as it is, so a teacher can hand out the executed notebooks.
 
 from __future__ import annotations
 
-import argparse
 import ast
 import json
 import os
@@ -84,20 +83,3 @@ def write_student_notebooks(out_dir: str | os.PathLike, notebooks_dir: str | os.
         text = json.dumps(student, indent=1, ensure_ascii=False) + "\n"
         written.append(atomic_write_bytes(dst / path.name, text.encode("utf-8")))
     return written
-
-
-def _cmd_student_notebooks(args: argparse.Namespace) -> int:
-    written = write_student_notebooks(args.out_dir, args.notebooks)
-    for path in written:
-        print(f"wrote {path}")
-    print(f"{len(written)} student notebooks in {args.out_dir} (solution cells replaced by stubs)")
-    return 0
-
-
-def add_cli_commands(subparsers: Any) -> None:
-    """Add ``student-notebooks`` to ``python -m llama_edu``."""
-    p = subparsers.add_parser("student-notebooks", help="write the notebooks without their solutions, for a class",
-                              description=__doc__.splitlines()[0])
-    p.add_argument("out_dir", metavar="OUT_DIR", help="folder for the student copies (created if missing)")
-    p.add_argument("--notebooks", default=str(NOTEBOOKS_DIR), help="folder of the course notebooks (default: the repository's)")
-    p.set_defaults(func=_cmd_student_notebooks)

@@ -7,6 +7,7 @@ whole words, and never half of a multi-byte character.
 
 from __future__ import annotations
 
+import unicodedata
 from queue import Queue
 from typing import Any, Callable
 
@@ -106,3 +107,16 @@ class CallbackStreamer(TextStreamer):
     def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
         if text:
             self.callback(text)
+
+
+def printable(text: str) -> str:
+    """``text`` without control characters other than newline and tab: generated text (byte
+    tokens) could otherwise carry terminal escape sequences to the user's terminal."""
+    return "".join(c for c in text if c in "\n\t" or unicodedata.category(c) != "Cc")
+
+
+class TerminalStreamer(TextStreamer):
+    """A :class:`TextStreamer` that prints only :func:`printable` text (the ``generate`` command)."""
+
+    def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+        super().on_finalized_text(printable(text), stream_end)

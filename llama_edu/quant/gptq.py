@@ -27,25 +27,19 @@ sees every scheme.
 
 from __future__ import annotations
 
-import argparse
-import math
-import shutil
 from pathlib import Path
 from typing import Any, Iterable
 
 import torch
 from torch import nn
 
-from ..modeling import LlamaForCausalLM
 from .quantize import (
     INT_BITS,
     QUANT_METHOD,
-    SCHEMES,
     IntLinear,
     check_group_size,
     check_can_quantize,
     minmax_params,
-    quantize,
     round_to_grid,
     set_submodule,
 )
@@ -216,7 +210,7 @@ def gptq(
 # ---------------------------------------------------------------------------------------------
 # The command line
 # ---------------------------------------------------------------------------------------------
-def _calibration_from_text(model_dir: Path, text_file: Path, n: int, seq_len: int) -> torch.Tensor:
+def calibration_from_text(model_dir: Path, text_file: Path, n: int, seq_len: int) -> torch.Tensor:
     """``n`` evenly spaced windows of ``seq_len`` tokens of ``text_file``, tokenized with the
     tokenizer saved in ``model_dir``."""
     if not text_file.is_file():
@@ -230,41 +224,3 @@ def _calibration_from_text(model_dir: Path, text_file: Path, n: int, seq_len: in
         raise ValueError(f"{text_file} has {len(ids)} tokens, fewer than one calibration window of {seq_len}; pass more text")
     starts = torch.linspace(0, len(ids) - seq_len, min(n, len(ids) // seq_len)).long()
     return torch.stack([ids[s : s + seq_len] for s in starts.tolist()])
-
-
-def _quantize_command(args: argparse.Namespace) -> int:
-    model_dir, out_dir = Path(args.model_dir), Path(args.out_dir)
-    if args.scheme == "gptq" and args.calibration_text is None:
-        raise ValueError("GPTQ needs calibration data: pass --calibration-text FILE (text like the model's training text)")
-    if out_dir.resolve() == model_dir.resolve():
-        raise ValueError(f"OUT_DIR {out_dir} is the model folder; write the quantized model to a new folder")
-    model = LlamaForCausalLM.from_pretrained(model_dir)
-    group_size = args.group_size if args.group_size is not None else 128
-    if args.scheme == "gptq":
-        seq_len = min(256, model.config.max_position_embeddings)
-        calib = _calibration_from_text(model_dir, Path(args.calibration_text), args.calibration_samples, seq_len)
-        gptq(model, calib, bits=args.bits or 4, group_size=group_size, act_order=args.act_order)
-    else:
-        quantize(model, args.scheme, group_size, bits=args.bits)
-    model.save_pretrained(out_dir)
-    for name in ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
-        if (model_dir / name).is_file():
-            shutil.copyfile(model_dir / name, out_dir / name)
-    print(f"wrote {args.scheme} model to {out_dir} ({math.fsum(f.stat().st_size for f in out_dir.glob('*.safetensors')) / 1e6:.2f} MB of weights)")
-    return 0
-
-
-def add_cli_commands(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``quantize`` to ``python -m llama_edu``."""
-    p = subparsers.add_parser("quantize", help="quantize a model's linear layers (int8, int4, nf4, gptq)",
-                              description="Quantize a model folder's linear layers and save the result as a new folder.")
-    p.add_argument("--scheme", required=True, choices=SCHEMES + ("gptq",))
-    p.add_argument("--bits", type=int, default=None, help="int4/gptq: 2, 3, 4 or 8 (default 4)")
-    p.add_argument("--group-size", type=int, default=None,
-                   help="int4/gptq: input columns per scale (default 128; -1: one scale per row); must divide every layer's input size")
-    p.add_argument("--calibration-text", default=None, help="gptq: a UTF-8 text file like the model's training text")
-    p.add_argument("--calibration-samples", type=int, default=32, help="gptq: windows of the calibration text to use")
-    p.add_argument("--act-order", action="store_true", help="gptq: quantize columns in order of decreasing Hessian diagonal")
-    p.add_argument("model_dir", metavar="MODEL_DIR")
-    p.add_argument("out_dir", metavar="OUT_DIR")
-    p.set_defaults(func=_quantize_command)

@@ -27,8 +27,6 @@ Data format (JSON Lines)::
 
 from __future__ import annotations
 
-import argparse
-import copy
 import random
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Sequence
@@ -38,8 +36,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..io.files import PROJECT_DATA_DIR
-from .lora import LoraConfig, apply_lora, lora_layers, set_lora_enabled, trainable_parameters_report
-from .sft import IGNORE_INDEX, add_lora_arguments, collate, load_for_finetuning, load_jsonl, pad_id, save_finetuned, tokenize_chat
+from .lora import lora_layers, set_lora_enabled
+from .sft import IGNORE_INDEX, collate, pad_id, tokenize_chat
 from .train import lr_at
 
 DPO_DATA = PROJECT_DATA_DIR / "dpo_preferences.jsonl"
@@ -250,32 +248,3 @@ def train_dpo(
 
 
 # -- the command line --------------------------------------------------------------------------
-
-
-def _cmd_dpo(args: argparse.Namespace) -> int:
-    policy, tokenizer = load_for_finetuning(args.model, device=args.device, dtype=args.dtype)
-    rows = load_jsonl(args.data, split="train")
-    reference = None
-    if args.lora_r:
-        apply_lora(policy, LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, target_modules=tuple(args.lora_targets.split(","))))
-        print(trainable_parameters_report(policy))
-    else:
-        reference = copy.deepcopy(policy)
-    train_dpo(policy, tokenizer, rows, reference=reference, beta=args.beta, steps=args.steps, batch_size=args.batch_size, lr=args.lr)
-    save_finetuned(policy, tokenizer, args.out, adapter_only=bool(args.lora_r))
-    return 0
-
-
-def add_cli_commands(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("dpo", help="preference-tune a model with DPO against a frozen reference")
-    p.add_argument("--model", default=None, help="model folder or hub repo id, usually an SFT model (default: data/shakespeare-llama)")
-    p.add_argument("--data", default=str(DPO_DATA), help="JSON Lines of {'prompt': [...], 'chosen': ..., 'rejected': ..., 'split': 'train'}")
-    p.add_argument("--out", required=True, help="folder for the tuned model (or the LoRA adapter)")
-    p.add_argument("--beta", type=float, default=0.1)
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=1e-3)
-    add_lora_arguments(p, default_r=8, r_help="LoRA rank (the reference is the model with adapters off); 0 = full fine-tuning against a frozen copy")
-    p.add_argument("--device", default=None)
-    p.add_argument("--dtype", default=None)
-    p.set_defaults(func=_cmd_dpo)

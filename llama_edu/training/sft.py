@@ -33,7 +33,6 @@ Data format (JSON Lines, one example per line)::
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import random
@@ -46,7 +45,7 @@ from torch import nn
 
 from ..io.files import PROJECT_DATA_DIR
 from ..generation.chat import load_model_and_tokenizer
-from .lora import LoraConfig, apply_lora, save_lora_adapter, trainable_parameters_report
+from .lora import save_lora_adapter
 from .train import lr_at
 
 IGNORE_INDEX = -100  # the label cross_entropy skips (transformers' convention)
@@ -285,40 +284,8 @@ def save_finetuned(model, tokenizer, out: str | os.PathLike, adapter_only: bool)
     print(f"saved to {out}")
 
 
-def add_lora_arguments(p: argparse.ArgumentParser, default_r: int, r_help: str) -> None:
-    """--lora-r, --lora-alpha, --lora-targets (the sft and dpo commands)."""
-    p.add_argument("--lora-r", type=int, default=default_r, help=r_help)
-    p.add_argument("--lora-alpha", type=float, default=16)
-    p.add_argument("--lora-targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
-
-
 def load_for_finetuning(name_or_path: str | os.PathLike | None = None, device: str | None = None, dtype: str | None = None):
     """(model, tokenizer) from a local folder or a hub repo id (e.g.
     ``TinyLlama/TinyLlama-1.1B-Chat-v1.0``); ``None`` is the project's Shakespeare model.
     Offline, a hub id raises an ``OSError`` that says what to download and where to put it."""
     return load_model_and_tokenizer(name_or_path, device=device, dtype=dtype)
-
-
-def _cmd_sft(args: argparse.Namespace) -> int:
-    model, tokenizer = load_for_finetuning(args.model, device=args.device, dtype=args.dtype)
-    rows = load_jsonl(args.data, split="train")
-    if args.lora_r:
-        apply_lora(model, LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, target_modules=tuple(args.lora_targets.split(","))))
-    print(trainable_parameters_report(model) if args.lora_r else f"full fine-tuning of {sum(p.numel() for p in model.parameters()):,d} parameters")
-    train_sft(model, tokenizer, [r["messages"] for r in rows], steps=args.steps, batch_size=args.batch_size, lr=args.lr)
-    save_finetuned(model, tokenizer, args.out, adapter_only=bool(args.lora_r))
-    return 0
-
-
-def add_cli_commands(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("sft", help="instruction-tune a model on chat examples (loss on assistant tokens only)")
-    p.add_argument("--model", default=None, help="model folder or hub repo id (default: data/shakespeare-llama)")
-    p.add_argument("--data", default=str(SFT_DATA), help="JSON Lines of {'messages': [...], 'split': 'train'}")
-    p.add_argument("--out", required=True, help="folder for the fine-tuned model (or the LoRA adapter)")
-    p.add_argument("--steps", type=int, default=150)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=1e-3)
-    add_lora_arguments(p, default_r=0, r_help="LoRA rank; 0 = full fine-tuning")
-    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
-    p.add_argument("--dtype", default=None, help="float32, bfloat16, ... (default: as stored)")
-    p.set_defaults(func=_cmd_sft)

@@ -1,0 +1,50 @@
+"""``convert-meta`` and ``convert-llama2c``: other checkpoint formats -> the Hugging Face layout."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def _cmd_convert_meta(args: argparse.Namespace) -> int:
+    from ..io.convert import convert_meta_checkpoint
+
+    config = convert_meta_checkpoint(
+        args.input_dir, args.output_dir, model_size=args.model_size, dtype=args.dtype,
+        max_shard_size=args.max_shard_size, max_position_embeddings=args.max_position_embeddings,
+        tokenizer_path=args.tokenizer_path,
+    )
+    print(f"wrote {args.output_dir}: {config.num_hidden_layers} layers, hidden {config.hidden_size}, "
+          f"vocab {config.vocab_size}, context {config.max_position_embeddings}, {config.torch_dtype}")
+    return 0
+
+
+def _cmd_convert_llama2c(args: argparse.Namespace) -> int:
+    from ..io.convert import convert_llama2c_checkpoint
+
+    config = convert_llama2c_checkpoint(args.input, args.output_dir, dtype=args.dtype,
+                                        max_shard_size=args.max_shard_size, tokenizer_path=args.tokenizer_path)
+    print(f"wrote {args.output_dir}: {config.num_hidden_layers} layers, hidden {config.hidden_size}, "
+          f"vocab {config.vocab_size}, context {config.max_position_embeddings}, {config.torch_dtype}")
+    return 0
+
+
+def add_commands(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``convert-meta`` and ``convert-llama2c`` with ``python -m llama_edu``."""
+    p = subparsers.add_parser("convert-meta", help="Meta consolidated.*.pth checkpoint -> Hugging Face layout")
+    p.add_argument("--input-dir", "--input_dir", dest="input_dir", required=True, help="folder with params.json and consolidated.NN.pth")
+    p.add_argument("--output-dir", "--output_dir", dest="output_dir", required=True, help="where to write the HF-layout checkpoint")
+    p.add_argument("--model-size", "--model_size", dest="model_size", default=None, help="7B, 13B, 70B, ... (optional; cross-checks the shard count)")
+    p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"], help="output dtype")
+    p.add_argument("--max-shard-size", "--max_shard_size", dest="max_shard_size", default="5GB", help="e.g. 5GB, 500MB")
+    p.add_argument("--max-position-embeddings", "--max_position_embeddings", dest="max_position_embeddings", type=int, default=None,
+                   help="context length to write (default: 4096 for Llama 2, 2048 for Llama 1, 16384 for Code Llama)")
+    p.add_argument("--tokenizer-path", "--tokenizer_path", dest="tokenizer_path", default=None, help="tokenizer.model (default: in or above input_dir)")
+    p.set_defaults(func=_cmd_convert_meta)
+
+    p = subparsers.add_parser("convert-llama2c", help="llama2.c model.bin -> Hugging Face layout")
+    p.add_argument("--input", required=True, help="llama2.c model.bin (legacy or version-1 export)")
+    p.add_argument("--output-dir", "--output_dir", dest="output_dir", required=True, help="where to write the HF-layout checkpoint")
+    p.add_argument("--dtype", default="float32", choices=["float16", "bfloat16", "float32"], help="output dtype")
+    p.add_argument("--max-shard-size", "--max_shard_size", dest="max_shard_size", default="5GB", help="e.g. 5GB, 500MB")
+    p.add_argument("--tokenizer-path", "--tokenizer_path", dest="tokenizer_path", default=None, help="a SentencePiece tokenizer.model to include")
+    p.set_defaults(func=_cmd_convert_llama2c)
