@@ -11,7 +11,7 @@ import torch
 
 import llama_edu
 from llama_edu.chat import chat as chat_fn, chat_loop
-from llama_edu import generation as G
+from llama_edu.generation import decode as G
 from llama_edu import sampling as S
 from llama_edu import streaming as ST
 from llama_edu.files import find_data_file
