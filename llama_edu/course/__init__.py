@@ -1,0 +1,1 @@
+"""Course tooling: the exercises and their checkers, student handouts, plotting helpers for the notebooks."""
