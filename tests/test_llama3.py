@@ -231,3 +231,234 @@ def test_control_tokens_typed_in_a_message_are_text(tok):
     with pytest.raises(ValueError, match="non-empty list"):
         tok.apply_chat_template([])
     assert tok.apply_chat_template(CONVERSATIONS[0], add_generation_prompt=True, return_tensors="pt").shape[0] == 1
+
+
+# ============================================================== configs of Llama 3.x and TinyLlama
+# config.json as published on the hub (trimmed of nothing: every key of the real files).
+LLAMA3_8B = {
+    "architectures": ["LlamaForCausalLM"], "attention_bias": False, "attention_dropout": 0.0, "bos_token_id": 128000,
+    "eos_token_id": 128001, "hidden_act": "silu", "hidden_size": 4096, "initializer_range": 0.02,
+    "intermediate_size": 14336, "max_position_embeddings": 8192, "model_type": "llama", "num_attention_heads": 32,
+    "num_hidden_layers": 32, "num_key_value_heads": 8, "pretraining_tp": 1, "rms_norm_eps": 1e-05, "rope_scaling": None,
+    "rope_theta": 500000.0, "tie_word_embeddings": False, "torch_dtype": "bfloat16", "transformers_version": "4.40.0.dev0",
+    "use_cache": True, "vocab_size": 128256,
+}  # fmt: skip
+LLAMA31_8B_INSTRUCT = {
+    **LLAMA3_8B, "eos_token_id": [128001, 128008, 128009], "max_position_embeddings": 131072, "mlp_bias": False,
+    "rope_scaling": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                     "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+    "transformers_version": "4.43.0.dev0",
+}  # fmt: skip
+LLAMA32_1B = {
+    **LLAMA31_8B_INSTRUCT, "eos_token_id": 128001, "head_dim": 64, "hidden_size": 2048, "intermediate_size": 8192,
+    "num_hidden_layers": 16, "rope_scaling": {**LLAMA31_8B_INSTRUCT["rope_scaling"], "factor": 32.0},
+    "tie_word_embeddings": True, "transformers_version": "4.45.0.dev0",
+}  # fmt: skip
+TINYLLAMA_CHAT = {
+    "architectures": ["LlamaForCausalLM"], "attention_bias": False, "bos_token_id": 1, "eos_token_id": 2,
+    "hidden_act": "silu", "hidden_size": 2048, "initializer_range": 0.02, "intermediate_size": 5632,
+    "max_position_embeddings": 2048, "model_type": "llama", "num_attention_heads": 32, "num_hidden_layers": 22,
+    "num_key_value_heads": 4, "pretraining_tp": 1, "rms_norm_eps": 1e-05, "rope_scaling": None, "rope_theta": 10000.0,
+    "tie_word_embeddings": False, "torch_dtype": "bfloat16", "transformers_version": "4.35.0", "use_cache": True,
+    "vocab_size": 32000,
+}  # fmt: skip
+
+
+def newest_transformers_format(config: dict) -> dict:
+    """A config.json as transformers 5 writes it: rope_parameters (with rope_theta inside), dtype."""
+    out = {k: v for k, v in config.items() if k not in ("rope_scaling", "rope_theta", "torch_dtype")}
+    out["rope_parameters"] = {**(config["rope_scaling"] or {"rope_type": "default"}), "rope_theta": config["rope_theta"]}
+    out["dtype"] = config["torch_dtype"]
+    out["transformers_version"] = "5.0.0"
+    return out
+
+
+@pytest.mark.parametrize("name,raw", [("llama3-8b", LLAMA3_8B), ("llama3.1-8b-instruct", LLAMA31_8B_INSTRUCT),
+                                      ("llama3.2-1b", LLAMA32_1B), ("tinyllama", TINYLLAMA_CHAT)])  # fmt: skip
+@pytest.mark.parametrize("fmt", ["hub", "transformers-5"])
+def test_llama3_and_tinyllama_configs_load(tmp_path, name, raw, fmt):
+    (tmp_path / "config.json").write_text(json.dumps(raw if fmt == "hub" else newest_transformers_format(raw)))
+    cfg = llama_edu.LlamaConfig.from_pretrained(tmp_path)
+    assert (cfg.vocab_size, cfg.rope_theta, cfg.num_key_value_heads) == (raw["vocab_size"], raw["rope_theta"], raw["num_key_value_heads"])
+    assert cfg.tie_word_embeddings is raw["tie_word_embeddings"] and cfg.torch_dtype == "bfloat16"
+    assert cfg.head_dim == raw.get("head_dim", 128 if name.startswith("llama3-") or name.startswith("llama3.1") else 64)
+    if raw["rope_scaling"]:
+        assert cfg.rope_scaling == {"type": "llama3", **{k: v for k, v in raw["rope_scaling"].items() if k != "rope_type"}}
+    else:
+        assert cfg.rope_scaling is None
+    again = llama_edu.LlamaConfig(**json.loads(cfg.to_json_string()))
+    assert again == cfg
+    if name.startswith("llama3"):  # the presets are these shapes
+        preset = llama_edu.LlamaConfig.from_preset(name.replace("-instruct", ""))
+        for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_key_value_heads", "vocab_size",
+                    "max_position_embeddings", "rope_theta", "rope_scaling", "tie_word_embeddings"):  # fmt: skip
+            assert getattr(preset, key) == getattr(cfg, key), key
+
+
+# ============================================================== llama3 RoPE: the remap
+@pytest.mark.parametrize("factor,high", [(8.0, 4.0), (32.0, 4.0), (16.0, 2.0)])
+def test_llama3_remap_equals_metas_apply_scaling(factor, high):
+    from llama_edu.reference import meta_apply_scaling
+    from llama_edu.rope import llama3_inv_freq, rope_inv_freq
+
+    inv = rope_inv_freq(128, 500000.0)
+    ours = llama3_inv_freq(inv, factor, 1.0, high, 8192)
+    assert torch.equal(ours, meta_apply_scaling(inv, factor, high))
+    wavelen = 2 * math.pi / inv
+    fast, slow = wavelen < 8192 / high, wavelen > 8192
+    assert torch.equal(ours[fast], inv[fast]) and torch.equal(ours[slow], inv[slow] / factor)
+    mid = ~fast & ~slow
+    assert mid.any() and ((ours[mid] < inv[mid]) & (ours[mid] > inv[mid] / factor)).all()
+
+
+# ============================================================== a Llama-3.2-shaped tiny model
+def tiny_meta_llama3(seed: int = 0, tied: bool = True, vocab: int = 128256) -> tuple[dict, dict]:
+    """Random weights in Meta's layout (interleaved q/k) and a Llama 3.2-style params.json:
+    dim 64, 4 heads of 16, 2 KV heads, rope_theta 500000, scaled rope (factor 32)."""
+    g = torch.Generator().manual_seed(seed)
+    dim, n_heads, n_kv, n_layers = 64, 4, 2, 2
+    params = {"dim": dim, "n_layers": n_layers, "n_heads": n_heads, "n_kv_heads": n_kv, "vocab_size": vocab,
+              "ffn_dim_multiplier": 1.5, "multiple_of": 32, "norm_eps": 1e-05, "rope_theta": 500000.0,
+              "use_scaled_rope": True, "rope_scaling_factor": 32.0}  # fmt: skip
+    hidden = 256  # Meta's FeedForward: int(1.5 * int(2 * 4 * 64 / 3)) = 255, rounded up to a multiple of 32
+
+    def w(*shape):
+        return torch.randn(*shape, generator=g) / math.sqrt(shape[-1])
+
+    sd = {"tok_embeddings.weight": 0.1 * torch.randn(vocab, dim, generator=g),  # logits of a few units
+          "norm.weight": 1 + 0.1 * torch.randn(dim, generator=g)}
+    for i in range(n_layers):
+        p = f"layers.{i}."
+        sd.update({p + "attention.wq.weight": w(dim, dim), p + "attention.wk.weight": w(n_kv * 16, dim),
+                   p + "attention.wv.weight": w(n_kv * 16, dim), p + "attention.wo.weight": w(dim, dim),
+                   p + "feed_forward.w1.weight": w(hidden, dim), p + "feed_forward.w2.weight": w(dim, hidden),
+                   p + "feed_forward.w3.weight": w(hidden, dim),
+                   p + "attention_norm.weight": 1 + 0.1 * torch.randn(dim, generator=g),
+                   p + "ffn_norm.weight": 1 + 0.1 * torch.randn(dim, generator=g)})  # fmt: skip
+    if not tied:
+        sd["output.weight"] = w(vocab, dim)
+    return sd, params
+
+
+def hf_fixture_newest_format(sd: dict, params: dict, folder: Path) -> Path:
+    """The same model as transformers 5 saves it: config.json with rope_parameters, dtype,
+    head_dim, tie_word_embeddings; model.safetensors in the HF layout (rotate_half q/k)."""
+    from safetensors.torch import save_file
+
+    from llama_edu.convert import META_TO_HF, permute_qk
+
+    config = {
+        "architectures": ["LlamaForCausalLM"], "attention_bias": False, "attention_dropout": 0.0, "bos_token_id": 128000,
+        "dtype": "float32", "eos_token_id": 128001, "head_dim": 16, "hidden_act": "silu", "hidden_size": params["dim"],
+        "initializer_range": 0.02, "intermediate_size": 256, "max_position_embeddings": 131072, "mlp_bias": False,
+        "model_type": "llama", "num_attention_heads": params["n_heads"], "num_hidden_layers": params["n_layers"],
+        "num_key_value_heads": params["n_kv_heads"], "pretraining_tp": 1, "rms_norm_eps": 1e-05,
+        "rope_parameters": {"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                            "original_max_position_embeddings": 8192, "rope_theta": 500000.0, "rope_type": "llama3"},
+        "tie_word_embeddings": "output.weight" not in sd, "transformers_version": "5.0.0", "use_cache": True,
+        "vocab_size": params["vocab_size"],
+    }  # fmt: skip
+    tensors = {"model.embed_tokens.weight": sd["tok_embeddings.weight"], "model.norm.weight": sd["norm.weight"]}
+    if "output.weight" in sd:
+        tensors["lm_head.weight"] = sd["output.weight"]
+    for key, t in sd.items():
+        if key.startswith("layers."):
+            _, i, suffix = key.split(".", 2)
+            if suffix == "attention.wq.weight":
+                t = permute_qk(t, params["n_heads"])
+            elif suffix == "attention.wk.weight":
+                t = permute_qk(t, params["n_kv_heads"])
+            tensors[f"model.layers.{i}.{META_TO_HF[suffix]}"] = t.contiguous()
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    return folder
+
+
+def greedy_at(forward, prompt: list[int], start: int, n: int) -> list[int]:
+    """n greedy tokens, each from a full forward over prompt + tokens so far at positions start.."""
+    ids = list(prompt)
+    for _ in range(n):
+        ids.append(int(forward(torch.tensor([ids]), start)[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+def ours_at(model):
+    def forward(ids, start):
+        with torch.no_grad():
+            return model(ids, position_ids=torch.arange(start, start + ids.shape[1])[None]).logits
+    return forward
+
+
+def test_llama3_rope_past_8192_matches_metas_forward(tok, tmp_path):
+    from llama_edu.reference import reference_forward
+
+    sd, params = tiny_meta_llama3()
+    model = llama_edu.LlamaForCausalLM.from_pretrained(hf_fixture_newest_format(sd, params, tmp_path / "hf"), progress=False)
+    cfg = model.config
+    assert cfg.rope_scaling["type"] == "llama3" and cfg.rope_scaling["factor"] == 32.0 and cfg.tie_word_embeddings
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    prompt = tok.encode("To be, or not to be, that is the question:")
+    ids = torch.tensor([prompt])
+    for start in (0, 9000, 100_000):  # inside, just past and far past Llama 3's original 8192 positions
+        expected = reference_forward(sd, params, ids, start_pos=start)
+        torch.testing.assert_close(ours_at(model)(ids, start), expected, rtol=0, atol=1e-5)
+    ref = lambda x, s: reference_forward(sd, params, x, start_pos=s)  # noqa: E731
+    tokens = greedy_at(ours_at(model), prompt, 9000, 6)
+    assert tokens == greedy_at(ref, prompt, 9000, 6)
+    # the negative control: Meta's forward without the remap gives other logits at these positions
+    unscaled = reference_forward(sd, {**params, "use_scaled_rope": False}, ids, start_pos=9000)
+    assert (unscaled - reference_forward(sd, params, ids, start_pos=9000)).abs().max() > 1e-3  # 100x the tolerance
+
+
+# ============================================================== Meta's Llama 3 checkpoints
+@pytest.mark.parametrize("tied,shards", [(True, 1), (False, 2)], ids=["3.2-tied", "3.1-2-shards"])
+def test_convert_meta_llama3_checkpoint(tok, tmp_path, tied, shards):
+    from llama_edu.convert import META_SPLIT_DIM, convert_meta_checkpoint
+    from llama_edu.reference import reference_forward
+
+    sd, params = tiny_meta_llama3(seed=1, tied=tied)
+    if not tied:
+        del params["rope_scaling_factor"]  # Llama 3.1's params.json: factor 8 is Meta's default
+    meta = tmp_path / "meta"
+    meta.mkdir()
+    for r in range(shards):
+        shard = {}
+        for k, t in sd.items():
+            d = META_SPLIT_DIM[k.split(".", 2)[-1] if k.startswith("layers.") else k]
+            shard[k] = t.clone() if d is None else t.chunk(shards, dim=d)[r].clone()
+        torch.save(shard, meta / f"consolidated.{r:02d}.pth")
+    (meta / "params.json").write_text(json.dumps(params))
+    (meta / "tokenizer.model").write_bytes(_llama3_file("tokenizer.model").read_bytes())
+
+    config = convert_meta_checkpoint(meta, tmp_path / "hf", dtype=torch.float32)
+    out = tmp_path / "hf"
+    written = json.loads((out / "config.json").read_text())
+    assert written["rope_theta"] == 500000.0 and written["max_position_embeddings"] == 131072
+    assert written["rope_scaling"] == {"type": "llama3", "factor": 32.0 if tied else 8.0, "low_freq_factor": 1.0,
+                                       "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}  # fmt: skip
+    assert written["tie_word_embeddings"] is tied and written["vocab_size"] == 128256
+    assert (written["bos_token_id"], written["eos_token_id"]) == (128000, 128001)
+    assert config.num_key_value_heads == 2 and config.intermediate_size == 256
+    assert (out / "tokenizer.model").read_bytes() == (meta / "tokenizer.model").read_bytes()
+    hf_tok = Llama3Tokenizer.from_pretrained(out)
+    assert hf_tok("Hello world!").input_ids == [128000, 9906, 1917, 0] and hf_tok.model_max_length == 131072
+
+    model = llama_edu.LlamaForCausalLM.from_pretrained(out, progress=False)
+    ids = torch.tensor([tok.encode("Now is the winter of our discontent")])
+    for start in (0, 12_345):
+        torch.testing.assert_close(ours_at(model)(ids, start), reference_forward(sd, params, ids, start_pos=start), rtol=0, atol=1e-5)
+
+
+def test_llama3_params_json_rules():
+    from llama_edu.convert import guess_max_position_embeddings, meta_params, meta_rope_scaling
+
+    llama3 = {"dim": 4096, "n_layers": 32, "n_heads": 32, "n_kv_heads": 8, "vocab_size": 128256, "ffn_dim_multiplier": 1.3,
+              "multiple_of": 1024, "norm_eps": 1e-05, "rope_theta": 500000.0}  # fmt: skip
+    assert guess_max_position_embeddings(llama3) == 8192 and meta_rope_scaling(llama3) is None
+    assert guess_max_position_embeddings({**llama3, "use_scaled_rope": True}) == 131072
+    assert meta_rope_scaling({**llama3, "use_scaled_rope": True})["factor"] == 8.0
+    cfg = llama_edu.LlamaConfig.from_preset("llama3.2-1b", num_hidden_layers=1)
+    p = meta_params(cfg)
+    assert p["rope_theta"] == 500000.0 and p["use_scaled_rope"] and p["rope_scaling_factor"] == 32.0
+    assert meta_rope_scaling(p) == cfg.rope_scaling
