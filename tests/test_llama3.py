@@ -462,3 +462,33 @@ def test_llama3_params_json_rules():
     p = meta_params(cfg)
     assert p["rope_theta"] == 500000.0 and p["use_scaled_rope"] and p["rope_scaling_factor"] == 32.0
     assert meta_rope_scaling(p) == cfg.rope_scaling
+
+
+# ============================================================== the exercise
+def test_bpe_merge_exercise(capsys):
+    from llama_edu.course import ex_llama3
+    from llama_edu.exercises import EXERCISES, check
+
+    ex = EXERCISES["llama3_bpe_merge"]
+    assert ex.notebook == "18_llama2_to_llama3" and len(ex.mistakes) >= 5
+    assert check("llama3_bpe_merge", ex.reference)
+    assert capsys.readouterr().out.startswith("llama3_bpe_merge: correct on all")
+
+    def written_differently(piece, ranks):  # min over (rank, position): ties go to the leftmost
+        parts = [bytes([b]) for b in piece]
+        while len(parts) > 1:
+            pairs = [(ranks[a + b], i) for i, (a, b) in enumerate(zip(parts, parts[1:])) if a + b in ranks]
+            if not pairs:
+                break
+            i = min(pairs)[1]
+            parts[i : i + 2] = [parts[i] + parts[i + 1]]
+        return [ranks[p] for p in parts]
+
+    assert check("llama3_bpe_merge", written_differently)
+    capsys.readouterr()
+    for wrong, says, hint in ex.mistakes:
+        assert not check("llama3_bpe_merge", wrong), says
+        out = capsys.readouterr().out
+        assert f"Likely mistake: {says}." in out and f"Hint: {hint}." in out, out
+    assert not check("llama3_bpe_merge", None)
+    assert ex_llama3.bpe_merge is ex.reference
