@@ -431,8 +431,14 @@ def test_convert_meta_llama3_checkpoint(tok, tmp_path, tied, shards):
     (meta / "params.json").write_text(json.dumps(params))
     (meta / "tokenizer.model").write_bytes(_llama3_file("tokenizer.model").read_bytes())
 
-    config = convert_meta_checkpoint(meta, tmp_path / "hf", dtype=torch.float32)
     out = tmp_path / "hf"
+    if tied:  # through the command line
+        from llama_edu.cli import main
+
+        assert main(["convert-meta", "--input-dir", str(meta), "--output-dir", str(out), "--dtype", "float32"]) == 0
+        config = llama_edu.LlamaConfig.from_pretrained(out)
+    else:
+        config = convert_meta_checkpoint(meta, out, dtype=torch.float32)
     written = json.loads((out / "config.json").read_text())
     assert written["rope_theta"] == 500000.0 and written["max_position_embeddings"] == 131072
     assert written["rope_scaling"] == {"type": "llama3", "factor": 32.0 if tied else 8.0, "low_freq_factor": 1.0,

@@ -34,19 +34,17 @@ BPE decodes exactly, so we do not read that setting from a config).
 from __future__ import annotations
 
 import base64
-import json
 import os
 import re
 import unicodedata
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import torch
 
-from ..files import atomic_write_bytes, looks_like_repo_id, read_json_object, resolve_file
+from ..files import looks_like_repo_id, read_json_object, resolve_file
 from ..tokenizer import (
-    SPECIAL_TOKENS_MAP_FILE,
     TOKENIZER_CONFIG_FILE,
     TOKENIZER_FILE,
     VOCAB_FILE,
@@ -83,7 +81,7 @@ DEFAULT_DATE_STRING = "26 Jul 2024"
 # ----------------------------------------------------------------------------------------------
 # Pre-tokenization: the regex, with \p{L} and \p{N} spelled out
 # ----------------------------------------------------------------------------------------------
-@lru_cache(maxsize=None)
+@cache
 def unicode_class(major: str) -> str:
     """The body of a ``re`` character class for every code point whose Unicode general category
     starts with ``major`` ("L" for letters, "N" for numbers), as ranges: ``"A-Za-z\\xaa..."``."""
@@ -99,7 +97,7 @@ def unicode_class(major: str) -> str:
     return "".join(parts)
 
 
-@lru_cache(maxsize=None)
+@cache
 def pretokenize_regex() -> re.Pattern:
     """:data:`PAT_STR` for Python's ``re``: the same seven alternatives, tried left to right."""
     L, N, S = unicode_class("L"), unicode_class("N"), WHITE_SPACE
@@ -142,7 +140,7 @@ def bpe_merge(piece: bytes, ranks: dict[bytes, int]) -> list[int]:
     return [ranks[p] for p in parts]
 
 
-@lru_cache(maxsize=None)
+@cache
 def bytes_to_unicode() -> dict[int, str]:
     """GPT-2's printable stand-in for each byte (0x20 ' ' -> 'Ġ', 0x0A -> 'Ċ'), the alphabet in
     which Hugging Face's tokenizer.json writes byte-level tokens."""
@@ -448,7 +446,7 @@ class Llama3Tokenizer(LlamaTokenizerBase):
             return "".join(text for text, _ in pieces)
         ids: list[int] = []
         for text, is_content in pieces:
-            ids += self._encode_texts([text], True if is_content else False)[0]
+            ids += self._encode_texts([text], is_content)[0]  # content: special-token text is text
         return self._finish_ids(ids, padding, truncation, max_length, return_tensors)
 
     # --- saving and loading ----------------------------------------------------------------------
