@@ -350,7 +350,7 @@ class LlamaConfig:
         """A named shape, e.g. ``LlamaConfig.from_preset("llama2-7b")``; see :data:`PRESETS`."""
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
-        return cls(**{**PRESETS[name], **overrides})
+        return cls(**{**copy.deepcopy(PRESETS[name]), **overrides})  # a preset's rope_scaling dict is not shared
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, LlamaConfig) and self.to_dict() == other.to_dict()

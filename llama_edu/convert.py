@@ -337,10 +337,10 @@ def is_tiktoken_file(path: Path) -> bool:
     return bool(head) and head[:1] != b"\n" and b"\x00" not in head
 
 
-def llama3_tokenizer_files(tokenizer_model: Path, max_position_embeddings: int) -> dict[str, Any]:
+def llama3_tokenizer_files(tokenizer_model: Path, tok: Llama3Tokenizer, max_position_embeddings: int) -> dict[str, Any]:
     """The tokenizer files for Meta's Llama 3 tiktoken file: the file itself, copied, plus the
-    ``tokenizer_config.json`` and ``special_tokens_map.json`` Llama3Tokenizer writes."""
-    tok = Llama3Tokenizer(tokenizer_model, model_max_length=max_position_embeddings)
+    ``tokenizer_config.json`` and ``special_tokens_map.json`` that ``tok`` (loaded from it) writes."""
+    tok.model_max_length = max_position_embeddings
     return {"tokenizer.model": tokenizer_model, "tokenizer_config.json": tok._config(),
             "special_tokens_map.json": tok.special_tokens_map}
 
@@ -417,12 +417,11 @@ def convert_meta_checkpoint(
     _check_meta_weights(params, shards, files, vocab_size, intermediate)
 
     tok = _find_tokenizer(input_dir, tokenizer_path)
-    llama3_tok = tok is not None and is_tiktoken_file(tok)
-    bos, eos = (128000, 128001) if llama3_tok or vocab_size == 128256 else (1, 2)
-    if llama3_tok:
-        n_tok = len(Llama3Tokenizer(tok))
-        if n_tok != vocab_size:
-            warnings.warn(f"the tokenizer has {n_tok} tokens but the embedding {vocab_size} rows", stacklevel=2)
+    llama3_tok = Llama3Tokenizer(tok) if tok is not None and is_tiktoken_file(tok) else None
+    bos, eos = (128000, 128001) if llama3_tok is not None or vocab_size == 128256 else (1, 2)
+    if llama3_tok is not None:
+        if len(llama3_tok) != vocab_size:
+            warnings.warn(f"the tokenizer has {len(llama3_tok)} tokens but the embedding {vocab_size} rows", stacklevel=2)
     elif tok is not None:
         import sentencepiece as spm
 
@@ -463,7 +462,7 @@ def convert_meta_checkpoint(
                                    "transformers_version": TRANSFORMERS_VERSION},
     }
     if tok is not None:
-        extra.update((llama3_tokenizer_files if llama3_tok else tokenizer_files)(tok, max_pos))
+        extra.update(tokenizer_files(tok, max_pos) if llama3_tok is None else llama3_tokenizer_files(tok, llama3_tok, max_pos))
     keys_written: list[str] = []
 
     def counted():

@@ -498,3 +498,16 @@ def test_bpe_merge_exercise(capsys):
         assert f"Likely mistake: {says}." in out and f"Hint: {hint}." in out, out
     assert not check("llama3_bpe_merge", None)
     assert ex_llama3.bpe_merge is ex.reference
+
+
+def test_convert_warns_when_the_llama3_tokenizer_does_not_fit(tmp_path):
+    from llama_edu.convert import convert_meta_checkpoint
+
+    sd, params = tiny_meta_llama3(vocab=512)
+    meta = tmp_path / "meta"
+    meta.mkdir()
+    torch.save(sd, meta / "consolidated.00.pth")
+    (meta / "params.json").write_text(json.dumps({**params, "vocab_size": 512}))
+    (meta / "tokenizer.model").write_bytes(_llama3_file("tokenizer.model").read_bytes())
+    with pytest.warns(UserWarning, match="128256 tokens but the embedding 512 rows"):
+        convert_meta_checkpoint(meta, tmp_path / "hf", dtype=torch.float32)
