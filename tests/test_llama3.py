@@ -511,3 +511,10 @@ def test_convert_warns_when_the_llama3_tokenizer_does_not_fit(tmp_path):
     (meta / "tokenizer.model").write_bytes(_llama3_file("tokenizer.model").read_bytes())
     with pytest.warns(UserWarning, match="128256 tokens but the embedding 512 rows"):
         convert_meta_checkpoint(meta, tmp_path / "hf", dtype=torch.float32)
+
+
+def test_the_shared_llama3_files_are_the_known_ones():
+    from llama_edu.files import KNOWN_FILES
+
+    for name in ("tokenizer.model", "tokenizer.json"):
+        assert sha256_of(_llama3_file(name)) == KNOWN_FILES[f"llama3/{name}"].sha256
