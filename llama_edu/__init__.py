@@ -32,7 +32,7 @@ _EXPORTS = {
     "LlamaModel": "modeling", "LlamaForCausalLM": "modeling", "LlamaForSequenceClassification": "modeling",
     "LlamaPreTrainedModel": "modeling",
     "LlamaTokenizer": "text.tokenizer", "LlamaTokenizerFast": "text.tokenizer", "BatchEncoding": "text.tokenizer",
-    "DEFAULT_SYSTEM_PROMPT": "text.tokenizer",
+    "DEFAULT_SYSTEM_PROMPT": "text.tokenizer", "Llama3Tokenizer": "text.llama3",
     "SentencePieceBPE": "text.bpe", "SentencePieceModel": "text.bpe", "merge_pair": "text.bpe",
     "train_bpe": "text.bpe", "train_sentencepiece": "text.bpe",
     "convert_meta_checkpoint": "io.convert", "convert_llama2c_checkpoint": "io.convert",

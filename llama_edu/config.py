@@ -22,7 +22,9 @@ TRANSFORMERS_VERSION = "4.37.2"
 
 ACTIVATIONS = ("silu", "swish", "gelu", "gelu_new", "gelu_pytorch_tanh", "relu")
 ATTENTION_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2")
-ROPE_SCALING_TYPES = ("linear", "dynamic")
+ROPE_SCALING_TYPES = ("linear", "dynamic", "llama3")
+#: The extra fields of Llama 3.1's "llama3" scaling (see rope.llama3_inv_freq).
+LLAMA3_ROPE_FIELDS = ("low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
 
 def _is_number(value: Any) -> bool:
@@ -258,26 +260,38 @@ class LlamaConfig:
         if rs is None:
             return
         if isinstance(rs, dict) and rs.get("type") is not None and rs["type"] not in ROPE_SCALING_TYPES:
-            raise ValueError(
-                f"rope_scaling['type'] must be one of {list(ROPE_SCALING_TYPES)}, got {rs['type']!r}"
-                + (" (Llama 3.1-style scaling is not supported by this Llama 2 implementation)" if rs["type"] == "llama3" else "")
-            )
+            raise ValueError(f"rope_scaling['type'] must be one of {list(ROPE_SCALING_TYPES)}, got {rs['type']!r}")
+        if isinstance(rs, dict) and rs.get("type") == "llama3":
+            self._validate_llama3_rope_scaling(rs)
+            return
         if not isinstance(rs, dict) or set(rs) != {"type", "factor"}:
             raise ValueError(
                 "rope_scaling must be None or a dict with exactly the fields 'type' and 'factor', "
                 f"e.g. {{'type': 'linear', 'factor': 2.0}}; got {rs!r}"
             )
         if rs["type"] not in ROPE_SCALING_TYPES:
-            raise ValueError(
-                f"rope_scaling['type'] must be one of {list(ROPE_SCALING_TYPES)}, got {rs['type']!r}"
-                + (" (Llama 3.1-style scaling is not supported by this Llama 2 implementation)" if rs["type"] == "llama3" else "")
-            )
+            raise ValueError(f"rope_scaling['type'] must be one of {list(ROPE_SCALING_TYPES)}, got {rs['type']!r}")
         factor = rs["factor"]
         if not isinstance(factor, float) or not math.isfinite(factor) or factor <= 1.0:
             raise ValueError(
                 f"rope_scaling['factor'] must be a float > 1 (it stretches the context by that much), "
                 f"got {factor!r}; write e.g. 2.0, not 2"
             )
+
+    def _validate_llama3_rope_scaling(self, rs: dict) -> None:
+        """Llama 3.1's scaling: factor, low_freq_factor < high_freq_factor, and the context it was
+        trained on before the extension (original_max_position_embeddings, 8192 for Llama 3)."""
+        example = ("{'type': 'llama3', 'factor': 8.0, 'low_freq_factor': 1.0, 'high_freq_factor': 4.0, "
+                   "'original_max_position_embeddings': 8192}")  # fmt: skip
+        if set(rs) != {"type", "factor", *LLAMA3_ROPE_FIELDS}:
+            raise ValueError(f"llama3 rope_scaling needs exactly the fields of {example}; got {rs!r}")
+        factor, low, high, original = (rs[k] for k in ("factor", *LLAMA3_ROPE_FIELDS))
+        if not _is_number(factor) or not math.isfinite(factor) or factor < 1.0:
+            raise ValueError(f"rope_scaling['factor'] must be a number >= 1 (Llama 3.1 uses 8.0), got {factor!r}")
+        if not (_is_number(low) and _is_number(high) and 0 < low < high):
+            raise ValueError(f"llama3 rope_scaling needs 0 < low_freq_factor < high_freq_factor (Llama 3.1: 1.0 and 4.0), got {low!r} and {high!r}")
+        if not isinstance(original, int) or isinstance(original, bool) or original < 1:
+            raise ValueError(f"rope_scaling['original_max_position_embeddings'] must be a positive int (8192 for Llama 3), got {original!r}")
 
     def _validate_attn_implementation(self) -> None:
         if self._attn_implementation not in ATTENTION_IMPLEMENTATIONS:
@@ -336,7 +350,7 @@ class LlamaConfig:
         """A named shape, e.g. ``LlamaConfig.from_preset("llama2-7b")``; see :data:`PRESETS`."""
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
-        return cls(**{**PRESETS[name], **overrides})
+        return cls(**{**copy.deepcopy(PRESETS[name]), **overrides})  # a preset's rope_scaling dict is not shared
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, LlamaConfig) and self.to_dict() == other.to_dict()
@@ -363,6 +377,22 @@ PRESETS: dict[str, dict[str, Any]] = {
     "stories15m": dict(vocab_size=32000, hidden_size=288, intermediate_size=768, num_hidden_layers=6,
                        num_attention_heads=6, num_key_value_heads=6, max_position_embeddings=256,
                        rms_norm_eps=1e-5, tie_word_embeddings=True),
+    # Llama 3: a 128,256-token vocabulary, GQA with 8 KV heads in every size, rope_theta 500,000.
+    "llama3-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
+                      rms_norm_eps=1e-5, rope_theta=500000.0, bos_token_id=128000, eos_token_id=128001),
+    # Llama 3.1 / 3.2: 131,072 positions through llama3 RoPE scaling; the 3.2 small sizes tie embeddings.
+    "llama3.1-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                        num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072,
+                        rms_norm_eps=1e-5, rope_theta=500000.0, bos_token_id=128000, eos_token_id=128001,
+                        rope_scaling=dict(type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                          original_max_position_embeddings=8192)),
+    "llama3.2-1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                        num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072,
+                        rms_norm_eps=1e-5, rope_theta=500000.0, bos_token_id=128000, eos_token_id=128001,
+                        tie_word_embeddings=True,
+                        rope_scaling=dict(type="llama3", factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                          original_max_position_embeddings=8192)),
     # A few-thousand-parameter model for unit tests and shape demos.
     "tiny": dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64),

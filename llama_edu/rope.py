@@ -14,9 +14,12 @@ Scaling, for running past the training context ``max_position_embeddings``:
   base grows, base' = base * (factor * L / L_train - (factor - 1)) ** (d / (d - 2)).
   It depends only on the current total length L. (transformers 4.37 keeps the grown base for
   later, shorter inputs, issue #25306; this module is stateless, so it cannot.)
+- llama3 (Llama 3.1): a fixed remap of the frequencies, see :func:`llama3_inv_freq`.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
@@ -33,6 +36,25 @@ def dynamic_ntk_base(base: float, head_dim: int, seq_len: int, max_position_embe
     if seq_len <= max_position_embeddings:
         return base
     return base * ((factor * seq_len / max_position_embeddings) - (factor - 1)) ** (head_dim / (head_dim - 2))
+
+
+def llama3_inv_freq(
+    inv_freq: torch.Tensor, factor: float, low_freq_factor: float, high_freq_factor: float,
+    original_max_position_embeddings: int,
+) -> torch.Tensor:
+    """Llama 3.1's frequency remap, (head_dim // 2,) -> (head_dim // 2,).
+
+    A pair whose wavelength 2*pi / theta_i is shorter than L / high_freq_factor (L = the original
+    context, 8192) turns many times within L: it encodes local order and is kept. One whose
+    wavelength is longer than L / low_freq_factor never completed a turn in training: it is
+    slowed down by ``factor`` (position interpolation), so 8x longer contexts stay inside the
+    angles it has seen. In between, the two are blended linearly in L / wavelength.
+    """
+    wavelen = 2 * math.pi / inv_freq
+    smooth = (original_max_position_embeddings / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    slowed = torch.where(wavelen > original_max_position_embeddings / low_freq_factor, inv_freq / factor, blended)
+    return torch.where(wavelen < original_max_position_embeddings / high_freq_factor, inv_freq, slowed)
 
 
 class LlamaRotaryEmbedding(nn.Module):
@@ -52,6 +74,7 @@ class LlamaRotaryEmbedding(nn.Module):
         self.base = base
         self.scaling_type = scaling["type"] if scaling else None
         self.scaling_factor = float(scaling["factor"]) if scaling else 1.0
+        self.llama3 = {k: v for k, v in scaling.items() if k != "type"} if self.scaling_type == "llama3" else None  # type: ignore[union-attr]
 
     def forward(self, position_ids: torch.Tensor, seq_len: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """position_ids (batch, seq) and the total length seq_len (past + new tokens) ->
@@ -60,6 +83,8 @@ class LlamaRotaryEmbedding(nn.Module):
         if self.scaling_type == "dynamic":
             base = dynamic_ntk_base(base, self.dim, seq_len, self.max_position_embeddings, self.scaling_factor)
         inv_freq = rope_inv_freq(self.dim, base, position_ids.device)  # (dim/2,)
+        if self.llama3 is not None:
+            inv_freq = llama3_inv_freq(inv_freq, **self.llama3)
         positions = position_ids.float()
         if self.scaling_type == "linear":
             positions = positions / self.scaling_factor

@@ -188,9 +188,11 @@ CASES = [
     ("config-head-dim-string", ValueError, r"head_dim \('8'\)", lambda e, t: LlamaConfig(**{**TINY, "head_dim": "8"})),
     ("config-head-dim-set-later", ValueError, r"head_dim \(4\)", lambda e, t: setattr(LlamaConfig(**TINY), "head_dim", 4)),
     ("config-rope-yarn", ValueError, r"rope_scaling\['type'\].*'yarn'", lambda e, t: LlamaConfig(**{**TINY, "rope_scaling": {"type": "yarn", "factor": 2.0}})),
-    ("config-rope-llama3", ValueError, r"'llama3'.*Llama 3\.1", lambda e, t: LlamaConfig(**{**TINY, "rope_scaling": {
-        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+    ("config-rope-llama3-bands", ValueError, r"low_freq_factor < high_freq_factor.*4\.0 and 1\.0", lambda e, t: LlamaConfig(**{**TINY, "rope_scaling": {
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 4.0, "high_freq_factor": 1.0,
         "original_max_position_embeddings": 8192}})),
+    ("config-rope-llama3-missing", ValueError, r"llama3 rope_scaling needs exactly the fields", lambda e, t: LlamaConfig(**{**TINY, "rope_scaling": {
+        "rope_type": "llama3", "factor": 8.0}})),
     ("config-rope-factor-below-one", ValueError, r"factor.*0\.5", lambda e, t: LlamaConfig(**{**TINY, "rope_scaling": {"type": "linear", "factor": 0.5}})),
     ("config-rope-factor-nan", ValueError, r"factor.*nan", lambda e, t: LlamaConfig(**{**TINY, "rope_scaling": {"type": "linear", "factor": float("nan")}})),
     ("config-rope-type-conflict", ValueError, r"type='linear'.*rope_type='dynamic'", lambda e, t: LlamaConfig(**{**TINY, "rope_scaling": {"type": "linear", "rope_type": "dynamic", "factor": 2.0}})),

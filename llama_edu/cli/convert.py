@@ -37,7 +37,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"], help="output dtype")
     p.add_argument("--max-shard-size", "--max_shard_size", dest="max_shard_size", default="5GB", help="e.g. 5GB, 500MB")
     p.add_argument("--max-position-embeddings", "--max_position_embeddings", dest="max_position_embeddings", type=int, default=None,
-                   help="context length to write (default: 4096 for Llama 2, 2048 for Llama 1, 16384 for Code Llama)")
+                   help="context length to write (default: 4096 for Llama 2, 2048 for Llama 1, 16384 for Code Llama, 8192 for Llama 3, 131072 for Llama 3.1/3.2)")
     p.add_argument("--tokenizer-path", "--tokenizer_path", dest="tokenizer_path", default=None, help="tokenizer.model (default: in or above input_dir)")
     p.set_defaults(func=_cmd_convert_meta)
 

@@ -13,6 +13,11 @@
    - the output dtype is a parameter (default float16) and peak memory stays near one output
      shard plus memory-mapped inputs (the reference holds the whole model in RAM twice).
 
+   Llama 3.x checkpoints too: ``rope_theta`` 500,000, ``use_scaled_rope`` (Llama 3.1's "llama3"
+   RoPE scaling, factor ``rope_scaling_factor`` or 8), a 128,256-token vocabulary with Meta's
+   tiktoken ``tokenizer.model`` (copied, for :class:`~llama_edu.text.llama3.Llama3Tokenizer`), and no
+   ``output.weight`` when the output layer is the embedding (tied, Llama 3.2 1B/3B).
+
 2. llama2.c's ``model.bin`` exports (the legacy 7-int header and the version-1 "ak42" format).
 
 Both keep q/k in Meta's *interleaved* rotary layout: Meta's code rotates pairs of neighbouring
@@ -45,6 +50,7 @@ from ..config import TRANSFORMERS_VERSION, LlamaConfig
 from .files import cache_dir, find_data_file, read_json_object
 from ..mlp import swiglu_hidden_size
 from ..modeling import LlamaForCausalLM
+from ..text.llama3 import Llama3Tokenizer
 
 # ============================================================================================
 # The q/k permutation
@@ -119,13 +125,18 @@ def _split_dim(meta_key: str) -> int | None:
 def guess_max_position_embeddings(params: dict[str, Any], model_size: str | None = None) -> int:
     """The context length to write, since Meta's params.json does not say it.
 
-    Rule: ``max_seq_len`` in params.json if present; Code Llama (rope_theta > 10000) 16384;
+    Rule: ``max_seq_len`` in params.json if present; Llama 3.1/3.2 (``use_scaled_rope``) 131072;
+    Llama 3 (rope_theta 500000) 8192; Code Llama (rope_theta > 10000) 16384;
     Llama 1 (norm_eps 1e-6, as in every Llama 1 params.json) 2048; everything else, including
     Llama 2 (norm_eps 1e-5, and the ``*f`` chat sizes) 4096. Pass ``max_position_embeddings``
     explicitly to override.
     """
     if params.get("max_seq_len"):
         return int(params["max_seq_len"])
+    if params.get("use_scaled_rope"):
+        return 131072
+    if float(params.get("rope_theta", 10000.0)) == 500000.0:
+        return 8192
     if float(params.get("rope_theta", 10000.0)) > 10000.0:
         return 16384
     if model_size and model_size.endswith("f"):
@@ -204,6 +215,8 @@ def _check_meta_weights(params: dict[str, Any], shards: list[dict[str, torch.Ten
         "feed_forward.w3.weight": (intermediate, dim), "attention_norm.weight": (dim,), "ffn_norm.weight": (dim,),
     }
     expected = {"tok_embeddings.weight": (vocab_size, dim), "norm.weight": (dim,), "output.weight": (vocab_size, dim)}
+    if "output.weight" not in shards[0]:  # the output layer is the embedding (tied)
+        del expected["output.weight"]
     for i in range(n_layers):
         expected.update({f"layers.{i}.{k}": v for k, v in per_layer.items()})
     keys = [k for k in shards[0] if not k.endswith("rope.freqs")]
@@ -247,7 +260,9 @@ def _check_meta_weights(params: dict[str, Any], shards: list[dict[str, torch.Ten
 
 
 def _meta_config(params: dict[str, Any], shard0: dict[str, torch.Tensor], num_shards: int,
-                 vocab_size: int, max_position_embeddings: int, bos: int, eos: int) -> LlamaConfig:
+                 vocab_size: int, max_position_embeddings: int, bos: int, eos: int, tied: bool = False) -> LlamaConfig:
+    """The LlamaConfig a Meta params.json (and the weights' shapes) describes; ``tied``: the
+    checkpoint has no output.weight, its embedding is the output layer."""
     dim, n_heads = params["dim"], params["n_heads"]
     n_kv = params.get("n_kv_heads") or n_heads
     head_dim = dim // n_heads
@@ -267,12 +282,12 @@ def _meta_config(params: dict[str, Any], shard0: dict[str, torch.Tensor], num_sh
             f"{wk.shape[0]} rows in each of {num_shards} shard(s)"
         )
     try:
-        return _llama_config(vocab_size, dim, from_params, params, n_heads, n_kv, max_position_embeddings, bos, eos)
+        return _llama_config(vocab_size, dim, from_params, params, n_heads, n_kv, max_position_embeddings, bos, eos, tied)
     except ValueError as e:
         raise ValueError(f"params.json (with the options given) describes a model that cannot work: {e}") from None
 
 
-def _llama_config(vocab_size, dim, from_params, params, n_heads, n_kv, max_position_embeddings, bos, eos) -> LlamaConfig:
+def _llama_config(vocab_size, dim, from_params, params, n_heads, n_kv, max_position_embeddings, bos, eos, tied) -> LlamaConfig:
     return LlamaConfig(
         vocab_size=vocab_size,
         hidden_size=dim,
@@ -283,10 +298,21 @@ def _llama_config(vocab_size, dim, from_params, params, n_heads, n_kv, max_posit
         max_position_embeddings=max_position_embeddings,
         rms_norm_eps=params.get("norm_eps", 1e-5),
         rope_theta=float(params.get("rope_theta", 10000.0)),
+        rope_scaling=meta_rope_scaling(params),
         bos_token_id=bos,
         eos_token_id=eos,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tied,
     )
+
+
+def meta_rope_scaling(params: dict[str, Any]) -> dict[str, Any] | None:
+    """Llama 3.1's ``use_scaled_rope`` as the config's llama3 ``rope_scaling`` (Meta's code fixes
+    low_freq_factor 1 and the original context 8192; factor and high_freq_factor default to 8 and 4)."""
+    if not params.get("use_scaled_rope"):
+        return None
+    return {"type": "llama3", "factor": float(params.get("rope_scaling_factor") or 8.0), "low_freq_factor": 1.0,
+            "high_freq_factor": float(params.get("rope_high_freq_factor") or 4.0),
+            "original_max_position_embeddings": 8192}  # fmt: skip
 
 
 def _find_tokenizer(input_dir: Path, tokenizer_path: str | os.PathLike | None) -> Path | None:
@@ -300,6 +326,22 @@ def _find_tokenizer(input_dir: Path, tokenizer_path: str | os.PathLike | None) -
         if p.is_file():
             return p
     return None
+
+
+def is_tiktoken_file(path: Path) -> bool:
+    """Meta's Llama 3 tokenizer.model is text ('base64 rank' lines); Llama 2's is a SentencePiece
+    protobuf (binary, starting with field 1 = byte 0x0a)."""
+    with open(path, "rb") as f:
+        head = f.read(64)
+    return bool(head) and head[:1] != b"\n" and b"\x00" not in head
+
+
+def llama3_tokenizer_files(tokenizer_model: Path, tok: Llama3Tokenizer, max_position_embeddings: int) -> dict[str, Any]:
+    """The tokenizer files for Meta's Llama 3 tiktoken file: the file itself, copied, plus the
+    ``tokenizer_config.json`` and ``special_tokens_map.json`` that ``tok`` (loaded from it) writes."""
+    tok.model_max_length = max_position_embeddings
+    return {"tokenizer.model": tokenizer_model, "tokenizer_config.json": tok._config(),
+            "special_tokens_map.json": tok.special_tokens_map}
 
 
 def tokenizer_files(tokenizer_model: Path, max_position_embeddings: int) -> dict[str, Any]:
@@ -374,8 +416,12 @@ def convert_meta_checkpoint(
     _check_meta_weights(params, shards, files, vocab_size, intermediate)
 
     tok = _find_tokenizer(input_dir, tokenizer_path)
-    bos, eos = 1, 2
-    if tok is not None:
+    llama3_tok = Llama3Tokenizer(tok) if tok is not None and is_tiktoken_file(tok) else None
+    bos, eos = (128000, 128001) if llama3_tok is not None or vocab_size == 128256 else (1, 2)
+    if llama3_tok is not None:
+        if len(llama3_tok) != vocab_size:
+            warnings.warn(f"the tokenizer has {len(llama3_tok)} tokens but the embedding {vocab_size} rows", stacklevel=2)
+    elif tok is not None:
         import sentencepiece as spm
 
         sp = spm.SentencePieceProcessor(model_file=str(tok))
@@ -383,7 +429,8 @@ def convert_meta_checkpoint(
         if sp.vocab_size() != vocab_size:
             warnings.warn(f"the tokenizer has {sp.vocab_size()} pieces but the embedding {vocab_size} rows", stacklevel=2)
     max_pos = max_position_embeddings if max_position_embeddings is not None else guess_max_position_embeddings(params, model_size)
-    config = _meta_config(params, shard0, num_shards, vocab_size, max_pos, bos, eos)
+    tied = "output.weight" not in shard0
+    config = _meta_config(params, shard0, num_shards, vocab_size, max_pos, bos, eos, tied)
 
     def hf_tensors() -> Iterator[tuple[str, torch.Tensor]]:
         for key, t in merge_meta_shards(shards):
@@ -414,7 +461,7 @@ def convert_meta_checkpoint(
                                    "transformers_version": TRANSFORMERS_VERSION},
     }
     if tok is not None:
-        extra.update(tokenizer_files(tok, max_pos))
+        extra.update(tokenizer_files(tok, max_pos) if llama3_tok is None else llama3_tokenizer_files(tok, llama3_tok, max_pos))
     keys_written: list[str] = []
 
     def counted():
@@ -424,7 +471,7 @@ def convert_meta_checkpoint(
 
     write_checkpoint(counted(), output_dir, cfg, max_shard_size=max_shard_size,
                      safe_serialization=safe_serialization, extra_files=extra)
-    expected_n = 2 + 9 * n_layers + 1
+    expected_n = 2 + 9 * n_layers + (0 if tied else 1)
     if len(keys_written) != expected_n:
         warnings.warn(f"wrote {len(keys_written)} tensors, expected {expected_n} for {n_layers} layers", stacklevel=2)
     return config
@@ -471,6 +518,13 @@ def meta_params(config: LlamaConfig) -> dict[str, Any]:
                               "n_heads": config.num_attention_heads, "norm_eps": config.rms_norm_eps, "vocab_size": -1}
     if config.num_key_value_heads != config.num_attention_heads:
         params["n_kv_heads"] = config.num_key_value_heads
+    if config.rope_theta != 10000.0:
+        params["rope_theta"] = config.rope_theta
+    rs = config.rope_scaling
+    if rs is not None:
+        if rs["type"] != "llama3" or rs["low_freq_factor"] != 1.0 or rs["original_max_position_embeddings"] != 8192:
+            raise ValueError(f"Meta's params.json can only express llama3 RoPE scaling with low_freq_factor 1 and an 8192 original context, not {rs}")
+        params.update(use_scaled_rope=True, rope_scaling_factor=rs["factor"], rope_high_freq_factor=rs["high_freq_factor"])
     for multiple_of in (256, 128, 64, 32, 16, 8, 4, 2, 1):
         if swiglu_hidden_size(config.hidden_size, multiple_of) == config.intermediate_size:
             params["multiple_of"] = multiple_of
@@ -669,8 +723,3 @@ def stories260k_hf(download: bool = True) -> Path:
         if not (target / "config.json").is_file():
             convert_llama2c_checkpoint(find_data_file("stories260K/stories260K.bin", download=download), target)
         return target
-
-
-# ============================================================================================
-# Command line
-# ============================================================================================

