@@ -207,8 +207,8 @@ def gptq(
         counts = dict.fromkeys(linears, 0)
 
         def record(name):
-            def hook(module, args, output):
-                x = args[0].detach().reshape(-1, module.in_features).float()  # (tokens, in)
+            def hook(module, module_inputs, output):
+                x = module_inputs[0].detach().reshape(-1, module.in_features).float()  # (tokens, in)
                 hessians[name] += 2 * x.T @ x
                 counts[name] += x.shape[0]
             return hook
