@@ -48,19 +48,30 @@ SHAPES = {
     "tiny": ("stories260k", dict(max_position_embeddings=1024)),
     "15m": ("stories15m", dict(max_position_embeddings=1024)),
     "7b": ("llama2-7b", dict()),
+    # the project's shipped model (data/shakespeare-llama): its shape, random weights, a longer context
+    "shipped": (Path(__file__).resolve().parent.parent / "data" / "shakespeare-llama", dict(max_position_embeddings=1024)),
 }
+
+
+def make_config(shape: str, layers: int | None):
+    """The LlamaConfig of a named shape (a preset, or a model folder's config.json)."""
+    from llama_edu import LlamaConfig
+
+    preset, overrides = SHAPES[shape]
+    if layers:
+        overrides = {**overrides, "num_hidden_layers": layers}
+    if isinstance(preset, Path):
+        return LlamaConfig.from_pretrained(preset, **overrides)
+    return LlamaConfig.from_preset(preset, **overrides)
 
 
 def build_pair(shape: str, device: str, dtype: torch.dtype, layers: int | None):
     """transformers' LlamaForCausalLM and ours with identical random weights, in eval mode."""
     import transformers
 
-    from llama_edu import LlamaConfig, LlamaForCausalLM
+    from llama_edu import LlamaForCausalLM
 
-    preset, overrides = SHAPES[shape]
-    if layers:
-        overrides = {**overrides, "num_hidden_layers": layers}
-    cfg = LlamaConfig.from_preset(preset, **overrides)
+    cfg = make_config(shape, layers)
     hf_kwargs = {k: v for k, v in cfg.to_dict().items() if k != "attn_implementation"}
     hf_cfg = transformers.LlamaConfig(**hf_kwargs)
     hf_cfg._attn_implementation = "sdpa"  # the fastest transformers 4.37 offers; ours uses sdpa too
@@ -158,13 +169,10 @@ def memory_child(which: str, shape: str, batch: int, new_tokens: int, device: st
     """
     import transformers
 
-    from llama_edu import LlamaConfig, LlamaForCausalLM
+    from llama_edu import LlamaForCausalLM
 
     warnings.filterwarnings("ignore")
-    preset, overrides = SHAPES[shape]
-    if layers:
-        overrides = {**overrides, "num_hidden_layers": layers}
-    cfg = LlamaConfig.from_preset(preset, **overrides)
+    cfg = make_config(shape, layers)
     torch.manual_seed(0)
     torch.set_default_dtype(getattr(torch, dtype))
     with torch.device(device):

@@ -13,6 +13,7 @@ between the two libraries with ``load_state_dict(strict=True)``.
 from __future__ import annotations
 
 import warnings
+import weakref
 from typing import Any
 
 import torch
@@ -297,6 +298,13 @@ def _padding_mask(
     return attention_mask
 
 
+#: Up to this size, single-sequence CPU decoding keeps a column-major copy of the LM head (see
+#: :meth:`LlamaForCausalLM.logits`). 64 MiB is a 32k x 512 float32 head (the stories15M shape);
+#: a 7B model's 0.5 GB head is never copied.
+COLUMN_MAJOR_HEAD_MAX_BYTES = 64 * 2**20
+_HEAD_COPIES: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
 class LlamaForCausalLM(LlamaPreTrainedModel):
     """LlamaModel plus the LM head: next-token logits (batch, seq, vocab_size)."""
 
@@ -347,10 +355,7 @@ class LlamaForCausalLM(LlamaPreTrainedModel):
             return_dict=True,
             cache_position=cache_position,
         )
-        hidden_states = outputs.last_hidden_state
-        if logits_to_keep:
-            hidden_states = hidden_states[:, -logits_to_keep:]
-        logits = self.lm_head(hidden_states).float()  # float32 whatever the model dtype, as transformers 4.37
+        logits = self.logits(outputs.last_hidden_state, logits_to_keep)
 
         loss = None
         if labels is not None:
@@ -360,6 +365,49 @@ class LlamaForCausalLM(LlamaPreTrainedModel):
 
         out = CausalLMOutputWithPast(loss, logits, outputs.past_key_values, outputs.hidden_states, outputs.attentions)
         return out if return_dict else out.to_tuple()
+
+    def next_token_logits(
+        self,
+        input_ids: torch.LongTensor,
+        position_ids: torch.LongTensor,
+        cache_position: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        cache: Cache | None = None,
+    ) -> torch.Tensor:
+        """One step of generation: float32 logits (batch, vocab) for the token after
+        ``input_ids`` (batch, q), written to ``cache``. The core's forward (arguments as
+        :meth:`llama_edu.model.LlamaDecoder.forward` takes them) and :meth:`logits` on the last
+        position. It checks nothing: it runs once per decoded token, and ``generate`` checked
+        its inputs once at the entry."""
+        hidden = LlamaDecoder.forward(self.model, input_ids, position_ids, cache_position, attention_mask, cache)[0]
+        return self.logits(hidden[:, -1])
+
+    def logits(self, hidden_states: torch.Tensor, logits_to_keep: int = 0) -> torch.Tensor:
+        """The LM head on final hidden states (..., hidden) -> float32 logits (..., vocab): the
+        one place the head is applied, by :meth:`forward` and :meth:`next_token_logits`.
+        ``logits_to_keep=n`` keeps the last n positions of (batch, seq, hidden) states only.
+
+        A single row on the CPU without gradients (one sequence decoding) goes through a
+        column-major copy of a plain head up to :data:`COLUMN_MAJOR_HEAD_MAX_BYTES`: CPU BLAS
+        runs that matrix-vector product about 2x faster on that layout.
+        """
+        if logits_to_keep:
+            hidden_states = hidden_states[:, -logits_to_keep:]
+        head = self.lm_head
+        w = head.weight if type(head) is nn.Linear else None  # a quantized head has no float weight to copy
+        if (
+            w is not None and not torch.compiler.is_compiling() and hidden_states.shape[:-1].numel() == 1
+            and hidden_states.device.type == "cpu" and not torch.is_grad_enabled()
+            and w.numel() * w.element_size() <= COLUMN_MAJOR_HEAD_MAX_BYTES
+        ):
+            key = (w.data_ptr(), w._version, w.dtype, w.shape)  # rebuilt when the weight changes
+            cached = _HEAD_COPIES.get(head)
+            if cached is None or cached[0] != key:
+                with torch.inference_mode(False):
+                    cached = (key, w.detach().t().contiguous())  # (hidden, vocab)
+                _HEAD_COPIES[head] = cached
+            return F.linear(hidden_states, cached[1].t()).float()
+        return head(hidden_states).float()  # float32 whatever the model dtype, as transformers 4.37
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

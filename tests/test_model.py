@@ -9,6 +9,7 @@ from conftest import SMALL, max_diff
 from llama_edu import (DynamicCache, LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification,
                        StaticCache, repeat_kv)
 from llama_edu.attention import causal_mask
+from llama_edu.modeling import _HEAD_COPIES
 
 
 def _model(**kw):
@@ -185,15 +186,14 @@ def test_beyond_context_warns_once_without_rope_scaling():
 
 
 def test_cpu_decode_head_matches_and_follows_weight_changes():
-    from llama_edu.generation import lm_head
-
     model = _model()
     hidden = torch.randn(1, model.config.hidden_size)
     with torch.no_grad():
         plain = torch.nn.functional.linear(hidden, model.lm_head.weight)
-        assert max_diff(lm_head(model, hidden), plain) <= 1e-5  # one row: the column-major copy
+        assert max_diff(model.logits(hidden), plain) <= 1e-5  # one row: the column-major copy
+        assert model.lm_head in _HEAD_COPIES
         model.lm_head.weight.mul_(2)  # an in-place update must not leave a stale copy
-        assert max_diff(lm_head(model, hidden), 2 * plain) <= 1e-5
-    out = lm_head(model, hidden)  # with gradients: the real weight, so it gets a gradient
+        assert max_diff(model.logits(hidden), 2 * plain) <= 1e-5
+    out = model.logits(hidden)  # with gradients: the real weight, so it gets a gradient
     out.sum().backward()
     assert model.lm_head.weight.grad is not None

@@ -22,6 +22,8 @@ from llama_edu.quantize import (
 )
 from llama_edu.train import TokenDataset, evaluate
 
+from conftest import SMALL
+
 
 # ----------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
@@ -318,6 +320,27 @@ def test_gptq_beats_round_to_nearest_on_held_out_text(shakespeare, calibration, 
     assert fp32_loss < g < rtn, (bits, fp32_loss, g, rtn)
     assert model.config.quantization_config["calibration_tokens"] == calibration.numel()
     assert all(isinstance(m, IntLinear) and m.bits == bits for n, m in model.named_modules() if n.endswith("_proj"))
+
+
+@pytest.mark.parametrize("n_layers", [1, 4])
+def test_gptq_is_one_pass_over_the_depth(n_layers):
+    """The embeddings run once per calibration batch, and each decoder layer twice per batch (with
+    float weights for its Hessians, then quantized for the next layer's inputs; the last layer
+    only once): 2 n - 1 layer forwards per batch, not the n (n + 1) / 2 of a full forward per layer."""
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**{**SMALL, "num_hidden_layers": n_layers})).eval()
+    runs = [0] * n_layers
+    for i, layer in enumerate(model.get_base_model().layers):  # a forward hook: counts completed runs
+        layer.register_forward_hook(lambda module, args, out, i=i: runs.__setitem__(i, runs[i] + 1))
+    embeds = []
+    model.get_input_embeddings().register_forward_hook(lambda module, args, out: embeds.append(out.shape))
+    ids = torch.randint(3, SMALL["vocab_size"], (6, 16), generator=torch.Generator().manual_seed(0))
+    gptq(model, ids, bits=4, group_size=-1, batch_size=2)  # 3 calibration batches
+    batches = 3
+    assert len(embeds) == batches
+    assert runs == [2 * batches] * (n_layers - 1) + [batches]
+    assert sum(runs) == (2 * n_layers - 1) * batches
+    assert all(isinstance(m, IntLinear) for n, m in model.named_modules() if n.endswith("_proj"))
 
 
 # ----------------------------------------------------------------------------- bad input

@@ -12,9 +12,8 @@ from .decode import (
     decode_one_token,
     forward_step,
     generate,
-    lm_head,
     prefill,
 )
 
 __all__ = ["DecodeState", "check_input_ids", "context_limit", "decode_n_tokens", "decode_one_token",
-           "forward_step", "generate", "lm_head", "prefill"]
+           "forward_step", "generate", "prefill"]

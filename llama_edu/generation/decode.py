@@ -4,9 +4,9 @@
     decode_one_token:  one forward pass for the newest token, attending to the cache
     decode_n_tokens:   pick a token from the logits, append it, decode it, until done
 
-Every forward pass is the model's one forward (:class:`llama_edu.model.LlamaDecoder`) plus the
-LM head, called with positions: ``position_ids`` for RoPE, ``cache_position`` for the cache
-slots. ``generate`` checks its inputs once at the entry; the loop itself checks nothing.
+Every forward pass is the model's own decode step,
+:meth:`llama_edu.LlamaForCausalLM.next_token_logits` (the core's one forward plus the LM head),
+called with positions: ``position_ids`` for RoPE, ``cache_position`` for the cache slots. ``generate`` checks its inputs once at the entry; the loop itself checks nothing.
 
 Batches use *left* padding: every row's last prompt token sits in the same column, so one forward
 pass serves all rows. Position ids come from the attention mask (``cumsum - 1``), so padding does
@@ -22,11 +22,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from ..cache import Cache, DynamicCache, StaticCache
-from ..model import LlamaDecoder
 from .sampling import LogitsProcessorList, build_logits_processors, next_tokens
 
 
@@ -106,6 +103,12 @@ def generate(
       CUDA graph. Faster once compiled (seconds, once per model/batch/length), but fused kernels
       round differently, so tokens may differ from eager in near-ties.
     """
+    if not callable(getattr(model, "next_token_logits", None)):  # no LM head: nothing to pick tokens from
+        raise TypeError(
+            f"The current model class ({type(model).__name__}) is not compatible with `.generate()`, as it doesn't "
+            "have a language model head. Please use LlamaForCausalLM instead: LlamaForCausalLM.from_pretrained(path) "
+            "loads the same decoder weights plus the LM head"
+        )
     config = model.config
     device = model.device
     if input_ids is None:
@@ -298,10 +301,10 @@ class DecodeState:
 
 
 def forward_step(model, cache, input_ids, position_ids, cache_position, padding_mask) -> torch.Tensor:
-    """Next-token logits (batch, vocab) after ``input_ids`` (batch, q): the model's one forward
-    and the LM head on the last position. No input checks: ``generate`` did them once."""
-    hidden = LlamaDecoder.forward(model.model, input_ids, position_ids, cache_position, padding_mask, cache)[0]
-    return lm_head(model, hidden[:, -1]).float()
+    """Next-token logits (batch, vocab) after ``input_ids`` (batch, q), from the model's own
+    decode step (:meth:`llama_edu.LlamaForCausalLM.next_token_logits`). No input checks:
+    ``generate`` did them once."""
+    return model.next_token_logits(input_ids, position_ids, cache_position, padding_mask, cache)
 
 
 def prefill(model, state: DecodeState) -> torch.Tensor:
@@ -352,37 +355,8 @@ def decode_n_tokens(
 
 
 # --------------------------------------------------------------------------------------------
-# The LM head, and compile=True
+# compile=True
 # --------------------------------------------------------------------------------------------
-
-#: Up to this size, single-sequence CPU decoding keeps a column-major copy of the LM head:
-#: CPU BLAS runs the matrix-vector product about 2x faster on that layout. 64 MiB is a 32k x 512
-#: float32 head (the stories15M shape); a 7B model's 0.5 GB head is never copied.
-COLUMN_MAJOR_HEAD_MAX_BYTES = 64 * 2**20
-_HEAD_COPIES: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
-
-
-def lm_head(model, hidden: torch.Tensor) -> torch.Tensor:
-    """``model.lm_head(hidden)`` for hidden (batch, hidden_size), through the column-major copy
-    when it pays (CPU, one row, no gradients, a plain head under the size bound)."""
-    head = model.lm_head
-    if type(head) is not nn.Linear:  # e.g. a quantized head (llama_edu.quantize): no float weight to copy
-        return head(hidden)
-    w = head.weight
-    if (
-        hidden.shape[0] == 1 and hidden.device.type == "cpu"
-        and not torch.is_grad_enabled() and w.numel() * w.element_size() <= COLUMN_MAJOR_HEAD_MAX_BYTES
-        and not torch.compiler.is_compiling()
-    ):
-        key = (w.data_ptr(), w._version, w.dtype, w.shape)  # rebuilt when the weight changes
-        cached = _HEAD_COPIES.get(head)
-        if cached is None or cached[0] != key:
-            with torch.inference_mode(False):
-                cached = (key, w.detach().t().contiguous())  # (hidden, vocab)
-            _HEAD_COPIES[head] = cached
-        return F.linear(hidden, cached[1].t())
-    return head(hidden)
-
 
 _COMPILED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 

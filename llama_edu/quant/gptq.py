@@ -15,11 +15,15 @@ blocks of ``block_size`` columns and to the rest of the matrix once per block ("
 updates"), ``percdamp`` x mean(diag H) is added to the diagonal for numerical stability, and
 with ``act_order`` columns with the largest diag(H) go first.
 
-Layers are quantized one decoder layer at a time: the calibration text runs through the model,
-whose earlier layers are already quantized, and forward hooks on the model's own linear layers
-record the inputs X of the current layer. Each layer is stored as
-:class:`llama_edu.quantize.IntLinear` (the same format as int4 RTN), so the two compare at equal
-size.
+Layers are quantized one decoder layer at a time, in one pass over the depth (the paper's
+sequential procedure): the calibration text goes through the model's own forward only up to the
+first decoder layer, whose inputs (hidden states, RoPE angles, mask) are kept. Then, for each
+layer: run it on those inputs with forward hooks on its linear layers, which record the inputs X
+of every projection (all from the layer with its float weights, as the reference code does);
+quantize its projections; run the *quantized* layer on the same inputs, whose outputs are the
+next layer's inputs. Each layer runs twice per calibration batch (the last once), so the cost
+grows linearly with depth. Each layer is stored as :class:`llama_edu.quantize.IntLinear` (the
+same format as int4 RTN), so the two compare at equal size.
 
 This module also holds the ``python -m llama_edu quantize`` command, since it is the one that
 sees every scheme.
@@ -109,8 +113,33 @@ def gptq_quantize_weight(
     return codes, scales.half(), zeros.to(torch.uint8), losses
 
 
-class _StopForward(Exception):
-    """Raised by a hook once the layer being calibrated has run: the rest is not needed."""
+class _LayerInputsCaught(Exception):
+    """Raised by a pre-hook on the first decoder layer once it has its inputs: the rest of the
+    model's forward is not needed."""
+
+
+def _first_layer_inputs(model: nn.Module, first_layer: nn.Module, batches: list[torch.Tensor], device) -> list[tuple]:
+    """The arguments the first decoder layer is called with, as (args, kwargs), one per batch:
+    hidden states (batch, seq, hidden), RoPE's cos and sin, the mask, ... made by the model's own
+    forward (embeddings, rotary table, mask), which is stopped before the layer runs."""
+    caught: list[tuple] = []
+
+    def catch(module, args, kwargs):
+        caught.append((args, kwargs))
+        raise _LayerInputsCaught
+
+    handle = first_layer.register_forward_pre_hook(catch, with_kwargs=True)
+    try:
+        for batch in batches:
+            try:
+                model(input_ids=batch.to(device), use_cache=False)
+            except _LayerInputsCaught:
+                pass
+    finally:
+        handle.remove()
+    if len(caught) != len(batches):
+        raise RuntimeError(f"the model's forward ran its first decoder layer {len(caught)} times for {len(batches)} batches")
+    return caught
 
 
 def _batches(calibration_ids: Any, batch_size: int) -> list[torch.Tensor]:
@@ -165,29 +194,23 @@ def gptq(
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
+    inputs = _first_layer_inputs(model, layers[0], batches, device)  # per batch: the layer's arguments
     for li, layer in enumerate(layers):
         linears = {name: m for name, m in layer.named_modules() if isinstance(m, nn.Linear)}
         hessians = {name: torch.zeros(m.in_features, m.in_features, device=device) for name, m in linears.items()}
         counts = dict.fromkeys(linears, 0)
 
         def record(name):
-            def hook(module, inputs, output):
-                x = inputs[0].detach().reshape(-1, module.in_features).float()  # (tokens, in)
+            def hook(module, module_inputs, output):
+                x = module_inputs[0].detach().reshape(-1, module.in_features).float()  # (tokens, in)
                 hessians[name] += 2 * x.T @ x
                 counts[name] += x.shape[0]
             return hook
 
-        def stop(module, inputs, output):
-            raise _StopForward
-
         handles = [m.register_forward_hook(record(name)) for name, m in linears.items()]
-        handles.append(layer.register_forward_hook(stop))
         try:
-            for batch in batches:
-                try:
-                    model(input_ids=batch.to(device), use_cache=False)
-                except _StopForward:
-                    pass
+            for args, kwargs in inputs:  # the float layer: its projections' inputs X
+                layer(*args, **kwargs)
         finally:
             for h in handles:
                 h.remove()
@@ -196,6 +219,8 @@ def gptq(
             codes, scales, zeros, _ = gptq_quantize_weight(m.weight.to(device), H, bits, group_size, block_size, percdamp, act_order)
             set_submodule(layer, name, IntLinear.from_codes(codes, scales, zeros, bits, m.bias).to(device))
             names.append(full_name[id(m)])
+        if li + 1 < len(layers):  # the quantized layer's outputs are the next layer's inputs
+            inputs = [((layer(*args, **kwargs)[0], *args[1:]), kwargs) for args, kwargs in inputs]
     if was_training:
         model.train()
     n_tokens = sum(b.numel() for b in batches)

@@ -229,7 +229,7 @@ def apply_tensor_parallel(model: LlamaForCausalLM, tp_mesh: Any) -> LlamaForCaus
         "mlp.gate_proj": ColwiseParallel(), "mlp.up_proj": ColwiseParallel(),
         "mlp.down_proj": RowwiseParallel(),
     }
-    for layer in model.model.layers:
+    for layer in model.get_base_model().layers:
         # LlamaAttention takes its head counts from the projections' outputs, so the same code
         # runs on this rank's share of the heads.
         parallelize_module(layer, tp_mesh, plan)
@@ -242,7 +242,7 @@ def apply_fsdp(model: LlamaForCausalLM, dp_mesh: Any) -> LlamaForCausalLM:
     which owns what is left (embeddings, final norm, LM head)."""
     from torch.distributed.fsdp import fully_shard
 
-    for layer in model.model.layers:
+    for layer in model.get_base_model().layers:
         fully_shard(layer, mesh=dp_mesh)
     fully_shard(model, mesh=dp_mesh)
     return model

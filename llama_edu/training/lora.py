@@ -293,7 +293,7 @@ class LoraConfig:
 
 
 def _task_type(model: nn.Module) -> str | None:
-    if isinstance(getattr(model, "lm_head", None), nn.Module):
+    if callable(getattr(model, "next_token_logits", None)):  # has an LM head (LlamaForCausalLM)
         return "CAUSAL_LM"
     if isinstance(getattr(model, "score", None), nn.Module):
         return "SEQ_CLS"

@@ -48,7 +48,7 @@ def _greedy_first_position(model, ids, n):
 def _tokens_through(model, fn, args) -> int:
     """How many token positions went through the model while ``fn(*args)`` ran."""
     seen = []
-    hook = model.model.embed_tokens.register_forward_hook(lambda mod, inp, out: seen.append(inp[0].shape[-1]))
+    hook = model.get_input_embeddings().register_forward_hook(lambda mod, inp, out: seen.append(inp[0].shape[-1]))
     try:
         fn(*_clone(args))
     finally:
