@@ -47,7 +47,14 @@ SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 WEIGHTS_NAME = "pytorch_model.bin"
 WEIGHTS_INDEX_NAME = "pytorch_model.bin.index.json"
 #: What we look for, in transformers' order of preference.
-WEIGHT_FILES = (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_NAME, WEIGHTS_INDEX_NAME)
+#: A quantized model's weights (int8 codes, scales) go under another name: transformers finds no
+#: weights in such a folder and refuses it, instead of building the model from its config with
+#: random weights (it does not know our quantization_config). Folders saved before the rename,
+#: with the plain names, still load here.
+QUANTIZED_WEIGHTS_NAME = "quantized_model.safetensors"
+QUANTIZED_WEIGHTS_INDEX_NAME = "quantized_model.safetensors.index.json"
+WEIGHT_FILES = (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_NAME, WEIGHTS_INDEX_NAME,
+                QUANTIZED_WEIGHTS_NAME, QUANTIZED_WEIGHTS_INDEX_NAME)
 
 #: Weights that belong to a task head rather than to the shared LlamaModel body.
 HEAD_KEYS = ("lm_head.weight", "score.weight")
@@ -546,7 +553,7 @@ def _write_json(obj: Any, path: Path) -> None:
 #: Names of the files a checkpoint save replaces (any shard layout, either format); everything
 #: else in the folder (a README, generation_config.json, tokenizer files, notes) is kept.
 CHECKPOINT_FILE = re.compile(
-    r"^(config\.json|(model(-\d{5}-of-\d{5})?\.safetensors|pytorch_model(-\d{5}-of-\d{5})?\.bin)(\.index\.json)?)$"
+    r"^(config\.json|((quantized_)?model(-\d{5}-of-\d{5})?\.safetensors|pytorch_model(-\d{5}-of-\d{5})?\.bin)(\.index\.json)?)$"
 )
 
 
@@ -577,6 +584,10 @@ def write_checkpoint(
     """
     limit = parse_size(max_shard_size)
     out = Path(save_directory)
+    quantized = isinstance(config, dict) and config.get("quantization_config") is not None
+    if quantized and not safe_serialization:
+        raise ValueError("a quantized model is saved as safetensors only (quantized_model.safetensors); "
+                         "drop safe_serialization=False")
     extra_names = set(extra_files or {})
     for name in extra_names:
         if Path(name).name != name or name in (".", ".."):
@@ -622,7 +633,7 @@ def write_checkpoint(
             flush()
         current = {}
 
-        single = SAFE_WEIGHTS_NAME if safe_serialization else WEIGHTS_NAME
+        single = QUANTIZED_WEIGHTS_NAME if quantized else SAFE_WEIGHTS_NAME if safe_serialization else WEIGHTS_NAME
         stem, ext = single.rsplit(".", 1)
         n = len(shards)
         final_names = [single] if n == 1 else [f"{stem}-{i + 1:05d}-of-{n:05d}.{ext}" for i in range(n)]
@@ -634,7 +645,7 @@ def write_checkpoint(
                 "metadata": {"total_size": total_size},
                 "weight_map": {k: name for keys, name in zip(shards, final_names) for k in keys},
             }
-            index_name = SAFE_WEIGHTS_INDEX_NAME if safe_serialization else WEIGHTS_INDEX_NAME
+            index_name = f"{single}.index.json"
             _write_json(index, staging / index_name)
             written.append(index_name)
         for name, content in (extra_files or {}).items():
