@@ -135,14 +135,26 @@ def test_meta_checkpoint_converts_to_identical_logits(tmp_path, n_kv, shards):
     assert (logits(theirs) - expected).abs().max() == 0.0
 
 
-def test_conversion_without_permutation_is_wrong(tmp_path, monkeypatch):
-    """The negative control: skip the q/k permutation and the logits change."""
+def test_conversion_without_permutation_is_wrong_and_refused(tmp_path, monkeypatch):
+    """The negative control: skip the q/k permutation and the logits change; the check against
+    Meta's reference forward, run before anything is written, refuses the conversion."""
     model = small_model()
-    write_meta_checkpoint(model, tmp_path / "meta")
+    write_meta_checkpoint(model, tmp_path / "meta", num_shards=2)
+    shards = [convert.load_torch_state_dict(f) for f in sorted((tmp_path / "meta").glob("consolidated.*.pth"))]
+    params = json.loads((tmp_path / "meta" / "params.json").read_text())
+    assert convert.check_against_reference(shards, params, model.config) < 1e-6
     monkeypatch.setattr(convert, "permute_qk", lambda w, n: w)
-    convert_meta_checkpoint(tmp_path / "meta", tmp_path / "hf", dtype=torch.float32)
-    wrong = llama_edu.LlamaForCausalLM.from_pretrained(tmp_path / "hf", progress=False)
-    assert (logits(wrong) - logits(model)).abs().max() > 1e-3
+    with pytest.raises(ValueError, match=r"differ from Meta's reference forward by .*nothing was written"):
+        convert_meta_checkpoint(tmp_path / "meta", tmp_path / "hf", dtype=torch.float32)
+    assert not (tmp_path / "hf").exists()
+
+
+def test_a_release_shape_with_another_head_count_is_refused(tmp_path):
+    """A wrong head count that still divides the shapes gives a working, different model: the
+    weights alone cannot tell. For the shapes of Meta's releases the head count is known."""
+    params = {"dim": 4096, "n_layers": 32, "n_heads": 16, "n_kv_heads": 16}
+    with pytest.raises(ValueError, match=r"n_heads=16, but every Meta release with dim=4096 and 32 layers has n_heads=32"):
+        convert.check_against_reference([{}], params, None)
 
 
 def test_meta_conversion_output_files(tmp_path):
