@@ -38,6 +38,7 @@ from .training import dpo, sft, train
 from .generation.chat import chat_loop, load_model_and_tokenizer
 from .generation.decode import context_limit, generate
 from .generation.streaming import TextStreamer
+from .text.encoding import check_text
 
 
 DEBUG_ENV = "LLAMA_EDU_DEBUG"
@@ -172,6 +173,7 @@ def _sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 def _cmd_generate(args: argparse.Namespace) -> int:
     if args.max_new_tokens <= 0:
         raise ValueError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
+    check_text(args.prompt, "--prompt")
     model, tokenizer = load_model_and_tokenizer(args.model, args.device, args.dtype)
     ids = tokenizer.encode(args.prompt)
     room = context_limit(model.config) - len(ids)

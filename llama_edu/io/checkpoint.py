@@ -129,6 +129,16 @@ def parse_device(device: str | torch.device | int | None, default: str = "cpu") 
         raise ValueError("device 'meta' holds no weights; use 'cpu', 'cuda' or 'auto'")
     if parsed.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} asks for CUDA but no CUDA GPU is available here; use 'cpu' or 'auto'")
+    if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
+        n = torch.cuda.device_count()
+        raise ValueError(f"device {device!r}: this machine has {n} CUDA device(s); use cuda:0 .. cuda:{n - 1} or 'auto'")
+    if parsed.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        why = "this PyTorch build has no MPS support" if not torch.backends.mps.is_built() else "no Apple GPU is available"
+        raise ValueError(f"device {device!r}: {why}; use 'cpu' or 'auto'")
+    if parsed.type not in ("cpu", "cuda", "mps"):
+        backend = getattr(torch, parsed.type, None)  # torch.xpu, ...: each has is_available()
+        if not (callable(getattr(backend, "is_available", None)) and backend.is_available()):
+            raise ValueError(f"device {device!r}: this PyTorch build or machine has no {parsed.type} device; use 'cpu' or 'auto'")
     return parsed
 
 

@@ -40,7 +40,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 
-from .atomic_save import replace_folder_files
+from .atomic_save import check_output_folder, replace_folder_files
 from .checkpoint import _skip_init, dtype_name, load_torch_state_dict, parse_dtype, write_checkpoint
 from ..config import TRANSFORMERS_VERSION, LlamaConfig
 from .files import cache_dir, find_data_file, read_json_object
@@ -434,6 +434,7 @@ def convert_meta_checkpoint(
     only cross-checks it. ``dtype`` is the output dtype (default float16, as the reference).
     """
     input_dir = Path(input_dir)
+    check_output_folder(output_dir, [input_dir, tokenizer_path], overwrite=True)
     params, files = _read_meta_dir(input_dir)
     num_shards = len(files)
     if model_size is not None:
@@ -719,6 +720,7 @@ def convert_llama2c_checkpoint(
     """Convert a llama2.c ``model.bin`` into an HF-layout folder (float32 by default: the file
     is float32). ``tokenizer_path`` optionally adds a SentencePiece ``tokenizer.model``
     (llama2.c's own ``tokenizer.bin`` is a different format and is not converted)."""
+    check_output_folder(output_dir, [path, tokenizer_path], overwrite=True)
     config, sd = read_llama2c(path)
     out_dtype = parse_dtype(dtype)
     if out_dtype == "auto":
@@ -757,6 +759,7 @@ def stories260k_hf(download: bool = True) -> Path:
 
 
 def _cmd_convert_meta(args: argparse.Namespace) -> int:
+    check_output_folder(args.output_dir, [args.input_dir, args.tokenizer_path], overwrite=args.overwrite, what="--output-dir")
     config = convert_meta_checkpoint(
         args.input_dir, args.output_dir, model_size=args.model_size, dtype=args.dtype,
         max_shard_size=args.max_shard_size, max_position_embeddings=args.max_position_embeddings,
@@ -768,6 +771,7 @@ def _cmd_convert_meta(args: argparse.Namespace) -> int:
 
 
 def _cmd_convert_llama2c(args: argparse.Namespace) -> int:
+    check_output_folder(args.output_dir, [args.input, args.tokenizer_path], overwrite=args.overwrite, what="--output-dir")
     config = convert_llama2c_checkpoint(args.input, args.output_dir, dtype=args.dtype,
                                         max_shard_size=args.max_shard_size, tokenizer_path=args.tokenizer_path)
     print(f"wrote {args.output_dir}: {config.num_hidden_layers} layers, hidden {config.hidden_size}, "
@@ -786,6 +790,7 @@ def add_cli_commands(subparsers: Any) -> None:
     p.add_argument("--max-position-embeddings", "--max_position_embeddings", dest="max_position_embeddings", type=int, default=None,
                    help="context length to write (default: 4096 for Llama 2, 2048 for Llama 1, 16384 for Code Llama)")
     p.add_argument("--tokenizer-path", "--tokenizer_path", dest="tokenizer_path", default=None, help="tokenizer.model (default: in or above input_dir)")
+    p.add_argument("--overwrite", action="store_true", help="replace what --output-dir holds (by default a non-empty one is refused)")
     p.set_defaults(func=_cmd_convert_meta)
 
     p = subparsers.add_parser("convert-llama2c", help="llama2.c model.bin -> Hugging Face layout")
@@ -794,4 +799,5 @@ def add_cli_commands(subparsers: Any) -> None:
     p.add_argument("--dtype", default="float32", choices=["float16", "bfloat16", "float32"], help="output dtype")
     p.add_argument("--max-shard-size", "--max_shard_size", dest="max_shard_size", default="5GB", help="e.g. 5GB, 500MB")
     p.add_argument("--tokenizer-path", "--tokenizer_path", dest="tokenizer_path", default=None, help="a SentencePiece tokenizer.model to include")
+    p.add_argument("--overwrite", action="store_true", help="replace what --output-dir holds (by default a non-empty one is refused)")
     p.set_defaults(func=_cmd_convert_llama2c)

@@ -4,6 +4,7 @@ padding, truncation and tensors, decoding, saving and loading (see :mod:`llama_e
 from __future__ import annotations
 
 import json
+import numbers
 import os
 import re
 import warnings
@@ -16,7 +17,7 @@ from ..io.atomic_save import replace_folder_files
 from .bpe import SPIECE_UNDERLINE
 from ..io.files import atomic_write_bytes, looks_like_repo_id, read_json_object, resolve_file
 from .chat_template import ChatTemplateMixin
-from .encoding import BatchEncoding, _to_tensors
+from .encoding import BatchEncoding, _to_tensors, check_text
 
 
 _RESAVE = "re-save the tokenizer or delete that file"
@@ -355,6 +356,25 @@ class LlamaTokenizerBase(ChatTemplateMixin):
             return index
         return [self.convert_tokens_to_ids(t) for t in tokens]  # type: ignore[misc]
 
+    @staticmethod
+    def _as_ids(ids: Any, what: str = "decode") -> list[int]:
+        """A sequence of token ids as Python ints; a float (``3.7``), a bool, a string or a
+        floating-point tensor is refused rather than truncated (``int(3.7)`` would decode id 3)."""
+        if isinstance(ids, torch.Tensor):
+            if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+                raise ValueError(f"{what} takes integer token ids, got a {ids.dtype} tensor; pass a torch.long tensor "
+                                 "(e.g. the argmax of the logits, not the logits or probabilities)")
+            ids = ids.tolist()
+        if isinstance(ids, (str, bytes)):
+            raise ValueError(f"{what} takes token ids, got the text {ids!r}; encode text with tokenizer(text) or tokenizer.encode")
+        out = []
+        for i in ids if isinstance(ids, Iterable) else [ids]:
+            if isinstance(i, bool) or not isinstance(i, numbers.Integral):
+                raise ValueError(f"{what} takes integer token ids, got {i!r} ({type(i).__name__}); "
+                                 "a float id is not rounded or truncated: pass ints (e.g. ids.long().tolist())")
+            out.append(int(i))
+        return out
+
     def _check_ids(self, ids: list[int]) -> None:
         n = len(self)
         for i in ids:
@@ -366,12 +386,13 @@ class LlamaTokenizerBase(ChatTemplateMixin):
 
     def convert_ids_to_tokens(self, ids: int | Iterable[int], skip_special_tokens: bool = False) -> str | list[str]:
         """Id(s) -> token(s) (pieces such as '▁Hello' or '<0x0A>')."""
-        if isinstance(ids, torch.Tensor):
-            ids = ids.tolist()
-        if isinstance(ids, int):
+        if isinstance(ids, torch.Tensor) and ids.dim() == 0 and not ids.is_floating_point():
+            ids = ids.item()
+        if isinstance(ids, numbers.Integral) and not isinstance(ids, bool):
+            ids = int(ids)
             self._check_ids([ids])
             return self._added_tokens_decoder.get(ids) or self._id_to_piece(ids)
-        ids = [int(i) for i in ids]
+        ids = self._as_ids(ids, "convert_ids_to_tokens")
         self._check_ids(ids)
         special = set(self.all_special_ids) if skip_special_tokens else set()
         return [self._added_tokens_decoder.get(i) or self._id_to_piece(i) for i in ids if i not in special]
@@ -442,6 +463,7 @@ class LlamaTokenizerBase(ChatTemplateMixin):
         _no_kwargs("tokenize", kwargs)
         if not isinstance(text, str):
             raise TypeError(f"tokenize takes a string, got {type(text).__name__}")
+        check_text(text)
         split = self.split_special_tokens if split_special_tokens is None else split_special_tokens
         return self.convert_ids_to_tokens(self._encode_texts([text], split)[0])  # type: ignore[return-value]
 
@@ -689,13 +711,9 @@ class LlamaTokenizerBase(ChatTemplateMixin):
         """Ids -> text. The space sentencepiece put in front of the first word is removed."""
         kwargs.pop("spaces_between_special_tokens", None)  # accepted; no effect without non-special added tokens
         _no_kwargs("decode", kwargs)
-        if isinstance(token_ids, torch.Tensor):
-            if token_ids.dim() > 1:
-                raise ValueError(f"decode takes one sequence, got a tensor of shape {tuple(token_ids.shape)}; use batch_decode")
-            token_ids = token_ids.tolist()
-        if isinstance(token_ids, int):
-            token_ids = [token_ids]
-        ids = [int(i) for i in token_ids]  # type: ignore[union-attr]
+        if isinstance(token_ids, torch.Tensor) and token_ids.dim() > 1:
+            raise ValueError(f"decode takes one sequence, got a tensor of shape {tuple(token_ids.shape)}; use batch_decode")
+        ids = self._as_ids(token_ids)
         self._check_ids(ids)
         text = self._decode_ids(ids, skip_special_tokens)
         clean = self.clean_up_tokenization_spaces if clean_up_tokenization_spaces is None else clean_up_tokenization_spaces
@@ -704,6 +722,8 @@ class LlamaTokenizerBase(ChatTemplateMixin):
     def batch_decode(self, sequences: Sequence[Sequence[int]] | torch.Tensor, **kwargs: Any) -> list[str]:
         """Decode each sequence of a batch (a list of lists or a (batch, seq) tensor)."""
         if isinstance(sequences, torch.Tensor):
+            if sequences.is_floating_point():
+                raise ValueError(f"batch_decode takes integer token ids, got a {sequences.dtype} tensor; pass a torch.long tensor")
             sequences = sequences.tolist()
         return [self.decode(s, **kwargs) for s in sequences]
 
@@ -863,9 +883,9 @@ def _no_kwargs(where: str, kwargs: dict) -> None:
 
 def _as_text_list(text: Any, name: str) -> list[str]:
     if isinstance(text, str):
-        return [text]
+        return [check_text(text, name)]
     if isinstance(text, (list, tuple)) and all(isinstance(t, str) for t in text):
-        return list(text)
+        return [check_text(t, f"{name}[{i}]") for i, t in enumerate(text)]
     raise TypeError(f"{name} must be a string or a list of strings, got {type(text).__name__}")
 
 

@@ -54,3 +54,17 @@ def _to_tensors(enc: BatchEncoding, return_tensors: str | None, prepend_batch_ax
             t = t.reshape(0, 0)
         out[k] = t if return_tensors == "pt" else t.numpy()
     return out
+
+
+def check_text(text: str, what: str = "the text") -> str:
+    """``text``, or a ValueError when it holds lone surrogates: bytes that were not valid UTF-8,
+    kept by Python's ``surrogateescape`` (a command-line argument, a terminal's input). The
+    tokenizers cannot encode them (sentencepiece fails deep inside with a cryptic error)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        bad = text[e.start]
+        byte = f"byte 0x{ord(bad) - 0xDC00:02x}" if 0xDC80 <= ord(bad) <= 0xDCFF else f"lone surrogate {bad!r}"
+        raise ValueError(f"{what} is not valid UTF-8 ({byte} at character {e.start}): pass UTF-8 text "
+                         "(check the terminal's or the file's encoding)") from None
+    return text

@@ -93,8 +93,8 @@ def lora_forward(
 def _check_rank_alpha(r: Any, lora_alpha: Any) -> None:
     if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
         raise ValueError(f"LoRA rank r must be a positive integer (e.g. 8), got {r!r}")
-    if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, (int, float)) or not lora_alpha > 0:
-        raise ValueError(f"lora_alpha must be a positive number (e.g. 16, often 2 * r), got {lora_alpha!r}")
+    if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, (int, float)) or not 0 < lora_alpha < math.inf:
+        raise ValueError(f"lora_alpha must be a positive finite number (e.g. 16, often 2 * r), got {lora_alpha!r}")
 
 
 class LoraLinear(nn.Module):
@@ -506,9 +506,17 @@ def _copy_adapter_weights(model: nn.Module, saved: dict[str, torch.Tensor], dire
             f"unexpected keys {unexpected[:4]}{'...' if len(unexpected) > 4 else ''}"
         )
     params = dict(model.named_parameters())
+    for key, value in saved.items():  # every tensor is checked before the first is copied
+        p = params[key[len(PEFT_KEY_PREFIX):]]
+        if p.shape != value.shape:
+            raise ValueError(f"{key}: saved shape {tuple(value.shape)} does not match the model's {tuple(p.shape)}")
+        if not value.is_floating_point():
+            raise ValueError(f"{key} in {directory} holds {value.dtype} values, not floating point: the adapter is corrupt")
+        if not torch.isfinite(value).all():
+            bad = (~torch.isfinite(value)).sum().item()
+            raise ValueError(f"{key} in {directory} holds {bad} NaN or infinite value(s): the adapter is corrupt "
+                             "(a diverged training run?); retrain it or load an earlier checkpoint")
     with torch.no_grad():
         for key, value in saved.items():
             p = params[key[len(PEFT_KEY_PREFIX):]]
-            if p.shape != value.shape:
-                raise ValueError(f"{key}: saved shape {tuple(value.shape)} does not match the model's {tuple(p.shape)}")
             p.copy_(value.to(p.dtype))
