@@ -272,9 +272,37 @@ def replace_folder_files(
                 _swap_in(staging, target, owned)
             else:
                 _replace_in_place(staging, target, owned, last)
-        except BaseException:
+        except BaseException as e:
+            why = write_failure(staging, target, e) if isinstance(e, Exception) and not isinstance(e, OSError) else None
             _remove(staging)
+            if why is not None:
+                raise why from e
             raise
+
+
+def write_failure(staging: Path, target: Path, error: Exception) -> OSError | None:
+    """The OSError behind a writer's failure, when the disk is full or a file hit the size limit
+    (``ulimit -f``, RLIMIT_FSIZE): torch.save and safetensors report those as a RuntimeError
+    ("unexpected pos", "file write failed") or a SafetensorError, without the errno. None when
+    neither explains it."""
+    try:
+        import resource
+
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    except (ImportError, OSError, ValueError):
+        limit = -1
+    if limit not in (-1, getattr(resource, "RLIM_INFINITY", -1)):  # a writer stops short of the limit: not ==
+        sizes = [(f.stat().st_size, f.name) for f in staging.rglob("*") if f.is_file()] if staging.is_dir() else []
+        name = max(sizes, default=(0, ""))[1]
+        return OSError(errno.EFBIG, f"File too large (files may hold at most {limit} bytes here, ulimit -f; "
+                       f"{type(error).__name__}: {error})", str(target / name))
+    try:
+        free = shutil.disk_usage(staging if staging.exists() else target.parent).free
+    except OSError:
+        return None
+    if free < 1 << 20:
+        return OSError(errno.ENOSPC, f"No space left on device ({type(error).__name__}: {error})", str(target))
+    return None
 
 
 def recover_folder(target: str | os.PathLike) -> None:

@@ -253,6 +253,10 @@ class _WeightFile:
             return _SAFETENSORS_DTYPES.get(self._handle.get_slice(key).get_dtype())
         return self._handle[key].dtype
 
+    def dtype_name(self, key: str) -> str:
+        """The stored dtype as the file names it ("I8", "F16", ... or "torch.int8")."""
+        return self._handle.get_slice(key).get_dtype() if self.is_safetensors else str(self._handle[key].dtype)
+
     def mapped(self, key: str) -> torch.Tensor | None:
         """The tensor ``key`` as a view of the memory-mapped file, or None where that cannot be
         (a pickle file, an unusual dtype, data not aligned to its element size)."""
@@ -446,7 +450,8 @@ def load_pretrained(
     qconfig = getattr(config, "quantization_config", None)  # a checkpoint written by llama_edu.quantize
     keep_dtype = prepare_quantized_model(model, qconfig, path_or_repo) if qconfig is not None else set()
     prefix = getattr(cls, "base_model_prefix", "model") + "."
-    expected = {k: tuple(v.shape) for k, v in model.state_dict(keep_vars=True).items()}
+    model_sd = model.state_dict(keep_vars=True)
+    expected = {k: tuple(v.shape) for k, v in model_sd.items()}
     tied = bool(config.tie_word_embeddings) and model.get_output_embeddings() is not None
     if tied:
         expected.pop("lm_head.weight", None)  # comes from embed_tokens after re-tying
@@ -482,6 +487,17 @@ def load_pretrained(
             if hint:
                 lines.append(hint)
         raise ValueError("\n".join(lines))
+    not_float = [(k, where[found[k]]) for k in expected if k in found and model_sd[k].is_floating_point()]
+    not_float = [(k, wf) for k, wf in not_float if not (wf.dtype(found[k]) or torch.int8).is_floating_point]
+    if not_float:
+        k, wf = not_float[0]
+        name = wf.dtype_name(found[k])
+        hint = (" It looks quantized, but config.json has no quantization_config: a model quantized by llama_edu "
+                "loads with the config.json saved beside it") if name.lower().replace("torch.", "") in ("i8", "u8", "int8", "uint8") else ""
+        raise ValueError(
+            f"the weights in {path_or_repo} hold {len(not_float)} tensor(s) that are not floating point, e.g. {k} "
+            f"is stored as {name}; a weight must be float32, float16 or bfloat16.{hint}"
+        )
     if head_unused:
         warnings.warn(
             f"Some weights of the checkpoint at {path_or_repo} were not used when initializing {cls.__name__}: "

@@ -196,6 +196,26 @@ def find_data_file(name: str, path: str | os.PathLike | None = None, download: b
     )
 
 
+def find_input_file(path: str | os.PathLike, what: str = "file") -> Path:
+    """A file a user named on the command line: the path itself when it exists; otherwise a
+    name of the shared data (``tinyshakespeare.txt``, ``stories260K/stories260K.bin``) is found
+    as the notebooks find it (:func:`find_data_file`: ``$LLAMA_EDU_DATA``, ``../shared/data``,
+    the cache, a verified download). Anything else: a FileNotFoundError naming ``what``."""
+    p = Path(path).expanduser()
+    if p.exists():
+        return p
+    name = os.fspath(path)
+    if name in KNOWN_FILES or (not p.is_absolute() and len(p.parts) == 1):
+        try:
+            return find_data_file(name)
+        except DataFileNotFound as e:
+            if name in KNOWN_FILES:
+                raise
+            raise FileNotFoundError(f"{what} {name} not found: it is neither a path from here ({Path.cwd()}) nor in "
+                                    f"the shared data folders ($LLAMA_EDU_DATA, ../shared/data, {cache_dir()})") from e
+    raise FileNotFoundError(f"{what} {name} not found; check the path")
+
+
 # --------------------------------------------------------------------------------------------
 # Checkpoint files: a local folder or a hub repo id
 # --------------------------------------------------------------------------------------------
