@@ -81,6 +81,18 @@ elif point == "between-renames":  # no RENAME_EXCHANGE: killed between the two r
         if "-old-" in os.fspath(dst):
             pause()
     os.rename = rename
+elif point == "first-publish":  # the first step that changes the target folder itself has happened
+    published = []
+    def after_first(real):
+        def wrapped(*args):
+            result = real(*args)
+            if not published:
+                published.append(1)
+                pause()
+            return result
+        return wrapped
+    os.replace = after_first(os.replace)  # renames into the folder, one by one (an in-place save)
+    atomic_save._exchange = after_first(atomic_save._exchange)  # the swap of the whole folder
 elif point == "wait-go":  # concurrent saves start together
     while not os.path.exists(a["go"]):
         time.sleep(0.005)
@@ -123,11 +135,14 @@ def temporaries(folder: Path) -> list[str]:
     return [n for n in beside + inside if not n.endswith("lock")]
 
 
-def start_child(tmp_path: Path, target: Path, seed: int, shard: str, point: str, **extra) -> tuple[subprocess.Popen, Path]:
+def start_child(tmp_path: Path, target: Path | str, seed: int, shard: str, point: str, cwd: Path | None = None,
+                **extra) -> tuple[subprocess.Popen, Path]:
+    """A child that saves the model of ``seed`` to ``target`` (a path as the user typed it,
+    relative to ``cwd``) and pauses at ``point``."""
     ready = tmp_path / f"ready-{seed}-{point}-{time.monotonic_ns()}"
     args = dict(seed=seed, config=TINY, target=str(target), shard=shard, point=point, ready=str(ready), **extra)
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-c", CHILD, json.dumps(args)], env=env,
+    proc = subprocess.Popen([sys.executable, "-c", CHILD, json.dumps(args)], env=env, cwd=cwd,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     return proc, ready
 
@@ -198,6 +213,40 @@ def test_killed_save_leaves_old_or_new_whole(tmp_path, models, point, sig, old_s
     assert temporaries(target) == []
     assert torch.equal(loaded_logits(target), logits(third))
     assert sorted(os.listdir(target)) == ["README.md", "config.json", "model.safetensors"]
+
+
+# The path forms a user types: (working directory relative to tmp_path, the target as typed).
+PATH_FORMS = {
+    "dot": ("ckpt", "."),
+    "relative": (".", "ckpt"),
+    "trailing-slash": (".", "./ckpt/"),
+    "symlink": (".", "link"),
+    "dotdot": ("ckpt/sub", ".."),
+}
+RELATIVE_KILLS = [("dot", p) for p in ("shard0-mid", "shard1-done", "before-swap")] + [
+    (form, "first-publish") for form in PATH_FORMS]
+
+
+@pytest.mark.parametrize("form,point", RELATIVE_KILLS, ids=[f"{f}-{p}" for f, p in RELATIVE_KILLS])
+def test_kill_9_during_a_save_to_a_relative_path_leaves_old_or_new_whole(tmp_path, models, form, point):
+    """kill -9 of `save_pretrained(".")` (and other relative forms) left a folder without
+    config.json: saves into the working directory renamed files in place, config.json first
+    removed ("first-publish": killed right after the first file moved in). Now every form
+    swaps the folder: after the kill it loads the old model or the new one, whole."""
+    old, _, old_logits, new_logits = models
+    target = tmp_path / "ckpt"
+    old.save_pretrained(target, max_shard_size=SHARDED)
+    (target / "sub").mkdir()
+    (tmp_path / "link").symlink_to("ckpt")
+    cwd, typed = PATH_FORMS[form]
+    proc, ready = start_child(tmp_path, typed, seed=2, shard=SHARDED, point=point, cwd=tmp_path / cwd)
+    wait_for(ready, proc, point)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert which(target, old_logits, new_logits) == ("new" if point == "first-publish" else "old")
+    assert (tmp_path / "link").is_symlink() and (target / "sub").is_dir()
+    models[1].save_pretrained(target, max_shard_size=SINGLE)  # the next save cleans up after the killed one
+    assert which(target, old_logits, new_logits) == "new" and temporaries(target) == []
 
 
 def test_only_this_targets_stale_temporaries_are_removed(tmp_path, models):
@@ -288,8 +337,8 @@ def test_save_keeps_user_files_and_replaces_checkpoint_files(tmp_path, models):
 
 
 def test_saving_into_the_working_directory_keeps_it_usable(tmp_path, models, monkeypatch):
-    """Swapping the folder a process works in would strand it in the deleted old copy: saves
-    into the working directory (or a folder holding it) rename files in place instead."""
+    """A save into the folder this process works in (or one holding it) swaps it like any other
+    and moves the process into the new folder, at the same place."""
     old, new, old_logits, new_logits = models
     target = tmp_path / "ckpt"
     old.save_pretrained(target, max_shard_size=SHARDED)
