@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -53,7 +54,8 @@ def run_pytest(args: list[str], env: dict[str, str], cwd: Path, timeout: float) 
         name = f"{case.get('classname')}::{case.get('name')}"
         kind = next((k for k in ("failure", "error", "skipped") if case.find(k) is not None), None)
         node = case.find(kind) if kind else None
-        message = (node.get("message") or node.text or "") if node is not None else ""
+        message = "\n".join(filter(None, [node.get("message"), node.text])) if node is not None else ""
+        message = re.sub(r"(\x1b|#x1B)\[[0-9;]*m", "", message)
         outcomes[{"failure": "failed", None: "passed"}.get(kind, kind)].append((name, message))
     report.unlink()
     return outcomes
@@ -65,7 +67,13 @@ def second_way(notebooks: list[Path], cwd: Path = REPO, timeout: float = 1800) -
 
 
 def _failures(outcomes) -> str:
-    return "\n".join(f"{name}: {message.splitlines()[0] if message else ''}" for name, message in outcomes["failed"] + outcomes["error"])
+    """Each failing cell, with the lines of nbval's report that say how its output differed."""
+    out = []
+    for name, message in outcomes["failed"] + outcomes["error"]:
+        lines = [line for line in message.splitlines() if line.strip()]
+        diff = [line for line in lines if line.lstrip().startswith(("+", "-", "Expected", "Actual", "E "))]
+        out.append(f"{name}: " + "\n    ".join((lines[:1] + diff)[:12]))
+    return "\n".join(out)
 
 
 # ---------------------------------------------------------------------------------------------
