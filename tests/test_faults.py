@@ -223,7 +223,7 @@ PATH_FORMS = {
     "symlink": (".", "link"),
     "dotdot": ("ckpt/sub", ".."),
 }
-RELATIVE_KILLS = [("dot", p) for p in ("shard0-mid", "shard1-done", "before-swap")] + [
+RELATIVE_KILLS = [("dot", p) for p in ("shard1-mid", "before-swap")] + [
     (form, "first-publish") for form in PATH_FORMS]
 
 
@@ -528,3 +528,58 @@ def test_ctrl_c_during_a_chat_answer_keeps_the_session(tmp_path):
     tok = llama_edu.LlamaTokenizer.from_pretrained(REPO / "data" / "shakespeare-llama")
     first = tok.encode("first question", add_special_tokens=False)
     assert any(prompts[1][i:i + len(first)] == first for i in range(len(prompts[1])))  # with its history
+
+
+# ---------------------------------------------------------------------------------------------
+# Real processes meeting bad bytes and a full disk
+# ---------------------------------------------------------------------------------------------
+def _cli(args: list[str], cwd: Path, stdin: bytes | None = None, preexec=None, env: dict | None = None):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "llama_edu", *args], cwd=cwd, input=stdin, capture_output=True,
+                          env=env, preexec_fn=preexec, timeout=300)
+
+
+@pytest.mark.parametrize("locale", ["C.UTF-8", "C"])
+def test_chat_says_a_line_is_not_utf8_and_goes_on(tmp_path, locale):
+    """Bytes that are not UTF-8 on chat's stdin (strict UTF-8 or the C locale's surrogateescape):
+    one line says so, the session answers the next line, exit 0."""
+    proc = _cli(["chat", "--max-new-tokens", "3", "--greedy"], tmp_path, stdin=b"hello\n\xff\xfe bad\nagain\n",
+                env={"LC_ALL": locale, "LANG": locale, "PYTHONIOENCODING": ""})
+    out, err = proc.stdout.decode("utf-8", "replace"), proc.stderr.decode("utf-8", "replace")
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err and "internal error" not in err
+    assert "that line is not valid UTF-8 (byte 0xff at character 0)" in out and "type it again" in out
+    assert out.count("assistant> ") == 2  # "hello" and "again" were answered
+
+
+def _limit_file_size(limit: int):
+    import resource
+
+    def preexec():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))  # Python ignores SIGXFSZ: writes fail with EFBIG
+    return preexec
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_full_disk_while_saving_a_training_checkpoint_keeps_the_previous_one(tmp_path):
+    """RLIMIT_FSIZE below the size of the optimizer state: the checkpoint save of a resumed run
+    fails. One line names the file and the fix (exit 1, not 70), the previous last/ checkpoint
+    is intact byte for byte, and no temporary is left."""
+    (tmp_path / "t.txt").write_text(("First Citizen:\nBefore we proceed any further, hear me speak.\n" * 300))
+    train = ["train", "--data", "t.txt", "--out", "run", "--preset", "tiny", "--eval-interval", "2", "--eval-batches", "1",
+             "--batch-size", "2", "--block-size", "32", "--quiet"]
+    first = _cli([*train, "--steps", "2"], tmp_path)
+    assert first.returncode == 0, first.stderr.decode()
+    last = tmp_path / "run" / "last"
+    before = _snapshot(last)
+    biggest = max(len(b) for b in before.values())
+    proc = _cli([*train, "--steps", "4", "--resume"], tmp_path, preexec=_limit_file_size(biggest - 1000))
+    err = proc.stderr.decode().strip().splitlines()
+    assert proc.returncode == 1, err
+    assert len(err) == 1 and err[0].startswith("error: File too large") and "ulimit -f" in err[0], err
+    assert str(last) in err[0]
+    assert _snapshot(last) == before
+    assert temporaries(last) == []
