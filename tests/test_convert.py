@@ -26,6 +26,7 @@ from llama_edu.convert import (
     merged_meta_state_dict,
     permute_qk,
     read_llama2c,
+    stories260k_hf,
     unpermute_qk,
     write_meta_checkpoint,
 )
@@ -330,7 +331,7 @@ def greedy(model, n=60, start=(1,)):
 
 def test_stories260k_llama2c_import_matches_hf_form():
     ours = load_llama2c(find_data_file("stories260K/stories260K.bin"))
-    theirs = transformers.LlamaForCausalLM.from_pretrained(find_data_file("stories260K/hf"))
+    theirs = transformers.LlamaForCausalLM.from_pretrained(stories260k_hf())
     sd = theirs.state_dict()
     for k, v in ours.state_dict().items():
         assert torch.equal(v, sd[k]), k
@@ -343,7 +344,7 @@ def test_cli_convert_llama2c(tmp_path, capsys):
     src = find_data_file("stories260K/stories260K.bin")
     rc = main(["convert-llama2c", "--input", str(src), "--output_dir", str(tmp_path / "hf")])
     assert rc == 0 and "5 layers" in capsys.readouterr().out
-    ref = find_data_file("stories260K/hf")
+    ref = find_data_file("stories260K/hf")  # the shared copy, made independently of this converter
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["num_key_value_heads"] == 4
     with safe_open(str(tmp_path / "hf" / "model.safetensors"), "pt") as a, safe_open(str(ref / "model.safetensors"), "pt") as b:
         assert set(a.keys()) == set(b.keys())
