@@ -273,7 +273,9 @@ def replace_folder_files(
             else:
                 _replace_in_place(staging, target, owned, last)
         except BaseException as e:
-            why = write_failure(staging, target, e) if isinstance(e, Exception) and not isinstance(e, OSError) else None
+            # torch.save / safetensors report a failed write as a RuntimeError / SafetensorError
+            writer_error = isinstance(e, RuntimeError) or type(e).__name__ == "SafetensorError"
+            why = write_failure(staging, target, e) if writer_error else None
             _remove(staging)
             if why is not None:
                 raise why from e
@@ -286,12 +288,13 @@ def write_failure(staging: Path, target: Path, error: Exception) -> OSError | No
     ("unexpected pos", "file write failed") or a SafetensorError, without the errno. None when
     neither explains it."""
     try:
-        import resource
+        import resource  # POSIX only
 
         limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        limited = limit not in (-1, resource.RLIM_INFINITY)
     except (ImportError, OSError, ValueError):
-        limit = -1
-    if limit not in (-1, getattr(resource, "RLIM_INFINITY", -1)):  # a writer stops short of the limit: not ==
+        limit, limited = -1, False
+    if limited:  # a writer stops short of the limit, so no "size == limit" test: a finite limit is the suspect
         sizes = [(f.stat().st_size, f.name) for f in staging.rglob("*") if f.is_file()] if staging.is_dir() else []
         name = max(sizes, default=(0, ""))[1]
         return OSError(errno.EFBIG, f"File too large (files may hold at most {limit} bytes here, ulimit -f; "
