@@ -17,7 +17,7 @@ from ..io.atomic_save import replace_folder_files
 from .bpe import SPIECE_UNDERLINE
 from ..io.files import atomic_write_bytes, looks_like_repo_id, read_json_object, resolve_file
 from .chat_template import ChatTemplateMixin
-from .encoding import BatchEncoding, _to_tensors, check_text
+from .encoding import BatchEncoding, _to_tensors, as_token_ids, check_text
 
 
 _RESAVE = "re-save the tokenizer or delete that file"
@@ -356,25 +356,6 @@ class LlamaTokenizerBase(ChatTemplateMixin):
             return index
         return [self.convert_tokens_to_ids(t) for t in tokens]  # type: ignore[misc]
 
-    @staticmethod
-    def _as_ids(ids: Any, what: str = "decode") -> list[int]:
-        """A sequence of token ids as Python ints; a float (``3.7``), a bool, a string or a
-        floating-point tensor is refused rather than truncated (``int(3.7)`` would decode id 3)."""
-        if isinstance(ids, torch.Tensor):
-            if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
-                raise ValueError(f"{what} takes integer token ids, got a {ids.dtype} tensor; pass a torch.long tensor "
-                                 "(e.g. the argmax of the logits, not the logits or probabilities)")
-            ids = ids.tolist()
-        if isinstance(ids, (str, bytes)):
-            raise ValueError(f"{what} takes token ids, got the text {ids!r}; encode text with tokenizer(text) or tokenizer.encode")
-        out = []
-        for i in ids if isinstance(ids, Iterable) else [ids]:
-            if isinstance(i, bool) or not isinstance(i, numbers.Integral):
-                raise ValueError(f"{what} takes integer token ids, got {i!r} ({type(i).__name__}); "
-                                 "a float id is not rounded or truncated: pass ints (e.g. ids.long().tolist())")
-            out.append(int(i))
-        return out
-
     def _check_ids(self, ids: list[int]) -> None:
         n = len(self)
         for i in ids:
@@ -392,7 +373,7 @@ class LlamaTokenizerBase(ChatTemplateMixin):
             ids = int(ids)
             self._check_ids([ids])
             return self._added_tokens_decoder.get(ids) or self._id_to_piece(ids)
-        ids = self._as_ids(ids, "convert_ids_to_tokens")
+        ids = as_token_ids(ids, "convert_ids_to_tokens")
         self._check_ids(ids)
         special = set(self.all_special_ids) if skip_special_tokens else set()
         return [self._added_tokens_decoder.get(i) or self._id_to_piece(i) for i in ids if i not in special]
@@ -713,7 +694,7 @@ class LlamaTokenizerBase(ChatTemplateMixin):
         _no_kwargs("decode", kwargs)
         if isinstance(token_ids, torch.Tensor) and token_ids.dim() > 1:
             raise ValueError(f"decode takes one sequence, got a tensor of shape {tuple(token_ids.shape)}; use batch_decode")
-        ids = self._as_ids(token_ids)
+        ids = as_token_ids(token_ids)
         self._check_ids(ids)
         text = self._decode_ids(ids, skip_special_tokens)
         clean = self.clean_up_tokenization_spaces if clean_up_tokenization_spaces is None else clean_up_tokenization_spaces

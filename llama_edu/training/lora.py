@@ -50,6 +50,7 @@ import torch
 from safetensors.torch import load_file, save
 from torch import nn
 
+from ..io.atomic_save import replace_folder_files
 from ..io.files import atomic_write_bytes, read_json_object
 
 # The Llama projections an adapter may sit on (transformers' module names).
@@ -432,15 +433,18 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def save_lora_adapter(model: nn.Module, save_directory: str | os.PathLike) -> Path:
     """Write ``adapter_config.json`` and ``adapter_model.safetensors`` (PEFT's layout) to
-    ``save_directory``; each file is written atomically. Returns the folder."""
+    ``save_directory``: both replace the previous adapter together or not at all
+    (:func:`llama_edu.io.atomic_save.replace_folder_files`; other files in the folder are kept).
+    Returns the folder."""
     directory = Path(save_directory)
     if directory.exists() and not directory.is_dir():
         raise ValueError(f"{directory} exists and is not a folder; give a folder to save the adapter in")
     tensors = lora_state_dict(model)
     config: LoraConfig = model.lora_config
-    atomic_write_bytes(directory / ADAPTER_WEIGHTS_NAME, save(tensors, metadata={"format": "pt"}))
     text = json.dumps(config.to_peft_dict(), indent=2, sort_keys=True) + "\n"
-    atomic_write_bytes(directory / ADAPTER_CONFIG_NAME, text.encode("utf-8"))
+    with replace_folder_files(directory, lambda name: name in (ADAPTER_WEIGHTS_NAME, ADAPTER_CONFIG_NAME), last=None) as staging:
+        atomic_write_bytes(staging / ADAPTER_WEIGHTS_NAME, save(tensors, metadata={"format": "pt"}))
+        atomic_write_bytes(staging / ADAPTER_CONFIG_NAME, text.encode("utf-8"))
     return directory
 
 
