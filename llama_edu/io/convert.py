@@ -397,7 +397,7 @@ def check_against_reference(shards: list[dict[str, torch.Tensor]], params: dict[
     small = {**params, "n_layers": len(keep)}
     hf = dict(meta_to_hf(k, t, n_heads, n_kv, len(keep)) for k, t in meta.items())
     cfg = LlamaConfig(**{**config.to_dict(), "num_hidden_layers": len(keep), "torch_dtype": "float32"})
-    with _skip_init(LlamaForCausalLM):
+    with torch.device("meta"), _skip_init(LlamaForCausalLM):  # no memory: the tensors above are assigned
         model = LlamaForCausalLM(cfg).eval()
     model.load_state_dict(hf, strict=True, assign=True)
     vocab = cfg.vocab_size
