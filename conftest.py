@@ -26,7 +26,10 @@ def _missing_data_reason(error: BaseException) -> str | None:
         text = _ANSI.sub("", inner)
         found = re.search(r"could not find [^\n]*?'([^']+)'", text)
         name = found.group(1) if found else "a shared data file"
-        return f"missing shared data: {name} (see the README, 'Where data comes from'; set LLAMA_EDU_DATA)"
+        source = re.search(r"(?:download from|its public original:) (\S+)", text)
+        where = f"download it from {source.group(1)}" if source else "put it there by hand"
+        return (f"missing shared data: {name} is not in $LLAMA_EDU_DATA, ../shared/data or the cache and could not be "
+                f"downloaded: {where} (see the README, 'Where data comes from')")
     return None
 
 

@@ -187,4 +187,5 @@ def test_without_shared_data_the_suite_skips_instead_of_erroring(tmp_path):
     assert "tinyshakespeare.txt" in short["test_in_a_module_fixture"]
     assert "https://raw.githubusercontent.com/karpathy/char-rnn" in short["test_in_a_module_fixture"]
     assert "https://archive.ics.uci.edu/static/public/228/sms+spam+collection.zip" in short["test_a_zip_original"]
+    assert "tinyshakespeare.txt" in short["Cell 1"] and "https://raw.githubusercontent.com/karpathy/char-rnn" in short["Cell 1"]
     assert "tinyshakespeare.txt" in short["Cell 2"]
