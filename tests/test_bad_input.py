@@ -25,6 +25,7 @@ import llama_edu
 from llama_edu import LlamaConfig, LlamaForCausalLM, LlamaTokenizer, LlamaTokenizerFast, checkpoint, convert
 from llama_edu.cli import main
 from llama_edu.files import find_data_file
+from llama_edu.sft import load_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 PROJECT_TOKENIZER = REPO / "data"
@@ -366,7 +367,105 @@ CASES = [
         [{"role": "user", "content": "a\ue000"}], chat_template="{{ messages[0]['content'] }}")),
     ("chat-last-turn-not-user", ValueError, r"must end with a user turn", lambda e, t: llama_edu.chat(
         e.model, e.tok, [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}])),
+    ("chat-content-not-utf8", ValueError, r"the user message is not valid UTF-8 \(byte 0xff at character 1\)",
+     lambda e, t: e.tok.apply_chat_template([{"role": "user", "content": "a\udcffb"}])),
+    # ---- round two: no silent wrong results, no crash ------------------------------------------
+    ("tokenizer-decode-float-id", ValueError, r"integer token ids, got 3\.7 \(float\).*not rounded or truncated",
+     lambda e, t: e.tok.decode([1, 3.7])),
+    ("tokenizer-fast-decode-float-id", ValueError, r"integer token ids, got 3\.7 \(float\)", lambda e, t: e.tok_fast.decode([3.7])),
+    ("tokenizer-decode-bool-id", ValueError, r"got True \(bool\)", lambda e, t: e.tok.decode([True, 5])),
+    ("tokenizer-fast-decode-bool-id", ValueError, r"got False \(bool\)", lambda e, t: e.tok_fast.decode(False)),
+    ("tokenizer-decode-float-tensor", ValueError, r"got a torch\.float32 tensor", lambda e, t: e.tok_fast.decode(torch.tensor([3.0, 4.0]))),
+    ("tokenizer-batch-decode-float", ValueError, r"got 2\.5 \(float\)", lambda e, t: e.tok.batch_decode([[1, 2], [2.5]])),
+    ("tokenizer-ids-to-tokens-float", ValueError, r"convert_ids_to_tokens takes integer token ids, got 7\.0",
+     lambda e, t: e.tok.convert_ids_to_tokens([7.0])),
+    ("tokenizer-decode-text", ValueError, r"got the text 'hello'", lambda e, t: e.tok.decode("hello")),
+    ("tokenizer-encode-not-utf8", ValueError, r"text is not valid UTF-8 \(byte 0xfe at character 2\)",
+     lambda e, t: e.tok_fast("ab\udcfecd")),
+    ("tokenizer-tokenize-not-utf8", ValueError, r"not valid UTF-8 \(byte 0x80", lambda e, t: e.tok.tokenize("\udc80")),
+    ("lora-nan-weights", ValueError, r"lora_A\.weight in .* holds 1 NaN or infinite value\(s\): the adapter is corrupt",
+     lambda e, t: _load_adapter(e, t, weights=lambda sd: _poison(sd, "lora_A", float("nan")))),
+    ("lora-inf-weights", ValueError, r"lora_B\.weight in .* NaN or infinite", lambda e, t: _load_adapter(
+        e, t, weights=lambda sd: _poison(sd, "lora_B", float("inf")))),
+    ("lora-int-weights", ValueError, r"holds torch\.int32 values, not floating point", lambda e, t: _load_adapter(
+        e, t, weights=lambda sd: {k: v.to(torch.int32) for k, v in sd.items()})),
+    ("lora-alpha-infinite", ValueError, r"lora_alpha must be a positive finite number.*inf", lambda e, t: _load_adapter(
+        e, t, config={"lora_alpha": float("inf")})),
+    ("lora-alpha-infinity-json", ValueError, r"lora_alpha must be a positive finite number", lambda e, t: _load_adapter(
+        e, t, raw_config=lambda text: re.sub(r'"lora_alpha": [0-9.]+', '"lora_alpha": Infinity', text))),
+    ("ckpt-int8-weights-without-quantization-config", ValueError,
+     r"1 tensor\(s\) that are not floating point, e.g. model\.layers\.0\.mlp\.up_proj\.weight is stored as I8.*no quantization_config",
+     lambda e, t: LlamaForCausalLM.from_pretrained(_int8_weights(e, t))),
+    ("ckpt-int64-weights-pickle", ValueError, r"stored as torch\.int64", lambda e, t: LlamaForCausalLM.from_pretrained(
+        _int8_weights(e, t, dtype=torch.int64, safe=False))),
+    ("meta-shards-of-two-models", ValueError, r"attention_norm\.weight of consolidated\.01\.pth differs .*two different models",
+     lambda e, t: convert.convert_meta_checkpoint(_two_models(e, t), t / "out")),
+    ("meta-shards-of-two-sizes", ValueError, r"consolidated\.01\.pth is \(32, 64\) torch\.float32 against \(16, 32\).*two different models",
+     lambda e, t: convert.convert_meta_checkpoint(_two_models(e, t, hidden_size=64), t / "out")),
+    ("meta-output-is-the-input", ValueError, r"is the input folder", lambda e, t: convert.convert_meta_checkpoint(e.meta, e.meta / "." )),
+    ("meta-output-holds-the-input", ValueError, r"holds the input folder", lambda e, t: convert.convert_meta_checkpoint(
+        e.meta, e.meta.parent)),
+    ("sft-jsonl-line-a-list", ValueError, r"d\.jsonl line 2 is a JSON list, not an object", lambda e, t: load_jsonl(
+        write(t, "d.jsonl", b'{"messages": []}\n[1, 2]\n'))),
+    ("sft-jsonl-line-a-string", ValueError, r"line 1 is a JSON str, not an object", lambda e, t: load_jsonl(
+        write(t, "d.jsonl", b'"hello"\n'))),
+    ("sft-jsonl-not-utf8", ValueError, r"d\.jsonl is not UTF-8 text", lambda e, t: load_jsonl(write(t, "d.jsonl", b'{"a": "\xff"}\n'))),
 ]
+
+
+def _poison(sd: dict, part: str, value: float) -> dict:
+    key = next(k for k in sorted(sd) if part in k)
+    sd[key] = sd[key].clone()
+    sd[key].view(-1)[0] = value
+    return sd
+
+
+def _load_adapter(e: Env, t: Path, weights=None, config: dict | None = None, raw_config=None):
+    """Save a LoRA adapter of the tiny model, spoil its weights or config, load it on a fresh copy."""
+    from llama_edu.lora import LoraConfig, apply_lora, load_lora_adapter, save_lora_adapter
+    from safetensors.torch import load_file, save_file
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**TINY))
+    apply_lora(model, LoraConfig(r=2, lora_alpha=4, target_modules=("q_proj", "v_proj")))
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p)
+    d = save_lora_adapter(model, t / "adapter")
+    if weights is not None:
+        save_file(weights(load_file(str(d / "adapter_model.safetensors"))), str(d / "adapter_model.safetensors"))
+    if config is not None:
+        cfg = json.loads((d / "adapter_config.json").read_text())
+        cfg.update(config)
+        (d / "adapter_config.json").write_text(json.dumps(cfg))
+    if raw_config is not None:
+        (d / "adapter_config.json").write_text(raw_config((d / "adapter_config.json").read_text()))
+    return load_lora_adapter(LlamaForCausalLM(LlamaConfig(**TINY)), d)
+
+
+def _int8_weights(e: Env, t: Path, dtype=torch.int8, safe: bool = True) -> Path:
+    """The tiny model with one weight stored as integers, and a plain config.json."""
+    sd = {k: v.clone() for k, v in e.model.state_dict().items()}
+    sd["model.layers.0.mlp.up_proj.weight"] = (sd["model.layers.0.mlp.up_proj.weight"] * 100).to(dtype)
+    d = t / "int8"
+    checkpoint.write_checkpoint(sd.items(), d, {**e.model.config.to_dict(), "architectures": ["LlamaForCausalLM"]},
+                                safe_serialization=safe)
+    return d
+
+
+def _two_models(e: Env, t: Path, **changes) -> Path:
+    """A Meta folder whose consolidated.01.pth comes from another model (of other sizes with ``changes``).
+    Every rank holds the same copy of the RMSNorm weights, which training moves away from ones."""
+    shards = []
+    for seed, kw in ((1, {}), (2, changes)):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(LlamaConfig(**{**TINY, "intermediate_size": 256, **kw}))
+        for name, param in model.named_parameters():  # trained norms are not all ones
+            if "norm" in name:
+                torch.nn.init.normal_(param, 1.0, 0.1)
+        shards.append(convert.write_meta_checkpoint(model, t / f"m{seed}", num_shards=2))
+    shutil.copy(shards[1] / "consolidated.01.pth", shards[0] / "consolidated.01.pth")
+    return shards[0]
 
 
 def _tok_folder(t: Path, config: bytes) -> Path:
@@ -773,8 +872,38 @@ CLI_CASES = [
     ("cli-convert-llama2c-truncated", lambda e, t: ["convert-llama2c", "--input", str(write(t, "s.bin", llama2c_bytes()[:5000])),
                                                     "--output_dir", str(t / "o")], 1, r"s\.bin has 5000 bytes.*truncated"),
     ("cli-convert-output-is-a-file", lambda e, t: ["convert-llama2c", "--input", str(write(t, "s.bin", llama2c_bytes())),
-                                                   "--output_dir", str(write(t, "taken", b"x"))], 1, r"taken exists and is not a folder"),
+                                                   "--output_dir", str(write(t, "taken", b"x"))], 1, r"taken exists and is a file"),
+    # ---- nothing lost: outputs that hold something, outputs that are inputs ---------------------
+    ("cli-quantize-output-holds-a-model", lambda e, t: ["quantize", "--scheme", "int8", str(e.single), str(copy_of(e.ckpt, t))], 1,
+     r"OUT_DIR .*ckpt is not empty \(it holds config\.json, model-00001-of-.*--overwrite"),
+    ("cli-quantize-into-the-model", lambda e, t: ["quantize", "--scheme", "int8", str(e.single), str(e.single) + "/."], 1,
+     r"is the input folder"),
+    ("cli-quantize-into-a-link-to-the-model", lambda e, t: ["quantize", "--scheme", "int8", "--overwrite", str(e.single),
+                                                          _link(t, e.single)], 1, r"OUT_DIR .*link is the input folder"),
+    ("cli-convert-meta-output-not-empty", lambda e, t: ["convert-meta", "--input_dir", str(e.meta), "--output_dir", str(copy_of(e.single, t))], 1,
+     r"--output-dir .*single is not empty.*--overwrite"),
+    ("cli-convert-meta-into-its-input", lambda e, t: ["convert-meta", "--input_dir", str(e.meta), "--output_dir", _link(t, e.meta),
+                                                      "--overwrite"], 1, r"is the input folder"),
+    ("cli-convert-meta-two-models", lambda e, t: ["convert-meta", "--input_dir", str(_two_models(e, t)), "--output_dir", str(t / "o")], 1,
+     r"two different models"),
+    ("cli-convert-llama2c-output-holds-input", lambda e, t: ["convert-llama2c", "--input", str(write(t, "s.bin", b"x" * 64)),
+                                                             "--output_dir", ".", "--overwrite"], 1, r"holds the input file"),
+    # ---- no crash: one line, exit 1 -------------------------------------------------------------
+    ("cli-prompt-not-utf8", lambda e, t: ["generate", "--prompt", "ab\udcffcd"], 1, r"--prompt is not valid UTF-8 \(byte 0xff at character 2\)"),
+    ("cli-int8-plain-checkpoint", lambda e, t: ["generate", "--prompt", "a", "--model", str(_int8_weights(e, t))], 1, r"stored as I8"),
+    ("cli-device-mps-absent", lambda e, t: ["generate", "--prompt", "a", "--device", "mps"], 1, r"device 'mps': .*use 'cpu'"),
+    ("cli-device-cuda-absent", lambda e, t: ["generate", "--prompt", "a", "--device", "cuda:7"], 1, r"device 'cuda:7'.*use"),
+    ("cli-device-xpu-absent", lambda e, t: ["chat", "--device", "xpu"], 1, r"device 'xpu'.*no xpu device"),
+    ("cli-sft-line-not-object", lambda e, t: ["sft", "--data", str(write(t, "d.jsonl", b"[1]\n")), "--out", str(t / "o")], 1,
+     r"d\.jsonl line 1 is a JSON list, not an object"),
+    ("cli-dpo-line-not-object", lambda e, t: ["dpo", "--data", str(write(t, "d.jsonl", b"7\n")), "--out", str(t / "o")], 1,
+     r"d\.jsonl line 1 is a JSON int, not an object"),
 ]
+
+
+def _link(t: Path, target: Path) -> str:
+    (t / "link").symlink_to(target)
+    return str(t / "link")
 
 
 @pytest.mark.parametrize("argv,status,pattern", [pytest.param(a, s, p, id=i) for i, a, s, p in CLI_CASES])

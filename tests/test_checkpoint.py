@@ -17,8 +17,8 @@ from safetensors.torch import save_file
 
 import llama_edu
 from llama_edu import checkpoint
+from llama_edu.convert import stories260k_hf
 from llama_edu.checkpoint import parse_size, resolve_file
-from llama_edu.files import find_data_file
 
 from conftest import SMALL, max_diff, twins
 
@@ -119,7 +119,7 @@ def test_dtype_semantics(tmp_path):
 
 
 def test_stories260k_matches_transformers():
-    path = find_data_file("stories260K/hf")
+    path = stories260k_hf()
     ours = llama_edu.LlamaForCausalLM.from_pretrained(path)
     theirs = transformers.LlamaForCausalLM.from_pretrained(path)
     ids = torch.randint(0, 512, (2, 40), generator=torch.Generator().manual_seed(0))
@@ -128,7 +128,7 @@ def test_stories260k_matches_transformers():
 
 
 def test_tied_weights_are_not_written(tmp_path):
-    ours = llama_edu.LlamaForCausalLM.from_pretrained(find_data_file("stories260K/hf"))
+    ours = llama_edu.LlamaForCausalLM.from_pretrained(stories260k_hf())
     ours.save_pretrained(tmp_path)
     with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
         keys = set(f.keys())

@@ -26,6 +26,7 @@ from llama_edu.convert import (
     merged_meta_state_dict,
     permute_qk,
     read_llama2c,
+    stories260k_hf,
     unpermute_qk,
     write_meta_checkpoint,
 )
@@ -66,6 +67,7 @@ def test_permutation_turns_interleaved_rope_into_rotate_half():
     rotate_half. Projecting with the permuted weight and using HF's RoPE must equal projecting
     with Meta's weight, using Meta's RoPE, and permuting the result the same way."""
     n_heads, head_dim, seq = 2, 8, 5
+    torch.manual_seed(0)  # unseeded, one draw in a few hundred differed by 1.9e-6 > the 1e-6 allowed
     w = torch.randn(n_heads * head_dim, 16)
     x = torch.randn(1, seq, 16)
     # Meta: complex RoPE on the interleaved projection
@@ -135,14 +137,26 @@ def test_meta_checkpoint_converts_to_identical_logits(tmp_path, n_kv, shards):
     assert (logits(theirs) - expected).abs().max() == 0.0
 
 
-def test_conversion_without_permutation_is_wrong(tmp_path, monkeypatch):
-    """The negative control: skip the q/k permutation and the logits change."""
+def test_conversion_without_permutation_is_wrong_and_refused(tmp_path, monkeypatch):
+    """The negative control: skip the q/k permutation and the logits change; the check against
+    Meta's reference forward, run before anything is written, refuses the conversion."""
     model = small_model()
-    write_meta_checkpoint(model, tmp_path / "meta")
+    write_meta_checkpoint(model, tmp_path / "meta", num_shards=2)
+    shards = [convert.load_torch_state_dict(f) for f in sorted((tmp_path / "meta").glob("consolidated.*.pth"))]
+    params = json.loads((tmp_path / "meta" / "params.json").read_text())
+    assert convert.check_against_reference(shards, params, model.config) < 1e-6
     monkeypatch.setattr(convert, "permute_qk", lambda w, n: w)
-    convert_meta_checkpoint(tmp_path / "meta", tmp_path / "hf", dtype=torch.float32)
-    wrong = llama_edu.LlamaForCausalLM.from_pretrained(tmp_path / "hf", progress=False)
-    assert (logits(wrong) - logits(model)).abs().max() > 1e-3
+    with pytest.raises(ValueError, match=r"differ from Meta's reference forward by .*nothing was written"):
+        convert_meta_checkpoint(tmp_path / "meta", tmp_path / "hf", dtype=torch.float32)
+    assert not (tmp_path / "hf").exists()
+
+
+def test_a_release_shape_with_another_head_count_is_refused(tmp_path):
+    """A wrong head count that still divides the shapes gives a working, different model: the
+    weights alone cannot tell. For the shapes of Meta's releases the head count is known."""
+    params = {"dim": 4096, "n_layers": 32, "n_heads": 16, "n_kv_heads": 16}
+    with pytest.raises(ValueError, match=r"n_heads=16, but every Meta release with dim=4096 and 32 layers has n_heads=32"):
+        convert.check_against_reference([{}], params, None)
 
 
 def test_meta_conversion_output_files(tmp_path):
@@ -318,7 +332,7 @@ def greedy(model, n=60, start=(1,)):
 
 def test_stories260k_llama2c_import_matches_hf_form():
     ours = load_llama2c(find_data_file("stories260K/stories260K.bin"))
-    theirs = transformers.LlamaForCausalLM.from_pretrained(find_data_file("stories260K/hf"))
+    theirs = transformers.LlamaForCausalLM.from_pretrained(stories260k_hf())
     sd = theirs.state_dict()
     for k, v in ours.state_dict().items():
         assert torch.equal(v, sd[k]), k
@@ -331,7 +345,7 @@ def test_cli_convert_llama2c(tmp_path, capsys):
     src = find_data_file("stories260K/stories260K.bin")
     rc = main(["convert-llama2c", "--input", str(src), "--output_dir", str(tmp_path / "hf")])
     assert rc == 0 and "5 layers" in capsys.readouterr().out
-    ref = find_data_file("stories260K/hf")
+    ref = find_data_file("stories260K/hf")  # the shared copy, made independently of this converter
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["num_key_value_heads"] == 4
     with safe_open(str(tmp_path / "hf" / "model.safetensors"), "pt") as a, safe_open(str(ref / "model.safetensors"), "pt") as b:
         assert set(a.keys()) == set(b.keys())

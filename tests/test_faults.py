@@ -81,6 +81,18 @@ elif point == "between-renames":  # no RENAME_EXCHANGE: killed between the two r
         if "-old-" in os.fspath(dst):
             pause()
     os.rename = rename
+elif point == "first-publish":  # the first step that changes the target folder itself has happened
+    published = []
+    def after_first(real):
+        def wrapped(*args):
+            result = real(*args)
+            if not published:
+                published.append(1)
+                pause()
+            return result
+        return wrapped
+    os.replace = after_first(os.replace)  # renames into the folder, one by one (an in-place save)
+    atomic_save._exchange = after_first(atomic_save._exchange)  # the swap of the whole folder
 elif point == "wait-go":  # concurrent saves start together
     while not os.path.exists(a["go"]):
         time.sleep(0.005)
@@ -123,11 +135,14 @@ def temporaries(folder: Path) -> list[str]:
     return [n for n in beside + inside if not n.endswith("lock")]
 
 
-def start_child(tmp_path: Path, target: Path, seed: int, shard: str, point: str, **extra) -> tuple[subprocess.Popen, Path]:
+def start_child(tmp_path: Path, target: Path | str, seed: int, shard: str, point: str, cwd: Path | None = None,
+                **extra) -> tuple[subprocess.Popen, Path]:
+    """A child that saves the model of ``seed`` to ``target`` (a path as the user typed it,
+    relative to ``cwd``) and pauses at ``point``."""
     ready = tmp_path / f"ready-{seed}-{point}-{time.monotonic_ns()}"
     args = dict(seed=seed, config=TINY, target=str(target), shard=shard, point=point, ready=str(ready), **extra)
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-c", CHILD, json.dumps(args)], env=env,
+    proc = subprocess.Popen([sys.executable, "-c", CHILD, json.dumps(args)], env=env, cwd=cwd,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     return proc, ready
 
@@ -198,6 +213,40 @@ def test_killed_save_leaves_old_or_new_whole(tmp_path, models, point, sig, old_s
     assert temporaries(target) == []
     assert torch.equal(loaded_logits(target), logits(third))
     assert sorted(os.listdir(target)) == ["README.md", "config.json", "model.safetensors"]
+
+
+# The path forms a user types: (working directory relative to tmp_path, the target as typed).
+PATH_FORMS = {
+    "dot": ("ckpt", "."),
+    "relative": (".", "ckpt"),
+    "trailing-slash": (".", "./ckpt/"),
+    "symlink": (".", "link"),
+    "dotdot": ("ckpt/sub", ".."),
+}
+RELATIVE_KILLS = [("dot", p) for p in ("shard1-mid", "before-swap")] + [
+    (form, "first-publish") for form in PATH_FORMS]
+
+
+@pytest.mark.parametrize("form,point", RELATIVE_KILLS, ids=[f"{f}-{p}" for f, p in RELATIVE_KILLS])
+def test_kill_9_during_a_save_to_a_relative_path_leaves_old_or_new_whole(tmp_path, models, form, point):
+    """kill -9 of `save_pretrained(".")` (and other relative forms) left a folder without
+    config.json: saves into the working directory renamed files in place, config.json first
+    removed ("first-publish": killed right after the first file moved in). Now every form
+    swaps the folder: after the kill it loads the old model or the new one, whole."""
+    old, _, old_logits, new_logits = models
+    target = tmp_path / "ckpt"
+    old.save_pretrained(target, max_shard_size=SHARDED)
+    (target / "sub").mkdir()
+    (tmp_path / "link").symlink_to("ckpt")
+    cwd, typed = PATH_FORMS[form]
+    proc, ready = start_child(tmp_path, typed, seed=2, shard=SHARDED, point=point, cwd=tmp_path / cwd)
+    wait_for(ready, proc, point)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert which(target, old_logits, new_logits) == ("new" if point == "first-publish" else "old")
+    assert (tmp_path / "link").is_symlink() and (target / "sub").is_dir()
+    models[1].save_pretrained(target, max_shard_size=SINGLE)  # the next save cleans up after the killed one
+    assert which(target, old_logits, new_logits) == "new" and temporaries(target) == []
 
 
 def test_only_this_targets_stale_temporaries_are_removed(tmp_path, models):
@@ -288,8 +337,8 @@ def test_save_keeps_user_files_and_replaces_checkpoint_files(tmp_path, models):
 
 
 def test_saving_into_the_working_directory_keeps_it_usable(tmp_path, models, monkeypatch):
-    """Swapping the folder a process works in would strand it in the deleted old copy: saves
-    into the working directory (or a folder holding it) rename files in place instead."""
+    """A save into the folder this process works in (or one holding it) swaps it like any other
+    and moves the process into the new folder, at the same place."""
     old, new, old_logits, new_logits = models
     target = tmp_path / "ckpt"
     old.save_pretrained(target, max_shard_size=SHARDED)
@@ -479,3 +528,58 @@ def test_ctrl_c_during_a_chat_answer_keeps_the_session(tmp_path):
     tok = llama_edu.LlamaTokenizer.from_pretrained(REPO / "data" / "shakespeare-llama")
     first = tok.encode("first question", add_special_tokens=False)
     assert any(prompts[1][i:i + len(first)] == first for i in range(len(prompts[1])))  # with its history
+
+
+# ---------------------------------------------------------------------------------------------
+# Real processes meeting bad bytes and a full disk
+# ---------------------------------------------------------------------------------------------
+def _cli(args: list[str], cwd: Path, stdin: bytes | None = None, preexec=None, env: dict | None = None):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "llama_edu", *args], cwd=cwd, input=stdin, capture_output=True,
+                          env=env, preexec_fn=preexec, timeout=300)
+
+
+@pytest.mark.parametrize("locale", ["C.UTF-8", "C"])
+def test_chat_says_a_line_is_not_utf8_and_goes_on(tmp_path, locale):
+    """Bytes that are not UTF-8 on chat's stdin (strict UTF-8 or the C locale's surrogateescape):
+    one line says so, the session answers the next line, exit 0."""
+    proc = _cli(["chat", "--max-new-tokens", "3", "--greedy"], tmp_path, stdin=b"hello\n\xff\xfe bad\nagain\n",
+                env={"LC_ALL": locale, "LANG": locale, "PYTHONIOENCODING": ""})
+    out, err = proc.stdout.decode("utf-8", "replace"), proc.stderr.decode("utf-8", "replace")
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err and "internal error" not in err
+    assert "that line is not valid UTF-8 (byte 0xff at character 0)" in out and "type it again" in out
+    assert out.count("assistant> ") == 2  # "hello" and "again" were answered
+
+
+def _limit_file_size(limit: int):
+    import resource
+
+    def preexec():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))  # Python ignores SIGXFSZ: writes fail with EFBIG
+    return preexec
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_full_disk_while_saving_a_training_checkpoint_keeps_the_previous_one(tmp_path):
+    """RLIMIT_FSIZE below the size of the optimizer state: the checkpoint save of a resumed run
+    fails. One line names the file and the fix (exit 1, not 70), the previous last/ checkpoint
+    is intact byte for byte, and no temporary is left."""
+    (tmp_path / "t.txt").write_text(("First Citizen:\nBefore we proceed any further, hear me speak.\n" * 300))
+    train = ["train", "--data", "t.txt", "--out", "run", "--preset", "tiny", "--eval-interval", "2", "--eval-batches", "1",
+             "--batch-size", "2", "--block-size", "32", "--quiet"]
+    first = _cli([*train, "--steps", "2"], tmp_path)
+    assert first.returncode == 0, first.stderr.decode()
+    last = tmp_path / "run" / "last"
+    before = _snapshot(last)
+    biggest = max(len(b) for b in before.values())
+    proc = _cli([*train, "--steps", "4", "--resume"], tmp_path, preexec=_limit_file_size(biggest - 1000))
+    err = proc.stderr.decode().strip().splitlines()
+    assert proc.returncode == 1, err
+    assert len(err) == 1 and err[0].startswith("error: File too large") and "ulimit -f" in err[0], err
+    assert str(last) in err[0]
+    assert _snapshot(last) == before
+    assert temporaries(last) == []

@@ -14,6 +14,7 @@ from llama_edu.chat import chat as chat_fn, chat_loop
 from llama_edu.generation import decode as G
 from llama_edu import sampling as S
 from llama_edu import streaming as ST
+from llama_edu.convert import stories260k_hf
 from llama_edu.files import find_data_file
 
 from conftest import twins
@@ -44,7 +45,7 @@ def left_padded_batch(vocab: int = 97, seed: int = 0):
 @pytest.fixture(scope="module")
 def stories260k():
     """The real pretrained stories260K, in transformers and copied into ours."""
-    path = find_data_file("stories260K/hf")
+    path = stories260k_hf()
     hf = transformers.LlamaForCausalLM.from_pretrained(path).eval()
     ours = llama_edu.LlamaForCausalLM(llama_edu.LlamaConfig.from_json_file(path / "config.json")).eval()
     ours.load_state_dict(hf.state_dict(), strict=True)

@@ -5,6 +5,11 @@ hidden."""
 from __future__ import annotations
 
 import json
+import os
+import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +17,9 @@ import pytest
 from llama_edu.cli import main
 from llama_edu.exercises import EXERCISES
 from llama_edu.handout import NOTEBOOKS_DIR, is_solution_cell, strip_solutions, write_student_notebooks
+
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _source(cell) -> str:
@@ -87,7 +95,7 @@ def test_cli_writes_student_notebooks_and_refuses_bad_folders(tmp_path, capsys):
     assert main(["student-notebooks", str(tmp_path / "x"), "--notebooks", str(tmp_path / "missing")]) == 1
     assert "no notebooks folder" in capsys.readouterr().err
     assert main(["student-notebooks", str(NOTEBOOKS_DIR)]) == 1
-    assert "keep their solutions" in capsys.readouterr().err
+    assert "is the input folder" in capsys.readouterr().err
 
 
 def test_a_student_notebook_runs(tmp_path):
@@ -100,3 +108,76 @@ def test_a_student_notebook_runs(tmp_path):
     printed = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
     assert "softmax: not attempted yet" in printed
     assert "softmax: correct" not in printed
+
+
+# ---------------------------------------------------------------------------------------------
+# Nothing lost: a course copy with its solutions, the sources by another path
+# ---------------------------------------------------------------------------------------------
+def _course(tmp_path) -> Path:
+    """A course folder: one notebook with a solution cell."""
+    src = tmp_path / "course"
+    src.mkdir()
+    solution = _code("def answer():\n    return 42\n", tags=["solution"])
+    (src / "01_x.ipynb").write_text(json.dumps(_notebook(solution)))
+    return src
+
+
+def test_a_folder_holding_notebooks_is_refused_without_overwrite(tmp_path, capsys):
+    src = _course(tmp_path)
+    teacher = tmp_path / "teacher"  # a teacher's working copy, solutions and all
+    teacher.mkdir()
+    mine = (src / "01_x.ipynb").read_bytes()
+    (teacher / "01_x.ipynb").write_bytes(mine)
+    assert main(["student-notebooks", str(teacher), "--notebooks", str(src)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is not empty (it holds 01_x.ipynb)" in err[0] and "--overwrite" in err[0]
+    assert (teacher / "01_x.ipynb").read_bytes() == mine  # untouched
+    assert main(["student-notebooks", str(teacher), "--notebooks", str(src), "--overwrite"]) == 0
+    assert "Solution removed" in (teacher / "01_x.ipynb").read_text()
+
+
+def test_the_sources_by_another_path_are_refused(tmp_path, capsys, monkeypatch):
+    src = _course(tmp_path)
+    before = (src / "01_x.ipynb").read_bytes()
+    (tmp_path / "link").symlink_to(src)
+    monkeypatch.chdir(tmp_path)
+    for out in ["link", "link/", "./course", "course/.", str(src), "course/../course"]:
+        for extra in ([], ["--overwrite"]):
+            assert main(["student-notebooks", out, "--notebooks", "course", *extra]) == 1, out
+            assert "is the input folder" in capsys.readouterr().err
+    assert main(["student-notebooks", ".", "--notebooks", "course", "--overwrite"]) == 1  # it holds the sources
+    assert "holds the input folder" in capsys.readouterr().err
+    assert (src / "01_x.ipynb").read_bytes() == before
+
+
+def test_a_bind_mount_of_the_sources_is_refused(tmp_path):
+    """A bind mount is the same folder under another path that no symlink reveals: only
+    os.path.samefile (device and inode) sees it. Needs unshare (a private mount namespace)."""
+    if not shutil.which("unshare") or subprocess.run(["unshare", "-rm", "true"], capture_output=True).returncode:
+        pytest.skip("no unprivileged mount namespace here (unshare -rm) to make a bind mount in")
+    src = _course(tmp_path)
+    before = (src / "01_x.ipynb").read_bytes()
+    (tmp_path / "mnt").mkdir()
+    script = (f"mount --bind {src} {tmp_path / 'mnt'} && {sys.executable} -m llama_edu student-notebooks "
+              f"{tmp_path / 'mnt'} --notebooks {src} --overwrite")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 1, proc.stderr
+    assert "is the input folder" in proc.stderr and "Traceback" not in proc.stderr
+    assert (src / "01_x.ipynb").read_bytes() == before
+
+
+@pytest.mark.parametrize("content,pattern", [
+    (b"[1, 2, 3]", r"is JSON but not a Jupyter notebook"),
+    (b'{"cells": "none"}', r"is JSON but not a Jupyter notebook"),
+    (b'{"cells": [1]}', r"is JSON but not a Jupyter notebook"),
+    (b"\xff\xfe{}", r"is not a notebook: it is not UTF-8"),
+    (b"{not json", r"is not a valid notebook \(JSON error"),
+], ids=["list", "cells-string", "cell-number", "not-utf8", "not-json"])
+def test_a_file_that_is_not_a_notebook_is_one_line_and_nothing_is_written(tmp_path, capsys, content, pattern):
+    src = _course(tmp_path)
+    (src / "02_bad.ipynb").write_bytes(content)
+    assert main(["student-notebooks", str(tmp_path / "out"), "--notebooks", str(src)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and re.search(pattern, err[0]) and "02_bad.ipynb" in err[0], err
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())

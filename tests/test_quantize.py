@@ -5,6 +5,7 @@ and bad input."""
 from __future__ import annotations
 
 import json
+import os
 import warnings
 
 import pytest
@@ -36,6 +37,9 @@ def calibration(shakespeare) -> torch.Tensor:
     """16 windows of 256 tokens from the training split (the loss is measured on validation)."""
     starts = torch.randint(len(shakespeare.train) - 256, (16,), generator=torch.Generator().manual_seed(0))
     return torch.stack([shakespeare.train[s : s + 256] for s in starts.tolist()])
+
+
+IDS = torch.tensor([[1, 5, 9, 33, 70, 2, 101]])
 
 
 def fresh() -> LlamaForCausalLM:
@@ -254,16 +258,32 @@ def test_loading_quantized_checkpoint_as_plain_model_fails_clearly(tmp_path):
         LlamaForCausalLM.from_pretrained(tmp_path, config=LlamaConfig.from_pretrained(DEFAULT_MODEL_DIR))
 
 
-def test_transformers_ignores_our_quantization_config(tmp_path):
-    """transformers 4.37.2 does not refuse a quant_method it does not know: it warns that the
-    linear weights are missing and initialises them randomly. Documented here (README) so a
-    change in its behaviour shows up."""
+@pytest.mark.parametrize("scheme", ["int8", "nf4"])
+def test_transformers_refuses_a_quantized_folder(tmp_path, scheme):
+    """transformers 4.37.2 does not know our quant_method and, given weight files it can open,
+    builds the model with random linear weights (logits off by ~45). The quantized weights are
+    stored as quantized_model.safetensors, so it finds no weights and raises; we load it."""
     transformers = pytest.importorskip("transformers")
-    quantize(fresh(), "int8").save_pretrained(tmp_path)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        theirs = transformers.LlamaForCausalLM.from_pretrained(tmp_path)
-    assert not torch.equal(theirs.model.layers[0].mlp.up_proj.weight, fresh().model.layers[0].mlp.up_proj.weight)
+    model = quantize(fresh(), scheme, 16)
+    model.save_pretrained(tmp_path)
+    model.save_pretrained(tmp_path / "sharded", max_shard_size="1MB")
+    assert "quantized_model.safetensors" in os.listdir(tmp_path)
+    assert "quantized_model.safetensors.index.json" in os.listdir(tmp_path / "sharded")
+    for folder in (tmp_path, tmp_path / "sharded"):
+        assert not any(n.startswith(("model", "pytorch_model")) for n in os.listdir(folder))
+        with pytest.raises(OSError, match="no file named"):
+            transformers.AutoModelForCausalLM.from_pretrained(folder)
+        ours = LlamaForCausalLM.from_pretrained(folder)
+        torch.testing.assert_close(ours(IDS).logits, model(IDS).logits, rtol=0, atol=0)
+
+
+def test_quantized_folders_saved_under_the_old_name_still_load(tmp_path):
+    model = quantize(fresh(), "int8")
+    model.save_pretrained(tmp_path)
+    (tmp_path / "quantized_model.safetensors").rename(tmp_path / "model.safetensors")
+    torch.testing.assert_close(LlamaForCausalLM.from_pretrained(tmp_path)(IDS).logits, model(IDS).logits, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="safetensors only"):
+        model.save_pretrained(tmp_path / "pickle", safe_serialization=False)
 
 
 def test_unknown_quant_method_is_refused(tmp_path):

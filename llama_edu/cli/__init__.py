@@ -36,6 +36,7 @@ _OS_FIXES = {
     errno.EPERM: "check its permissions or choose another path",
     errno.EROFS: "the file system is read-only: choose another path",
     errno.ENOSPC: "the disk is full: free some space or choose another path",
+    errno.EFBIG: "the file is bigger than this file system or the size limit (ulimit -f) allows: raise the limit or choose another path",
     errno.EISDIR: "a file was expected there, not a folder",
     errno.ENOTDIR: "a folder was expected there, not a file",
     errno.EEXIST: "it exists already: choose another path or remove it",

@@ -6,8 +6,10 @@ import argparse
 
 
 def _cmd_convert_meta(args: argparse.Namespace) -> int:
+    from ..io.atomic_save import check_output_folder
     from ..io.convert import convert_meta_checkpoint
 
+    check_output_folder(args.output_dir, [args.input_dir, args.tokenizer_path], overwrite=args.overwrite, what="--output-dir")
     config = convert_meta_checkpoint(
         args.input_dir, args.output_dir, model_size=args.model_size, dtype=args.dtype,
         max_shard_size=args.max_shard_size, max_position_embeddings=args.max_position_embeddings,
@@ -19,8 +21,10 @@ def _cmd_convert_meta(args: argparse.Namespace) -> int:
 
 
 def _cmd_convert_llama2c(args: argparse.Namespace) -> int:
+    from ..io.atomic_save import check_output_folder
     from ..io.convert import convert_llama2c_checkpoint
 
+    check_output_folder(args.output_dir, [args.input, args.tokenizer_path], overwrite=args.overwrite, what="--output-dir")
     config = convert_llama2c_checkpoint(args.input, args.output_dir, dtype=args.dtype,
                                         max_shard_size=args.max_shard_size, tokenizer_path=args.tokenizer_path)
     print(f"wrote {args.output_dir}: {config.num_hidden_layers} layers, hidden {config.hidden_size}, "
@@ -39,6 +43,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-position-embeddings", "--max_position_embeddings", dest="max_position_embeddings", type=int, default=None,
                    help="context length to write (default: 4096 for Llama 2, 2048 for Llama 1, 16384 for Code Llama, 8192 for Llama 3, 131072 for Llama 3.1/3.2)")
     p.add_argument("--tokenizer-path", "--tokenizer_path", dest="tokenizer_path", default=None, help="tokenizer.model (default: in or above input_dir)")
+    p.add_argument("--overwrite", action="store_true", help="replace what --output-dir holds (by default a non-empty one is refused)")
     p.set_defaults(func=_cmd_convert_meta)
 
     p = subparsers.add_parser("convert-llama2c", help="llama2.c model.bin -> Hugging Face layout")
@@ -47,4 +52,5 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default="float32", choices=["float16", "bfloat16", "float32"], help="output dtype")
     p.add_argument("--max-shard-size", "--max_shard_size", dest="max_shard_size", default="5GB", help="e.g. 5GB, 500MB")
     p.add_argument("--tokenizer-path", "--tokenizer_path", dest="tokenizer_path", default=None, help="a SentencePiece tokenizer.model to include")
+    p.add_argument("--overwrite", action="store_true", help="replace what --output-dir holds (by default a non-empty one is refused)")
     p.set_defaults(func=_cmd_convert_llama2c)

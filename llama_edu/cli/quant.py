@@ -8,8 +8,8 @@ from pathlib import Path
 
 
 def _quantize_command(args: argparse.Namespace) -> int:
-    import shutil
-
+    from ..io.atomic_save import check_output_folder
+    from ..io.files import atomic_write_bytes
     from ..modeling import LlamaForCausalLM
     from ..quant.gptq import calibration_from_text, gptq
     from ..quant.quantize import quantize
@@ -17,8 +17,7 @@ def _quantize_command(args: argparse.Namespace) -> int:
     model_dir, out_dir = Path(args.model_dir), Path(args.out_dir)
     if args.scheme == "gptq" and args.calibration_text is None:
         raise ValueError("GPTQ needs calibration data: pass --calibration-text FILE (text like the model's training text)")
-    if out_dir.resolve() == model_dir.resolve():
-        raise ValueError(f"OUT_DIR {out_dir} is the model folder; write the quantized model to a new folder")
+    check_output_folder(out_dir, [model_dir, args.calibration_text], overwrite=args.overwrite, what="OUT_DIR")
     model = LlamaForCausalLM.from_pretrained(model_dir)
     group_size = args.group_size if args.group_size is not None else 128
     if args.scheme == "gptq":
@@ -30,7 +29,7 @@ def _quantize_command(args: argparse.Namespace) -> int:
     model.save_pretrained(out_dir)
     for name in ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
         if (model_dir / name).is_file():
-            shutil.copyfile(model_dir / name, out_dir / name)
+            atomic_write_bytes(out_dir / name, (model_dir / name).read_bytes())
     print(f"wrote {args.scheme} model to {out_dir} ({math.fsum(f.stat().st_size for f in out_dir.glob('*.safetensors')) / 1e6:.2f} MB of weights)")
     return 0
 
@@ -46,6 +45,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--calibration-text", default=None, help="gptq: a UTF-8 text file like the model's training text")
     p.add_argument("--calibration-samples", type=int, default=32, help="gptq: windows of the calibration text to use")
     p.add_argument("--act-order", action="store_true", help="gptq: quantize columns in order of decreasing Hessian diagonal")
+    p.add_argument("--overwrite", action="store_true", help="replace what OUT_DIR holds (by default a non-empty OUT_DIR is refused)")
     p.add_argument("model_dir", metavar="MODEL_DIR")
     p.add_argument("out_dir", metavar="OUT_DIR")
     p.set_defaults(func=_quantize_command)

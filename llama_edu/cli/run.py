@@ -25,9 +25,11 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from ..generation import chat
     from ..generation.decode import context_limit, generate
     from ..generation.streaming import TerminalStreamer
+    from ..text.encoding import check_text
 
     if args.max_new_tokens <= 0:
         raise ValueError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
+    check_text(args.prompt, "--prompt")
     model, tokenizer = chat.load_model_and_tokenizer(args.model, args.device, args.dtype)
     ids = tokenizer.encode(args.prompt)
     room = context_limit(model.config) - len(ids)

@@ -6,7 +6,7 @@ student copy its code is replaced by stubs of the functions it defined, each rai
 ``NotImplementedError``, and its outputs are cleared; every other cell, outputs included, is kept
 as it is, so a teacher can hand out the executed notebooks.
 
-    python -m llama_edu student-notebooks OUT_DIR [--notebooks DIR]
+    python -m llama_edu student-notebooks OUT_DIR [--notebooks DIR] [--overwrite]
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ..io.atomic_save import check_output_folder
 from ..io.files import REPO_ROOT, atomic_write_bytes
 
 SOLUTION_TAG = "solution"
@@ -62,24 +63,40 @@ def strip_solutions(notebook: dict[str, Any]) -> tuple[dict[str, Any], int]:
     return out, changed
 
 
-def write_student_notebooks(out_dir: str | os.PathLike, notebooks_dir: str | os.PathLike = NOTEBOOKS_DIR) -> list[Path]:
+def read_notebook(path: Path) -> dict[str, Any]:
+    """The parsed ``.ipynb`` at ``path``, or a ValueError naming it: not UTF-8, not JSON, or JSON
+    that is not a notebook (an object with a list of cells, each with a ``cell_type``)."""
+    try:
+        notebook = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not a notebook: it is not UTF-8 text ({e.reason} at byte {e.start}); "
+                         "remove it from the folder or pass --notebooks DIR") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not a valid notebook (JSON error: {e}); remove it from the folder or pass --notebooks DIR") from None
+    cells = notebook.get("cells") if isinstance(notebook, dict) else None
+    if not isinstance(cells, list) or not all(isinstance(c, dict) and "cell_type" in c for c in cells):
+        raise ValueError(f"{path} is JSON but not a Jupyter notebook (no list of cells with a cell_type); "
+                         "remove it from the folder or pass --notebooks DIR")
+    return notebook
+
+
+def write_student_notebooks(out_dir: str | os.PathLike, notebooks_dir: str | os.PathLike = NOTEBOOKS_DIR,
+                            overwrite: bool = False) -> list[Path]:
     """Write a student copy of every ``*.ipynb`` in ``notebooks_dir`` into ``out_dir`` (created if
-    needed; the source folder is never modified). Returns the paths written."""
+    needed). Returns the paths written.
+
+    Nothing is lost: ``out_dir`` may not be the notebooks folder by any path (a symlink, a bind
+    mount: compared with ``os.path.samefile``), nor hold it; an ``out_dir`` that holds files
+    already (a teacher's copy with its solutions, an earlier handout) is refused unless
+    ``overwrite``. Every notebook is read and checked before the first is written."""
     src, dst = Path(notebooks_dir), Path(out_dir)
     if not src.is_dir():
         raise FileNotFoundError(f"no notebooks folder at {src}; pass --notebooks DIR")
     paths = sorted(src.glob("*.ipynb"))
     if not paths:
         raise FileNotFoundError(f"no .ipynb files in {src}")
-    if dst.resolve() == src.resolve():
-        raise ValueError(f"OUT_DIR {dst} is the notebooks folder itself: choose another folder, the originals keep their solutions")
-    written = []
-    for path in paths:
-        try:
-            notebook = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path.name} is not a valid notebook (JSON error: {e})") from None
-        student, _ = strip_solutions(notebook)
-        text = json.dumps(student, indent=1, ensure_ascii=False) + "\n"
-        written.append(atomic_write_bytes(dst / path.name, text.encode("utf-8")))
-    return written
+    check_output_folder(dst, [src], overwrite=overwrite, what="OUT_DIR")
+    students = [(path.name, strip_solutions(read_notebook(path))[0]) for path in paths]
+    return [atomic_write_bytes(dst / name, (json.dumps(student, indent=1, ensure_ascii=False) + "\n").encode("utf-8"))
+            for name, student in students]
+

@@ -7,6 +7,7 @@ last ``[/INST]`` until it emits ``</s>``.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from typing import Any, Callable, TextIO
@@ -18,6 +19,7 @@ from ..io.files import DEFAULT_MODEL_DIR, looks_like_repo_id
 from .decode import context_limit, generate
 from ..modeling import LlamaForCausalLM
 from .streaming import CallbackStreamer
+from ..text.encoding import check_text
 from ..text.tokenizer import LlamaTokenizer
 
 
@@ -83,16 +85,30 @@ def chat_loop(
         output_stream.write(output_filter(text) if output_filter else text)
         output_stream.flush()
 
+    if callable(getattr(input_stream, "reconfigure", None)):
+        # Bytes that are not UTF-8 reach us as lone surrogates (refused per line below) instead
+        # of a UnicodeDecodeError that would end the session.
+        with contextlib.suppress(ValueError, OSError, AttributeError):
+            input_stream.reconfigure(errors="surrogateescape")
     while True:
         if interactive:
             write("you> ")
-        line = input_stream.readline()
+        try:
+            line = input_stream.readline()
+        except UnicodeDecodeError as e:
+            write(f"(that line is not valid UTF-8 text: {e.reason}; it was ignored, type it again)\n")
+            continue
         if not line:  # EOF
             if interactive:
                 write("\n")
             break
         text = line.strip()
         if not text:
+            continue
+        try:
+            check_text(text, "that line")
+        except ValueError as e:
+            write(f"({e}; it was ignored, type it again)\n")
             continue
         if text in ("/exit", "/quit"):
             break

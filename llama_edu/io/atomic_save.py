@@ -18,11 +18,19 @@ save here works on a copy:
    (a crash between them leaves the old folder under its hidden name, and the next save puts
    it back first); then delete the old folder.
 
-Readers of the folder see the old files or the new ones, never a mixture. Where the folder
-cannot be swapped (it is a mount point, its parent is not writable, or it holds this process's
-working directory), the files are renamed
-into the folder one by one instead, config.json removed first and written last, so a crash
-mid-way leaves a folder that refuses to load rather than one that loads mixed weights.
+Readers of the folder see the old files or the new ones, never a mixture, whatever path names
+the folder: relative (``out``, ``.``, ``../x``), through a symlink, with a trailing slash; the
+path is resolved once, before anything is written. A save into the folder this process works in
+swaps it too, and then moves the process into the new folder (a shell that sat in the old one
+must ``cd .`` again). Where the folder cannot be swapped (it is a mount point, or its parent is
+not writable), the files are renamed into the folder one by one instead, config.json removed
+first and written last, so a crash mid-way leaves a folder that refuses to load rather than one
+that loads mixed weights.
+
+:func:`check_output_folder` is the rule every command that writes a folder applies first: never
+into one of its inputs (compared by ``os.path.samefile``, so symlinks, relative paths and bind
+mounts count), and not into a folder that holds something already unless the user said
+``--overwrite``.
 """
 
 from __future__ import annotations
@@ -36,7 +44,7 @@ import shutil
 import time
 import uuid
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 try:
     import fcntl
@@ -134,15 +142,15 @@ def remove_stale_temporaries(folder: Path, prefix: str, target: Path | None = No
     return [e for _, e in stale]
 
 
-def _holds_cwd(folder: Path) -> bool:
-    """True when this process works inside ``folder``: swapping it would leave our working
-    directory in the deleted old copy (``os.getcwd()`` would fail)."""
+def _cwd_below(folder: Path) -> Path | None:
+    """Where this process works, relative to ``folder`` (``Path(".")`` for the folder itself),
+    or None when it works elsewhere."""
     try:
         cwd = Path.cwd().resolve()
     except OSError:
-        return False
+        return None
     real = folder.resolve()
-    return cwd == real or real in cwd.parents
+    return cwd.relative_to(real) if cwd == real or real in cwd.parents else None
 
 
 def _exchange(a: Path, b: Path) -> bool:
@@ -190,6 +198,7 @@ def _swap_in(staging: Path, target: Path, owned: Callable[[str], bool]) -> None:
     for entry in target.iterdir():  # keep what is not ours
         if entry.name not in new_names and not owned(entry.name) and MARKER not in entry.name:
             _link_or_copy(entry, staging / entry.name)
+    here = _cwd_below(target)
     if _exchange(staging, target):
         old = staging  # after the exchange the staging path holds the old folder
     else:
@@ -200,6 +209,8 @@ def _swap_in(staging: Path, target: Path, owned: Callable[[str], bool]) -> None:
         except BaseException:
             os.rename(old, target)
             raise
+    if here is not None:  # we worked in the old folder: work in the new one (same place in it)
+        os.chdir(target / here if (target / here).is_dir() else target)
     for entry in old.iterdir():  # entries a user added to the folder while we were saving
         if not owned(entry.name) and MARKER not in entry.name and not (target / entry.name).exists():
             os.rename(entry, target / entry.name)
@@ -232,15 +243,16 @@ def replace_folder_files(
     for which ``owned(name)`` is False, all at once (see the module docstring). On any error
     (including KeyboardInterrupt) the temporaries are removed and ``target`` is untouched.
     """
-    target = Path(target)
-    if target.is_symlink():
-        target = target.resolve()  # swap the real folder, keep the link
+    # Resolved once, now: symlinks (the real folder is swapped, the link kept), ".", "..", a
+    # relative path (the working directory may change while we save).
+    target = Path(target).expanduser().resolve()
     if target.exists() and not target.is_dir():
         raise FileExistsError(f"{target} exists and is not a folder; choose another save_directory")
-    target = target.absolute()
+    if target == target.parent:
+        raise ValueError(f"cannot save into the root folder {target}; choose a folder below it")
     parent = target.parent
     parent.mkdir(parents=True, exist_ok=True)
-    swap = os.access(parent, os.W_OK) and not (target.exists() and (os.path.ismount(target) or _holds_cwd(target)))
+    swap = os.access(parent, os.W_OK) and not (target.exists() and os.path.ismount(target))
     if not swap and not target.exists():
         raise PermissionError(f"cannot create {target}: its parent folder {parent} is not writable")
     if not swap and not os.access(target, os.W_OK):
@@ -260,16 +272,47 @@ def replace_folder_files(
                 _swap_in(staging, target, owned)
             else:
                 _replace_in_place(staging, target, owned, last)
-        except BaseException:
+        except BaseException as e:
+            # torch.save / safetensors report a failed write as a RuntimeError / SafetensorError
+            writer_error = isinstance(e, RuntimeError) or type(e).__name__ == "SafetensorError"
+            why = write_failure(staging, target, e) if writer_error else None
             _remove(staging)
+            if why is not None:
+                raise why from e
             raise
+
+
+def write_failure(staging: Path, target: Path, error: Exception) -> OSError | None:
+    """The OSError behind a writer's failure, when the disk is full or a file hit the size limit
+    (``ulimit -f``, RLIMIT_FSIZE): torch.save and safetensors report those as a RuntimeError
+    ("unexpected pos", "file write failed") or a SafetensorError, without the errno. None when
+    neither explains it."""
+    try:
+        import resource  # POSIX only
+
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        limited = limit not in (-1, resource.RLIM_INFINITY)
+    except (ImportError, OSError, ValueError):
+        limit, limited = -1, False
+    if limited:  # a writer stops short of the limit, so no "size == limit" test: a finite limit is the suspect
+        sizes = [(f.stat().st_size, f.name) for f in staging.rglob("*") if f.is_file()] if staging.is_dir() else []
+        name = max(sizes, default=(0, ""))[1]
+        return OSError(errno.EFBIG, f"File too large (files may hold at most {limit} bytes here, ulimit -f; "
+                       f"{type(error).__name__}: {error})", str(target / name))
+    try:
+        free = shutil.disk_usage(staging if staging.exists() else target.parent).free
+    except OSError:
+        return None
+    if free < 1 << 20:
+        return OSError(errno.ENOSPC, f"No space left on device ({type(error).__name__}: {error})", str(target))
+    return None
 
 
 def recover_folder(target: str | os.PathLike) -> None:
     """Before reading ``target`` (e.g. to resume training): finish what a killed save left, under
     the save lock. If a crash fell between the two renames of a swap (where there is no atomic
     exchange), the complete old folder is put back; stale temporaries are removed."""
-    target = Path(target).absolute()
+    target = Path(target).expanduser().resolve()
     if not target.parent.is_dir() or not os.access(target.parent, os.W_OK):
         return
     prefix = f".{target.name}{MARKER}"
@@ -278,3 +321,49 @@ def recover_folder(target: str | os.PathLike) -> None:
     with _locked(target.parent / f".{target.name}{MARKER}lock"):
         remove_stale_temporaries(target.parent, f".{target.name}", target, fcntl is not None)
 
+
+
+def _same(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist (or cannot be looked at): not the same
+        return False
+
+
+def check_output_folder(
+    out: str | os.PathLike, inputs: Iterable[str | os.PathLike | None] = (), *, overwrite: bool = False,
+    option: str = "--overwrite", what: str = "output folder",
+) -> Path:
+    """Refuse, before anything is read or written, to write the folder ``out``:
+
+    - when it is one of ``inputs`` or holds one (a model folder, a notebook folder, an input file
+      inside it): compared with ``os.path.samefile``, so a symlink, a relative path, a trailing
+      slash or a bind mount of the same folder is caught; never allowed, ``overwrite`` or not;
+    - when it is a file;
+    - when it holds anything already (a model, notebooks with their solutions, notes), unless
+      ``overwrite``: saying what is there and ``option``, the flag that allows it.
+
+    Returns ``out`` resolved. Our own lock and temporary files do not count as content.
+    """
+    path = Path(out).expanduser()
+    for given in inputs:
+        if given is None:
+            continue
+        src = Path(given).expanduser()
+        chain = [src, *src.absolute().parents, *(src.resolve().parents if src.exists() else ())]
+        if any(_same(path, p) for p in chain):
+            kind = "folder" if src.is_dir() else "file"
+            if _same(path, src):
+                raise ValueError(f"the {what} {out} is the input {kind} {given} (the same folder by another path): "
+                                 "write to a new folder, the input must stay as it is")
+            raise ValueError(f"the {what} {out} holds the input {kind} {given}: write to a new folder, "
+                             "the input must stay as it is")
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"the {what} {out} exists and is a file: choose a folder")
+    if path.is_dir() and not overwrite:
+        held = sorted(e.name for e in path.iterdir() if MARKER not in e.name)
+        if held:
+            shown = ", ".join(held[:5]) + (f" and {len(held) - 5} more" if len(held) > 5 else "")
+            raise FileExistsError(f"the {what} {out} is not empty (it holds {shown}): choose a new folder, "
+                                  f"or pass {option} to replace what it holds")
+    return path.resolve()

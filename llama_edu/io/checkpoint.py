@@ -47,7 +47,14 @@ SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 WEIGHTS_NAME = "pytorch_model.bin"
 WEIGHTS_INDEX_NAME = "pytorch_model.bin.index.json"
 #: What we look for, in transformers' order of preference.
-WEIGHT_FILES = (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_NAME, WEIGHTS_INDEX_NAME)
+#: A quantized model's weights (int8 codes, scales) go under another name: transformers finds no
+#: weights in such a folder and refuses it, instead of building the model from its config with
+#: random weights (it does not know our quantization_config). Folders saved before the rename,
+#: with the plain names, still load here.
+QUANTIZED_WEIGHTS_NAME = "quantized_model.safetensors"
+QUANTIZED_WEIGHTS_INDEX_NAME = "quantized_model.safetensors.index.json"
+WEIGHT_FILES = (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_NAME, WEIGHTS_INDEX_NAME,
+                QUANTIZED_WEIGHTS_NAME, QUANTIZED_WEIGHTS_INDEX_NAME)
 
 #: Weights that belong to a task head rather than to the shared LlamaModel body.
 HEAD_KEYS = ("lm_head.weight", "score.weight")
@@ -122,6 +129,16 @@ def parse_device(device: str | torch.device | int | None, default: str = "cpu") 
         raise ValueError("device 'meta' holds no weights; use 'cpu', 'cuda' or 'auto'")
     if parsed.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} asks for CUDA but no CUDA GPU is available here; use 'cpu' or 'auto'")
+    if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
+        n = torch.cuda.device_count()
+        raise ValueError(f"device {device!r}: this machine has {n} CUDA device(s); use cuda:0 .. cuda:{n - 1} or 'auto'")
+    if parsed.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        why = "this PyTorch build has no MPS support" if not torch.backends.mps.is_built() else "no Apple GPU is available"
+        raise ValueError(f"device {device!r}: {why}; use 'cpu' or 'auto'")
+    if parsed.type not in ("cpu", "cuda", "mps"):
+        backend = getattr(torch, parsed.type, None)  # torch.xpu, ...: each has is_available()
+        if not (callable(getattr(backend, "is_available", None)) and backend.is_available()):
+            raise ValueError(f"device {device!r}: this PyTorch build or machine has no {parsed.type} device; use 'cpu' or 'auto'")
     return parsed
 
 
@@ -235,6 +252,10 @@ class _WeightFile:
         if self.is_safetensors:
             return _SAFETENSORS_DTYPES.get(self._handle.get_slice(key).get_dtype())
         return self._handle[key].dtype
+
+    def dtype_name(self, key: str) -> str:
+        """The stored dtype as the file names it ("I8", "F16", ... or "torch.int8")."""
+        return self._handle.get_slice(key).get_dtype() if self.is_safetensors else str(self._handle[key].dtype)
 
     def mapped(self, key: str) -> torch.Tensor | None:
         """The tensor ``key`` as a view of the memory-mapped file, or None where that cannot be
@@ -429,7 +450,8 @@ def load_pretrained(
     qconfig = getattr(config, "quantization_config", None)  # a checkpoint written by llama_edu.quantize
     keep_dtype = prepare_quantized_model(model, qconfig, path_or_repo) if qconfig is not None else set()
     prefix = getattr(cls, "base_model_prefix", "model") + "."
-    expected = {k: tuple(v.shape) for k, v in model.state_dict(keep_vars=True).items()}
+    model_sd = model.state_dict(keep_vars=True)
+    expected = {k: tuple(v.shape) for k, v in model_sd.items()}
     tied = bool(config.tie_word_embeddings) and model.get_output_embeddings() is not None
     if tied:
         expected.pop("lm_head.weight", None)  # comes from embed_tokens after re-tying
@@ -465,6 +487,17 @@ def load_pretrained(
             if hint:
                 lines.append(hint)
         raise ValueError("\n".join(lines))
+    not_float = [(k, where[found[k]]) for k in expected if k in found and model_sd[k].is_floating_point()]
+    not_float = [(k, wf) for k, wf in not_float if not (wf.dtype(found[k]) or torch.int8).is_floating_point]
+    if not_float:
+        k, wf = not_float[0]
+        name = wf.dtype_name(found[k])
+        hint = (" It looks quantized, but config.json has no quantization_config: a model quantized by llama_edu "
+                "loads with the config.json saved beside it") if name.lower().replace("torch.", "") in ("i8", "u8", "int8", "uint8") else ""
+        raise ValueError(
+            f"the weights in {path_or_repo} hold {len(not_float)} tensor(s) that are not floating point, e.g. {k} "
+            f"is stored as {name}; a weight must be float32, float16 or bfloat16.{hint}"
+        )
     if head_unused:
         warnings.warn(
             f"Some weights of the checkpoint at {path_or_repo} were not used when initializing {cls.__name__}: "
@@ -546,7 +579,7 @@ def _write_json(obj: Any, path: Path) -> None:
 #: Names of the files a checkpoint save replaces (any shard layout, either format); everything
 #: else in the folder (a README, generation_config.json, tokenizer files, notes) is kept.
 CHECKPOINT_FILE = re.compile(
-    r"^(config\.json|(model(-\d{5}-of-\d{5})?\.safetensors|pytorch_model(-\d{5}-of-\d{5})?\.bin)(\.index\.json)?)$"
+    r"^(config\.json|((quantized_)?model(-\d{5}-of-\d{5})?\.safetensors|pytorch_model(-\d{5}-of-\d{5})?\.bin)(\.index\.json)?)$"
 )
 
 
@@ -577,6 +610,10 @@ def write_checkpoint(
     """
     limit = parse_size(max_shard_size)
     out = Path(save_directory)
+    quantized = isinstance(config, dict) and config.get("quantization_config") is not None
+    if quantized and not safe_serialization:
+        raise ValueError("a quantized model is saved as safetensors only (quantized_model.safetensors); "
+                         "drop safe_serialization=False")
     extra_names = set(extra_files or {})
     for name in extra_names:
         if Path(name).name != name or name in (".", ".."):
@@ -622,7 +659,7 @@ def write_checkpoint(
             flush()
         current = {}
 
-        single = SAFE_WEIGHTS_NAME if safe_serialization else WEIGHTS_NAME
+        single = QUANTIZED_WEIGHTS_NAME if quantized else SAFE_WEIGHTS_NAME if safe_serialization else WEIGHTS_NAME
         stem, ext = single.rsplit(".", 1)
         n = len(shards)
         final_names = [single] if n == 1 else [f"{stem}-{i + 1:05d}-of-{n:05d}.{ext}" for i in range(n)]
@@ -634,7 +671,7 @@ def write_checkpoint(
                 "metadata": {"total_size": total_size},
                 "weight_map": {k: name for keys, name in zip(shards, final_names) for k in keys},
             }
-            index_name = SAFE_WEIGHTS_INDEX_NAME if safe_serialization else WEIGHTS_INDEX_NAME
+            index_name = f"{single}.index.json"
             _write_json(index, staging / index_name)
             written.append(index_name)
         for name, content in (extra_files or {}).items():

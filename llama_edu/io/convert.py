@@ -39,17 +39,18 @@ import re
 import struct
 import warnings
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
 
-from .atomic_save import replace_folder_files
-from .checkpoint import dtype_name, load_torch_state_dict, parse_dtype, write_checkpoint
+from .atomic_save import check_output_folder, replace_folder_files
+from .checkpoint import _skip_init, dtype_name, load_torch_state_dict, parse_dtype, write_checkpoint
 from ..config import TRANSFORMERS_VERSION, LlamaConfig
 from .files import cache_dir, find_data_file, read_json_object
 from ..mlp import swiglu_hidden_size
 from ..modeling import LlamaForCausalLM
+from ..reference import reference_forward
 from ..text.llama3 import Llama3Tokenizer
 
 # ============================================================================================
@@ -146,16 +147,32 @@ def guess_max_position_embeddings(params: dict[str, Any], model_size: str | None
     return 4096
 
 
-def merge_meta_shards(shards: list[dict[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+def merge_meta_shards(shards: list[dict[str, torch.Tensor]], only: Callable[[str], bool] | None = None,
+                      ) -> Iterator[tuple[str, torch.Tensor]]:
     """(meta_key, full tensor) pairs from the model-parallel shards, one tensor at a time:
     split weights are concatenated along their split dimension, replicated ones taken from
-    rank 0. Keys come in rank 0's order."""
+    rank 0. Keys come in rank 0's order; ``only(key)`` picks some of them.
+
+    Shards of two different models are refused: every rank holds the same replicated tensors
+    (the RMSNorm weights), and the split ones agree in every dimension but the split one."""
     keys = [k for k in shards[0] if not k.endswith("rope.freqs")]  # Llama 1 kept a freqs buffer
     for i, s in enumerate(shards[1:], 1):
         if set(k for k in s if not k.endswith("rope.freqs")) != set(keys):
             raise ValueError(f"consolidated.{i:02d}.pth holds other keys than consolidated.00.pth; are they from the same model?")
     for key in keys:
+        if only is not None and not only(key):
+            continue
         dim = _split_dim(key)
+        for i, s in enumerate(shards[1:], 1):
+            a, b = shards[0][key], s[key]
+            same_shape = a.dim() == b.dim() and all(x == y for d, (x, y) in enumerate(zip(a.shape, b.shape)) if d != dim)
+            if not same_shape or a.dtype != b.dtype or (dim is None and not torch.equal(a, b)):
+                what = f"is {tuple(b.shape)} {b.dtype} against {tuple(a.shape)} {a.dtype}" if not same_shape or a.dtype != b.dtype \
+                    else "differs (every rank holds the same copy of it)"
+                raise ValueError(
+                    f"{key} of consolidated.{i:02d}.pth {what} in consolidated.00.pth: the shards come from "
+                    "two different models; put the consolidated.*.pth files of one download in the folder"
+                )
         if dim is None or len(shards) == 1:
             yield key, shards[0][key]
         else:
@@ -365,6 +382,81 @@ def tokenizer_files(tokenizer_model: Path, max_position_embeddings: int) -> dict
     }
 
 
+def meta_to_hf(key: str, t: torch.Tensor, n_heads: int, n_kv: int, n_layers: int) -> tuple[str, torch.Tensor]:
+    """One merged Meta tensor -> its HF name and layout (q/k rows permuted to rotate_half)."""
+    if key == "tok_embeddings.weight":
+        return "model.embed_tokens.weight", t
+    if key == "norm.weight":
+        return "model.norm.weight", t
+    if key == "output.weight":
+        return "lm_head.weight", t
+    m = re.fullmatch(r"layers\.(\d+)\.(.+)", key)
+    layer, suffix = int(m.group(1)), m.group(2)
+    if layer >= n_layers:
+        raise ValueError(f"{key} is beyond n_layers={n_layers} of params.json")
+    if suffix == "attention.wq.weight":
+        t = permute_qk(t, n_heads)
+    elif suffix == "attention.wk.weight":
+        t = permute_qk(t, n_kv)
+    return f"model.layers.{layer}.{META_TO_HF[suffix]}", t
+
+
+#: (dim, n_layers) -> n_heads of every Meta release (Llama 1, 2, Code Llama, 3.x): a params.json
+#: with one of these shapes and another head count does not belong to the weights. The weights
+#: alone cannot tell (any head count that divides the shapes gives a working, different model).
+META_RELEASE_HEADS = {(4096, 32): 32, (5120, 40): 40, (6656, 60): 52, (8192, 80): 64, (8192, 48): 64,
+                      (2048, 16): 32, (3072, 28): 24, (16384, 126): 128}
+
+#: Largest |logit difference| the conversion check accepts, relative to the logits' scale.
+REFERENCE_RTOL = 1e-4
+
+
+def check_against_reference(shards: list[dict[str, torch.Tensor]], params: dict[str, Any], config: LlamaConfig,
+                            n_tokens: int = 8) -> float:
+    """Before writing a conversion: run the first and last layers (with the embeddings, the final
+    norm and the head) of both the Meta weights, through :func:`llama_edu.reference.reference_forward`
+    (Meta's own math, interleaved q/k, complex RoPE), and of the converted HF tensors, through
+    our model, on ``n_tokens`` tokens, in float32. Two layers keep it cheap for a 70B model and
+    still exercise every tensor kind the conversion touches. Raises ``ValueError`` (nothing is
+    written) when the logits differ; returns the largest relative difference."""
+    dim, n_heads, n_layers = params["dim"], params["n_heads"], params["n_layers"]
+    release = META_RELEASE_HEADS.get((dim, n_layers))
+    if release is not None and release != n_heads:
+        raise ValueError(
+            f"params.json says n_heads={n_heads}, but every Meta release with dim={dim} and {n_layers} layers "
+            f"has n_heads={release}: nothing was written; use the params.json that came with the weights"
+        )
+    n_kv = params.get("n_kv_heads") or n_heads
+    keep = sorted({0, n_layers - 1})
+    renumber = {str(layer): str(j) for j, layer in enumerate(keep)}
+    meta: dict[str, torch.Tensor] = {}
+    for key, t in merge_meta_shards(shards, only=lambda k: not k.startswith("layers.") or k.split(".")[1] in renumber):
+        if key.startswith("layers."):
+            _, layer, rest = key.split(".", 2)
+            key = f"layers.{renumber[layer]}.{rest}"
+        meta[key] = t.float()
+    small = {**params, "n_layers": len(keep)}
+    hf = dict(meta_to_hf(k, t, n_heads, n_kv, len(keep)) for k, t in meta.items())
+    cfg = LlamaConfig(**{**config.to_dict(), "num_hidden_layers": len(keep), "torch_dtype": "float32"})
+    with torch.device("meta"), _skip_init(LlamaForCausalLM):  # no memory: the tensors above are assigned
+        model = LlamaForCausalLM(cfg).eval()
+    model.load_state_dict(hf, strict=True, assign=True)
+    vocab = cfg.vocab_size
+    tokens = torch.tensor([[min(cfg.bos_token_id or 1, vocab - 1)] + [(i * 7919) % vocab for i in range(1, n_tokens)]])
+    with torch.no_grad():
+        ref = reference_forward(meta, small, tokens)
+        ours = model(tokens).logits.float()
+    scale = max(1.0, ref.abs().max().item())
+    diff = (ours - ref).abs().max().item() / scale
+    if not diff <= REFERENCE_RTOL:  # also catches NaN
+        raise ValueError(
+            f"the converted model's logits differ from Meta's reference forward by {diff:.3g} (relative; at most "
+            f"{REFERENCE_RTOL:g} allowed) on {n_tokens} tokens through layers {keep}: nothing was written. The "
+            "conversion does not reproduce these weights: check params.json (n_heads, n_kv_heads, norm_eps, rope_theta)"
+        )
+    return diff
+
+
 def convert_meta_checkpoint(
     input_dir: str | os.PathLike,
     output_dir: str | os.PathLike,
@@ -383,6 +475,7 @@ def convert_meta_checkpoint(
     only cross-checks it. ``dtype`` is the output dtype (default float16, as the reference).
     """
     input_dir = Path(input_dir)
+    check_output_folder(output_dir, [input_dir, tokenizer_path], overwrite=True)
     params, files = _read_meta_dir(input_dir)
     num_shards = len(files)
     if model_size is not None:
@@ -432,24 +525,11 @@ def convert_meta_checkpoint(
     tied = "output.weight" not in shard0
     config = _meta_config(params, shard0, num_shards, vocab_size, max_pos, bos, eos, tied)
 
+    check_against_reference(shards, params, config)  # before anything is written
+
     def hf_tensors() -> Iterator[tuple[str, torch.Tensor]]:
         for key, t in merge_meta_shards(shards):
-            if key == "tok_embeddings.weight":
-                name = "model.embed_tokens.weight"
-            elif key == "norm.weight":
-                name = "model.norm.weight"
-            elif key == "output.weight":
-                name = "lm_head.weight"
-            else:
-                m = re.fullmatch(r"layers\.(\d+)\.(.+)", key)
-                layer, suffix = int(m.group(1)), m.group(2)
-                if layer >= n_layers:
-                    raise ValueError(f"{key} is beyond n_layers={n_layers} of params.json")
-                name = f"model.layers.{layer}.{META_TO_HF[suffix]}"
-                if suffix == "attention.wq.weight":
-                    t = permute_qk(t, n_heads)
-                elif suffix == "attention.wk.weight":
-                    t = permute_qk(t, n_kv)
+            name, t = meta_to_hf(key, t, n_heads, n_kv, n_layers)
             yield name, t.to(out_dtype)
 
     config.torch_dtype = dtype_name(out_dtype)
@@ -693,6 +773,7 @@ def convert_llama2c_checkpoint(
     """Convert a llama2.c ``model.bin`` into an HF-layout folder (float32 by default: the file
     is float32). ``tokenizer_path`` optionally adds a SentencePiece ``tokenizer.model``
     (llama2.c's own ``tokenizer.bin`` is a different format and is not converted)."""
+    check_output_folder(output_dir, [path, tokenizer_path], overwrite=True)
     config, sd = read_llama2c(path)
     out_dtype = parse_dtype(dtype)
     if out_dtype == "auto":

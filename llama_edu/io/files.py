@@ -9,7 +9,10 @@ committed to the repository. :func:`find_data_file` looks for them, in this orde
 4. the user cache (``~/.cache/llama_edu``), filled by a download from the public original
    and verified against its sha256.
 
-Offline with nothing found, it raises a ``FileNotFoundError`` that says where to put the file.
+A file whose original is a zip archive (the SMS spam collection) is unpacked from it; what is kept
+is checked against its sha256, and a file with another sha256 is never left behind. Offline with
+nothing found, it raises :class:`DataFileNotFound` (a ``FileNotFoundError``) that says where to
+put the file and where its original lives.
 
 Checkpoint files (``config.json``, weights, tokenizer) are found by :func:`resolve_file`: in a
 local folder, or downloaded from the Hugging Face hub when given a repo id.
@@ -26,6 +29,7 @@ import os
 import re
 import tempfile
 import urllib.request
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,12 +48,29 @@ DEFAULT_MODEL_DIR = PROJECT_DATA_DIR / "shakespeare-llama"
 
 @dataclass(frozen=True)
 class DataFile:
-    """A public file the course uses: its sha256 and where the original lives."""
+    """A public file the course uses: its sha256 and where the original lives. ``member``: the
+    original is a zip archive and the file is this member of it."""
 
     name: str
     sha256: str | None
     url: str | None
     description: str
+    member: str | None = None
+
+
+class DataFileNotFound(FileNotFoundError):
+    """A shared data file that is nowhere on this machine and could not be downloaded. ``name``
+    is the file; ``source`` where its public original lives (None: put it there by hand)."""
+
+    def __init__(self, message: str, name: str, source: str | None):
+        super().__init__(message)
+        self.name, self.source = name, source
+
+    def summary(self) -> str:
+        """One line for a skipped test: the file, and where it comes from."""
+        where = f"download it from {self.source}" if self.source else "put it there by hand"
+        return (f"{self.name} is not in $LLAMA_EDU_DATA, ../shared/data or {cache_dir()} and could not be "
+                f"downloaded: {where} (see the README, 'Where data comes from')")
 
 
 KNOWN_FILES = {
@@ -70,8 +91,9 @@ KNOWN_FILES = {
         DataFile(
             "sms_spam_collection.tsv",
             "7d039a24a6083ed9ef0f806ebad56bbb976e3aeb8de05669173bfdc4996c239d",
-            None,  # the UCI original is a zip archive: download and unpack it by hand
+            "https://archive.ics.uci.edu/static/public/228/sms+spam+collection.zip",
             "the UCI SMS Spam Collection (label<TAB>text)",
+            member="SMSSpamCollection",
         ),
         DataFile(
             "stories260K/stories260K.bin",
@@ -124,12 +146,23 @@ def sha256_of(path: str | os.PathLike) -> str:
 
 
 def _download(info: DataFile, target: Path) -> Path:
-    """Download ``info.url`` to ``target`` atomically and check its sha256."""
+    """Download ``info.url`` to ``target`` atomically and check its sha256 (of the member, for a
+    zip archive). A file with another sha256 is not kept."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=target.name + ".", suffix=".part")
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
     os.close(fd)
     try:
-        urllib.request.urlretrieve(info.url, tmp)
+        with urllib.request.urlopen(info.url, timeout=60) as response, open(tmp, "wb") as f:
+            for block in iter(lambda: response.read(1 << 20), b""):
+                f.write(block)
+        if info.member is not None:
+            try:
+                with zipfile.ZipFile(tmp) as archive:
+                    data = archive.read(info.member)
+            except (zipfile.BadZipFile, KeyError) as e:
+                raise OSError(f"{info.url} is not a zip archive holding {info.member} ({e}); the file was not kept") from None
+            with open(tmp, "wb") as f:
+                f.write(data)
         got = sha256_of(tmp)
         if info.sha256 and got != info.sha256:
             raise OSError(
@@ -159,19 +192,42 @@ def find_data_file(name: str, path: str | os.PathLike | None = None, download: b
         if candidate.exists():
             return candidate
     info = KNOWN_FILES.get(name)
+    source = info.url if info is not None else None
+    if info is not None and info.member is not None:
+        source = f"{info.url} (member {info.member} of the zip)"
     if download and info is not None and info.url is not None:
         try:
             return _download(info, cache_dir() / name)
         except OSError as e:  # offline, or a bad download: fall through to the clear error
             reason = f" (download from {info.url} failed: {e})"
     else:
-        reason = ""
+        reason = f" (its public original: {source})" if source else ""
     what = f"{info.description} " if info else ""
     where = "\n  ".join(str(d / name) for d in search_dirs())
-    raise FileNotFoundError(
+    raise DataFileNotFound(
         f"could not find {what}{name!r}{reason}. Put the file at one of:\n  {where}\n"
-        "or set LLAMA_EDU_DATA to the folder that holds it."
+        "or set LLAMA_EDU_DATA to the folder that holds it.", name, source,
     )
+
+
+def find_input_file(path: str | os.PathLike, what: str = "file") -> Path:
+    """A file a user named on the command line: the path itself when it exists; otherwise a
+    name of the shared data (``tinyshakespeare.txt``, ``stories260K/stories260K.bin``) is found
+    as the notebooks find it (:func:`find_data_file`: ``$LLAMA_EDU_DATA``, ``../shared/data``,
+    the cache, a verified download). Anything else: a FileNotFoundError naming ``what``."""
+    p = Path(path).expanduser()
+    if p.exists():
+        return p
+    name = os.fspath(path)
+    if name in KNOWN_FILES or (not p.is_absolute() and len(p.parts) == 1):
+        try:
+            return find_data_file(name)
+        except DataFileNotFound as e:
+            if name in KNOWN_FILES:
+                raise
+            raise FileNotFoundError(f"{what} {name} not found: it is neither a path from here ({Path.cwd()}) nor in "
+                                    f"the shared data folders ($LLAMA_EDU_DATA, ../shared/data, {cache_dir()})") from e
+    raise FileNotFoundError(f"{what} {name} not found; check the path")
 
 
 # --------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ padding, truncation and tensors, decoding, saving and loading (see :mod:`llama_e
 from __future__ import annotations
 
 import json
+import numbers
 import os
 import re
 import warnings
@@ -16,7 +17,7 @@ from ..io.atomic_save import replace_folder_files
 from .bpe import SPIECE_UNDERLINE
 from ..io.files import atomic_write_bytes, looks_like_repo_id, read_json_object, resolve_file
 from .chat_template import ChatTemplateMixin
-from .encoding import BatchEncoding, _to_tensors
+from .encoding import BatchEncoding, _to_tensors, as_token_ids, check_text
 
 
 _RESAVE = "re-save the tokenizer or delete that file"
@@ -366,12 +367,13 @@ class LlamaTokenizerBase(ChatTemplateMixin):
 
     def convert_ids_to_tokens(self, ids: int | Iterable[int], skip_special_tokens: bool = False) -> str | list[str]:
         """Id(s) -> token(s) (pieces such as '▁Hello' or '<0x0A>')."""
-        if isinstance(ids, torch.Tensor):
-            ids = ids.tolist()
-        if isinstance(ids, int):
+        if isinstance(ids, torch.Tensor) and ids.dim() == 0 and not ids.is_floating_point():
+            ids = ids.item()
+        if isinstance(ids, numbers.Integral) and not isinstance(ids, bool):
+            ids = int(ids)
             self._check_ids([ids])
             return self._added_tokens_decoder.get(ids) or self._id_to_piece(ids)
-        ids = [int(i) for i in ids]
+        ids = as_token_ids(ids, "convert_ids_to_tokens")
         self._check_ids(ids)
         special = set(self.all_special_ids) if skip_special_tokens else set()
         return [self._added_tokens_decoder.get(i) or self._id_to_piece(i) for i in ids if i not in special]
@@ -442,6 +444,7 @@ class LlamaTokenizerBase(ChatTemplateMixin):
         _no_kwargs("tokenize", kwargs)
         if not isinstance(text, str):
             raise TypeError(f"tokenize takes a string, got {type(text).__name__}")
+        check_text(text)
         split = self.split_special_tokens if split_special_tokens is None else split_special_tokens
         return self.convert_ids_to_tokens(self._encode_texts([text], split)[0])  # type: ignore[return-value]
 
@@ -689,13 +692,9 @@ class LlamaTokenizerBase(ChatTemplateMixin):
         """Ids -> text. The space sentencepiece put in front of the first word is removed."""
         kwargs.pop("spaces_between_special_tokens", None)  # accepted; no effect without non-special added tokens
         _no_kwargs("decode", kwargs)
-        if isinstance(token_ids, torch.Tensor):
-            if token_ids.dim() > 1:
-                raise ValueError(f"decode takes one sequence, got a tensor of shape {tuple(token_ids.shape)}; use batch_decode")
-            token_ids = token_ids.tolist()
-        if isinstance(token_ids, int):
-            token_ids = [token_ids]
-        ids = [int(i) for i in token_ids]  # type: ignore[union-attr]
+        if isinstance(token_ids, torch.Tensor) and token_ids.dim() > 1:
+            raise ValueError(f"decode takes one sequence, got a tensor of shape {tuple(token_ids.shape)}; use batch_decode")
+        ids = as_token_ids(token_ids)
         self._check_ids(ids)
         text = self._decode_ids(ids, skip_special_tokens)
         clean = self.clean_up_tokenization_spaces if clean_up_tokenization_spaces is None else clean_up_tokenization_spaces
@@ -704,6 +703,8 @@ class LlamaTokenizerBase(ChatTemplateMixin):
     def batch_decode(self, sequences: Sequence[Sequence[int]] | torch.Tensor, **kwargs: Any) -> list[str]:
         """Decode each sequence of a batch (a list of lists or a (batch, seq) tensor)."""
         if isinstance(sequences, torch.Tensor):
+            if sequences.is_floating_point():
+                raise ValueError(f"batch_decode takes integer token ids, got a {sequences.dtype} tensor; pass a torch.long tensor")
             sequences = sequences.tolist()
         return [self.decode(s, **kwargs) for s in sequences]
 
@@ -863,9 +864,9 @@ def _no_kwargs(where: str, kwargs: dict) -> None:
 
 def _as_text_list(text: Any, name: str) -> list[str]:
     if isinstance(text, str):
-        return [text]
+        return [check_text(text, name)]
     if isinstance(text, (list, tuple)) and all(isinstance(t, str) for t in text):
-        return list(text)
+        return [check_text(t, f"{name}[{i}]") for i, t in enumerate(text)]
     raise TypeError(f"{name} must be a string or a list of strings, got {type(text).__name__}")
 
 

@@ -10,7 +10,7 @@ import re
 
 import torch
 
-from .encoding import BatchEncoding, _to_tensors
+from .encoding import BatchEncoding, _to_tensors, check_text
 
 
 DEFAULT_SYSTEM_PROMPT = """You are a helpful, respectful and honest assistant. Always answer as helpfully as possible, while being safe. Your \
@@ -147,6 +147,7 @@ class ChatTemplateMixin:
         for m in conversation:
             if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
                 raise ValueError(f"each message must be a dict with string 'role' and 'content', got {m!r}")
+            check_text(m["content"], f"the {m['role']} message")
         template = chat_template if chat_template is not None else self.chat_template
         if template is None:
             pieces = self._render_llama2_chat(list(conversation))

@@ -1,9 +1,11 @@
 """``BatchEncoding``: what a tokenizer's ``__call__`` returns (a dict of ids and masks, with attribute
-access), and turning its lists into tensors."""
+access), and turning its lists into tensors; the checks on what goes in (text that is UTF-8) and
+comes back (ids that are integers)."""
 
 from __future__ import annotations
 
-from typing import Any
+import numbers
+from typing import Any, Iterable
 
 import torch
 
@@ -53,4 +55,37 @@ def _to_tensors(enc: BatchEncoding, return_tensors: str | None, prepend_batch_ax
         if not rows:
             t = t.reshape(0, 0)
         out[k] = t if return_tensors == "pt" else t.numpy()
+    return out
+
+
+def check_text(text: str, what: str = "the text") -> str:
+    """``text``, or a ValueError when it holds lone surrogates: bytes that were not valid UTF-8,
+    kept by Python's ``surrogateescape`` (a command-line argument, a terminal's input). The
+    tokenizers cannot encode them (sentencepiece fails deep inside with a cryptic error)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        bad = text[e.start]
+        byte = f"byte 0x{ord(bad) - 0xDC00:02x}" if 0xDC80 <= ord(bad) <= 0xDCFF else f"lone surrogate {bad!r}"
+        raise ValueError(f"{what} is not valid UTF-8 ({byte} at character {e.start}): pass UTF-8 text "
+                         "(check the terminal's or the file's encoding)") from None
+    return text
+
+
+def as_token_ids(ids: Any, what: str = "decode") -> list[int]:
+    """A sequence of token ids as Python ints; a float (``3.7``), a bool, a string or a
+    floating-point tensor is refused rather than truncated (``int(3.7)`` would decode id 3)."""
+    if isinstance(ids, torch.Tensor):
+        if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+            raise ValueError(f"{what} takes integer token ids, got a {ids.dtype} tensor; pass a torch.long tensor "
+                             "(e.g. the argmax of the logits, not the logits or probabilities)")
+        ids = ids.tolist()
+    if isinstance(ids, (str, bytes)):
+        raise ValueError(f"{what} takes token ids, got the text {ids!r}; encode text with tokenizer(text) or tokenizer.encode")
+    out = []
+    for i in ids if isinstance(ids, Iterable) else [ids]:
+        if isinstance(i, bool) or not isinstance(i, numbers.Integral):
+            raise ValueError(f"{what} takes integer token ids, got {i!r} ({type(i).__name__}); "
+                             "a float id is not rounded or truncated: pass ints (e.g. ids.long().tolist())")
+        out.append(int(i))
     return out

@@ -50,6 +50,7 @@ import torch
 from safetensors.torch import load_file, save
 from torch import nn
 
+from ..io.atomic_save import replace_folder_files
 from ..io.files import atomic_write_bytes, read_json_object
 
 # The Llama projections an adapter may sit on (transformers' module names).
@@ -93,8 +94,8 @@ def lora_forward(
 def _check_rank_alpha(r: Any, lora_alpha: Any) -> None:
     if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
         raise ValueError(f"LoRA rank r must be a positive integer (e.g. 8), got {r!r}")
-    if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, (int, float)) or not lora_alpha > 0:
-        raise ValueError(f"lora_alpha must be a positive number (e.g. 16, often 2 * r), got {lora_alpha!r}")
+    if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, (int, float)) or not 0 < lora_alpha < math.inf:
+        raise ValueError(f"lora_alpha must be a positive finite number (e.g. 16, often 2 * r), got {lora_alpha!r}")
 
 
 class LoraLinear(nn.Module):
@@ -432,15 +433,18 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def save_lora_adapter(model: nn.Module, save_directory: str | os.PathLike) -> Path:
     """Write ``adapter_config.json`` and ``adapter_model.safetensors`` (PEFT's layout) to
-    ``save_directory``; each file is written atomically. Returns the folder."""
+    ``save_directory``: both replace the previous adapter together or not at all
+    (:func:`llama_edu.io.atomic_save.replace_folder_files`; other files in the folder are kept).
+    Returns the folder."""
     directory = Path(save_directory)
     if directory.exists() and not directory.is_dir():
         raise ValueError(f"{directory} exists and is not a folder; give a folder to save the adapter in")
     tensors = lora_state_dict(model)
     config: LoraConfig = model.lora_config
-    atomic_write_bytes(directory / ADAPTER_WEIGHTS_NAME, save(tensors, metadata={"format": "pt"}))
     text = json.dumps(config.to_peft_dict(), indent=2, sort_keys=True) + "\n"
-    atomic_write_bytes(directory / ADAPTER_CONFIG_NAME, text.encode("utf-8"))
+    with replace_folder_files(directory, lambda name: name in (ADAPTER_WEIGHTS_NAME, ADAPTER_CONFIG_NAME), last=None) as staging:
+        atomic_write_bytes(staging / ADAPTER_WEIGHTS_NAME, save(tensors, metadata={"format": "pt"}))
+        atomic_write_bytes(staging / ADAPTER_CONFIG_NAME, text.encode("utf-8"))
     return directory
 
 
@@ -506,9 +510,17 @@ def _copy_adapter_weights(model: nn.Module, saved: dict[str, torch.Tensor], dire
             f"unexpected keys {unexpected[:4]}{'...' if len(unexpected) > 4 else ''}"
         )
     params = dict(model.named_parameters())
+    for key, value in saved.items():  # every tensor is checked before the first is copied
+        p = params[key[len(PEFT_KEY_PREFIX):]]
+        if p.shape != value.shape:
+            raise ValueError(f"{key}: saved shape {tuple(value.shape)} does not match the model's {tuple(p.shape)}")
+        if not value.is_floating_point():
+            raise ValueError(f"{key} in {directory} holds {value.dtype} values, not floating point: the adapter is corrupt")
+        if not torch.isfinite(value).all():
+            bad = (~torch.isfinite(value)).sum().item()
+            raise ValueError(f"{key} in {directory} holds {bad} NaN or infinite value(s): the adapter is corrupt "
+                             "(a diverged training run?); retrain it or load an earlier checkpoint")
     with torch.no_grad():
         for key, value in saved.items():
             p = params[key[len(PEFT_KEY_PREFIX):]]
-            if p.shape != value.shape:
-                raise ValueError(f"{key}: saved shape {tuple(value.shape)} does not match the model's {tuple(p.shape)}")
             p.copy_(value.to(p.dtype))

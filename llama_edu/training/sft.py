@@ -63,13 +63,20 @@ def load_jsonl(path: str | os.PathLike, split: str | None = None) -> list[dict[s
     if not path.is_file():
         raise FileNotFoundError(f"no data file {path}; the project's own sets are in data/ (see data/README.md)")
     rows = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8 JSON Lines") from None
+    for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
             raise ValueError(f"{path.name} line {n} is not valid JSON: {e}") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{path.name} line {n} is a JSON {type(row).__name__}, not an object: each line must be one "
+                             'example, e.g. {"messages": [...]} (SFT) or {"prompt": ..., "chosen": ..., "rejected": ...} (DPO)')
         if split is None or row.get("split") == split:
             rows.append(row)
     if not rows:

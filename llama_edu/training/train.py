@@ -71,7 +71,7 @@ from tqdm import tqdm
 from . import distributed
 from ..io.atomic_save import recover_folder, replace_folder_files
 from ..config import LlamaConfig
-from ..io.files import PROJECT_DATA_DIR, atomic_write_bytes
+from ..io.files import PROJECT_DATA_DIR, atomic_write_bytes, find_input_file
 from ..modeling import LlamaForCausalLM, causal_lm_loss  # noqa: F401 (notebook 10 imports it from here)
 
 DEFAULT_TOKENIZER = PROJECT_DATA_DIR / "tokenizer.model"
@@ -93,9 +93,9 @@ class TokenDataset:
     def __init__(self, path: str | os.PathLike, tokenizer_path: str | os.PathLike | None = None, val_fraction: float = 0.1):
         import sentencepiece as spm
 
-        path = Path(path)
+        path = find_input_file(path, "training text")  # a path, or a shared data name like tinyshakespeare.txt
         if not path.is_file():
-            raise FileNotFoundError(f"training text {path} not found; pass --data with a path to a UTF-8 text file")
+            raise FileNotFoundError(f"training text {path} is not a file; pass --data with a path to a UTF-8 text file")
         tokenizer_path = Path(tokenizer_path or DEFAULT_TOKENIZER)
         if not tokenizer_path.is_file():
             raise FileNotFoundError(f"tokenizer {tokenizer_path} not found; pass a SentencePiece .model file")

@@ -1,0 +1,58 @@
+"""For every test and every notebook cell (nbval): a shared data file that is nowhere on this
+machine (no ``$LLAMA_EDU_DATA``, no ``../shared/data``, not in the cache, offline) makes the test
+skip, saying which file and where it comes from, instead of an error. Only the locator's own
+:class:`~llama_edu.io.files.DataFileNotFound` counts; any other missing file still fails.
+
+A notebook is one kernel: once a cell skipped for a missing file, its later cells skip too (they
+would fail on the names that cell did not define)."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+_NOTEBOOKS_MISSING_DATA: dict[str, str] = {}
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _missing_data_reason(error: BaseException) -> str | None:
+    from llama_edu.io.files import DataFileNotFound
+
+    if isinstance(error, DataFileNotFound):
+        return f"missing shared data: {error.summary()}"
+    inner = getattr(error, "inner_traceback", None)  # nbval's NbCellError: the kernel's traceback
+    if isinstance(inner, str) and "DataFileNotFound" in inner:
+        text = _ANSI.sub("", inner)
+        found = re.search(r"could not find [^\n]*?'([^']+)'", text)
+        name = found.group(1) if found else "a shared data file"
+        source = re.search(r"(?:download from|its public original:) (\S+)", text)
+        where = f"download it from {source.group(1)}" if source else "put it there by hand"
+        return (f"missing shared data: {name} is not in $LLAMA_EDU_DATA, ../shared/data or the cache and could not be "
+                f"downloaded: {where} (see the README, 'Where data comes from')")
+    return None
+
+
+def _skip_on_missing_data(item: pytest.Item):
+    key = str(getattr(item, "path", item.nodeid))
+    if type(item).__name__ == "IPyNbCell" and key in _NOTEBOOKS_MISSING_DATA:
+        pytest.skip(_NOTEBOOKS_MISSING_DATA[key])
+    try:
+        return (yield)
+    except Exception as e:  # noqa: BLE001 - re-raised unless it is the locator's missing-data error
+        reason = _missing_data_reason(e)
+        if reason is None:
+            raise
+        if type(item).__name__ == "IPyNbCell":
+            _NOTEBOOKS_MISSING_DATA[key] = reason
+        pytest.skip(reason)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item):
+    return (yield from _skip_on_missing_data(item))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item):
+    return (yield from _skip_on_missing_data(item))
