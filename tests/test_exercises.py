@@ -75,13 +75,15 @@ def test_check_never_raises(capsys):
 
 
 def test_inputs_are_not_shared_with_the_reference(capsys):
-    # An answer that writes into its input must not change what the reference sees.
+    # An answer that writes into its input must not change what the reference sees, and is told
+    # that it changed its input (tests/test_check_robustness.py has the rest).
     def in_place(x, dim):
         out = torch.softmax(x, dim)
         x.zero_()
         return out
 
-    assert run("softmax", in_place, capsys)[0]
+    ok, out = run("softmax", in_place, capsys)
+    assert not ok and "changed its input: `x` was written to in place" in out, out
 
 
 # --- the diagnoses a learner is most likely to need, spelled out -------------------------------

@@ -117,8 +117,11 @@ def _rope_cos_sin_reference(position_ids: torch.Tensor, head_dim: int, base: flo
 
 register(
     "rope_cos_sin", "03_rope", "(position_ids, head_dim, base)",
-    "cos and sin (batch, seq, head_dim) of the angles position * theta_i, laid out as in rotate_half (i and i + d/2 share theta_i)",
+    "cos and sin (batch, seq, head_dim), float32, of the angles position * theta_i, laid out as in rotate_half (i and i + d/2 share theta_i)",
     reference=_rope_cos_sin_reference,
+    # An angle of 4000 radians in float32 is only known to ~4000 * 1.2e-7 = 5e-4: correct formulas
+    # (float32 or float64, outer or broadcast, 1/base^x or base^-x) round it differently.
+    tolerance=lambda args: (max(1e-5, 8 * torch.finfo(torch.float32).eps * float(args[0].max())), 1e-5),
     cases=lambda: [("positions 0..5", (torch.arange(6)[None], 8, 10000.0)),
                    ("batch of 2, positions 10..13", (torch.arange(10, 14)[None].repeat(2, 1), 16, 10000.0)),
                    ("position 4000, head_dim 128", (torch.tensor([[0, 1, 4000]]), 128, 10000.0))],
