@@ -320,6 +320,9 @@ def _mutation(ex: Exercise, original: tuple, after: tuple) -> str | None:
 def _describe(x: Any) -> str:
     if isinstance(x, torch.Tensor):
         return f"a tensor of shape {tuple(x.shape)} and dtype {x.dtype}"
+    if isinstance(x, (tuple, list)) and any(isinstance(v, torch.Tensor) for v in x):
+        items = ", ".join(f"tensor {tuple(v.shape)}" if isinstance(v, torch.Tensor) else type(v).__name__ for v in x[:6])
+        return f"a {type(x).__name__} of {len(x)} items ({items})"
     if isinstance(x, Raised):
         return f"an error ({x})"
     return f"{type(x).__name__} {x!r}"[:300]
@@ -428,7 +431,7 @@ def _tensor_difference(got: torch.Tensor, expected: torch.Tensor, atol: float, r
     distinct = e[finite].abs().unique().numel() > 1
     if finite.all() and e.abs().max() > 0 and distinct:
         ratio = ((g * e).sum() / (e * e).sum()).item()
-        if abs(ratio - 1) > 1e-3 and torch.allclose(g, ratio * e, atol=atol, rtol=1e-3):
+        if abs(ratio - 1) > 1e-3 and abs(ratio) > 1e-3 and torch.allclose(g, ratio * e, atol=atol, rtol=1e-3):
             return f"the {what} is the expected one times {ratio:.4g}{_name_factor(ratio)} {where}: a scale factor is off"
     if g.dim() >= 2 and g.shape[-1] == g.shape[-2] and _close(g.transpose(-1, -2), e, atol, rtol):
         return f"the {what} is the expected one transposed (its last two dimensions swapped) {where}"
@@ -548,15 +551,34 @@ def _not_attempted(name: str) -> bool:
     return False
 
 
-def _matching_mistake(ex: Exercise, cases: Cases, answers: list[Any]) -> tuple[str, str] | None:
-    """The first known mistake that reproduces every one of the learner's answers."""
+def _matching_mistake(ex: Exercise, cases: Cases, answers: list[Any], expected: list[Any]) -> tuple[str, str] | None:
+    """The known mistake that explains the learner's answers: first one that reproduces every answer;
+    else one that reproduces every *wrong* answer (a learner who made that mistake but got a case
+    right that the mistake's extreme version gets wrong, or who also returns another dtype)."""
+    outputs = []
     for wrong, says, hint in ex.mistakes:
         try:
-            if all(difference(ans, _call(wrong, args), *ex.tolerances(args)) is None for (_, args), ans in zip(cases, answers)):
-                return says, hint
+            outputs.append([_call(wrong, args) for _, args in cases])
         except (NotImplementedError, _TimeLimit):
-            continue
+            outputs.append(None)
+    tol = [ex.tolerances(args) for _, args in cases]
+    for (wrong, says, hint), outs in zip(ex.mistakes, outputs):
+        if outs is not None and all(difference(a, o, *t) is None for a, o, t in zip(answers, outs, tol)):
+            return says, hint
+    wrong_cases = [i for i, (a, e, t) in enumerate(zip(answers, expected, tol)) if difference(a, e, *t) is not None]
+    for (wrong, says, hint), outs in zip(ex.mistakes, outputs):
+        if outs is not None and wrong_cases and all(difference(_like(answers[i], outs[i]), outs[i], *tol[i]) is None for i in wrong_cases):
+            return says, hint
     return None
+
+
+def _like(answer: Any, model: Any) -> Any:
+    """``answer`` cast to the float dtype of ``model`` (tensors, or tuples of them)."""
+    if isinstance(answer, torch.Tensor) and isinstance(model, torch.Tensor) and answer.is_floating_point() and model.is_floating_point():
+        return answer.to(model.dtype)
+    if isinstance(answer, (tuple, list)) and isinstance(model, (tuple, list)) and len(answer) == len(model):
+        return type(answer)(_like(a, m) for a, m in zip(answer, model))
+    return answer
 
 
 def _timed_out(name: str, n: int, total: int, label: str, t: TimedOut) -> list[str]:
@@ -659,7 +681,7 @@ def _check(name: str, fn: Callable | None, timeout: float, verbose: bool = True)
                     say(line)
             else:
                 say(f"  {problem}.")
-            mistake = _matching_mistake(ex, cases, answers)
+            mistake = _matching_mistake(ex, cases, answers, expected)
             if mistake:
                 say(f"  Likely mistake: {mistake[0]}.")
                 say(f"  Hint: {mistake[1]}.")

@@ -42,5 +42,7 @@ register(
         (lambda c: _count(c, norms=False), "the two RMSNorm weights of each layer are missing", "add 2 * hidden_size per layer"),
         (lambda c: _count(c, final=False), "the final norm is missing", "add hidden_size for model.norm"),
         (lambda c: _count(c, tied_twice=True), "a tied LM head is counted twice; it is the embedding matrix", "no head when tie_word_embeddings"),
+        (lambda c: _count(c) - c.vocab_size * c.hidden_size,
+         "the embedding matrix (vocab_size x hidden_size) is missing", "add vocab_size * hidden_size for model.embed_tokens"),
     ],
 )
