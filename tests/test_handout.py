@@ -80,6 +80,14 @@ def test_notebooks_check_every_exercise_and_hide_every_solution():
     assert ours <= {p.stem for p in NOTEBOOKS_DIR.glob("*.ipynb")}
 
 
+def test_every_solution_cell_is_tagged():
+    """A cell that asserts a check passes is a solution: it must be tagged, or the student copy keeps it."""
+    for path in sorted(NOTEBOOKS_DIR.glob("*.ipynb")):
+        for cell in json.loads(path.read_text())["cells"]:
+            if cell["cell_type"] == "code" and "assert check(" in _source(cell):
+                assert is_solution_cell(cell), f"{path.name}: an untagged solution cell: {_source(cell)[:80]!r}"
+
+
 def test_cli_writes_student_notebooks_and_refuses_bad_folders(tmp_path, capsys):
     assert main(["student-notebooks", str(tmp_path / "out")]) == 0
     assert "student notebooks in" in capsys.readouterr().out
