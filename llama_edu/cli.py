@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from .course import handout
+from .course import grading, handout
 from .io import convert
 from .quant import gptq
 from .training import dpo, sft, train
@@ -95,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     dpo.add_cli_commands(sub)
     gptq.add_cli_commands(sub)
     handout.add_cli_commands(sub)
+    grading.add_cli_commands(sub)
     return parser
 
 
