@@ -267,7 +267,22 @@ def _chat(messages):
     return "".join(out)
 
 
+def _llama_generate_meta_style(weights, config, ids, n):
+    # Meta's layout and complex-number RoPE (reference.py), after converting the Hugging Face weights
+    from llama_edu.io.convert import hf_to_meta_state_dicts, meta_params
+    from llama_edu.reference import reference_forward
+
+    if "lm_head.weight" not in weights:
+        weights = {**weights, "lm_head.weight": weights["model.embed_tokens.weight"]}
+    meta = hf_to_meta_state_dicts(weights, config)[0]
+    params = {**meta_params(config), "rope_theta": config.rope_theta}  # meta_params leaves Llama 2's default out
+    for _ in range(n):
+        ids = torch.cat([ids, reference_forward(meta, params, ids)[:, -1].argmax(-1, keepdim=True)], -1)
+    return ids
+
+
 ALTERNATIVES = {
+    "llama_generate": [_llama_generate_meta_style],
     "softmax": [_softmax, lambda x, dim: torch.exp(x - torch.logsumexp(x.float(), dim, keepdim=True)).to(x.dtype)],
     "merge_pair": [_merge_pair_loop],
     "rms_norm": [_rms_norm],

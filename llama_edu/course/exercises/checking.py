@@ -554,20 +554,34 @@ def _not_attempted(name: str) -> bool:
 def _matching_mistake(ex: Exercise, cases: Cases, answers: list[Any], expected: list[Any]) -> tuple[str, str] | None:
     """The known mistake that explains the learner's answers: first one that reproduces every answer;
     else one that reproduces every *wrong* answer (a learner who made that mistake but got a case
-    right that the mistake's extreme version gets wrong, or who also returns another dtype)."""
-    outputs = []
-    for wrong, says, hint in ex.mistakes:
-        try:
-            outputs.append([_call(wrong, args) for _, args in cases])
-        except (NotImplementedError, _TimeLimit):
-            outputs.append(None)
+    right that the mistake's extreme version gets wrong, or who also returns another dtype).
+    Mistakes run lazily, case by case, and stop at the first case they do not explain."""
     tol = [ex.tolerances(args) for _, args in cases]
-    for (wrong, says, hint), outs in zip(ex.mistakes, outputs):
-        if outs is not None and all(difference(a, o, *t) is None for a, o, t in zip(answers, outs, tol)):
+    cache: dict[tuple[int, int], Any] = {}
+
+    def output(m: int, i: int) -> Any:
+        if (m, i) not in cache:
+            cache[(m, i)] = _call(ex.mistakes[m][0], cases[i][1])
+        return cache[(m, i)]
+
+    def explains(m: int, indices: list[int], loose: bool) -> bool:
+        try:
+            for i in indices:
+                out = output(m, i)
+                if difference(_like(answers[i], out) if loose else answers[i], out, *tol[i]) is not None:
+                    return False
+            return True
+        except (NotImplementedError, _TimeLimit):
+            return False
+
+    # the cases the learner got wrong first: they separate the mistakes fastest
+    wrong = [i for i, (a, e, t) in enumerate(zip(answers, expected, tol)) if difference(a, e, *t) is not None]
+    order = wrong + [i for i in range(len(cases)) if i not in wrong]
+    for m, (_, says, hint) in enumerate(ex.mistakes):
+        if explains(m, order, loose=False):
             return says, hint
-    wrong_cases = [i for i, (a, e, t) in enumerate(zip(answers, expected, tol)) if difference(a, e, *t) is not None]
-    for (wrong, says, hint), outs in zip(ex.mistakes, outputs):
-        if outs is not None and wrong_cases and all(difference(_like(answers[i], outs[i]), outs[i], *tol[i]) is None for i in wrong_cases):
+    for m, (_, says, hint) in enumerate(ex.mistakes):
+        if wrong and explains(m, wrong, loose=True):
             return says, hint
     return None
 
