@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from .course import grading, handout
+from .course import grading, handout, home
 from .io import convert
 from .quant import gptq
 from .training import dpo, sft, train
@@ -96,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     gptq.add_cli_commands(sub)
     handout.add_cli_commands(sub)
     grading.add_cli_commands(sub)
+    home.add_cli_commands(sub)
     return parser
 
 

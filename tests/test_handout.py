@@ -108,3 +108,28 @@ def test_a_student_notebook_runs(tmp_path):
     printed = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
     assert "softmax: not attempted yet" in printed
     assert "softmax: correct" not in printed
+
+
+def test_a_filled_in_capstone_runs_end_to_end(tmp_path):
+    """Notebook 06's student copy, with the learner's own llama_generate written in (here: the
+    solution's body under the learner's name), runs its capstone cells in a fresh kernel: the check
+    passes and the learner's model writes the package's tokens."""
+    nbclient = pytest.importorskip("nbclient")
+    nbformat = pytest.importorskip("nbformat")
+    original = json.loads((NOTEBOOKS_DIR / "06_full_model.ipynb").read_text())
+    solution = next(_source(c) for c in original["cells"] if "def llama_generate_solution" in _source(c))
+    answer = solution.replace("llama_generate_solution", "my_llama_generate").split("\nassert check(")[0]
+    answer += '\n\ncheck("llama_generate", my_llama_generate);'
+    write_student_notebooks(tmp_path)
+    nb = nbformat.read(tmp_path / "06_full_model.ipynb", as_version=4)
+    cells = nb.cells
+    start = next(i for i, c in enumerate(cells) if c.cell_type == "markdown" and "Your own Llama (capstone)" in c.source)
+    needed = [1, 2] + [i for i, c in enumerate(cells) if c.cell_type == "code" and "model = LlamaForCausalLM.from_pretrained" in c.source]
+    capstone = [c for c in cells[start:] if c.cell_type == "code"][:4]  # weights, your turn, (stubbed) solution, comparison
+    assert "def my_llama_generate" in capstone[1].source and "NotImplementedError" in capstone[1].source
+    capstone[1].source = answer
+    nb.cells = [cells[i] for i in needed] + capstone
+    nbclient.NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    printed = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+    assert "llama_generate: correct on all 3 cases" in printed, printed
+    assert "the same tokens as the package's generate: True" in printed, printed
