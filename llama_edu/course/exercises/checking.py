@@ -381,8 +381,9 @@ def _shape_difference(got: torch.Tensor, expected: torch.Tensor, atol: float, rt
         if len(diff) == 1:
             i = diff[0]
             a, b = got.shape[i], expected.shape[i]
-            ratio = f" ({a / b:g} times the expected size)" if b and (a % b == 0 or b % a == 0) else ""
-            return msg + f": dimension {i} has size {a} instead of {b}{ratio}"
+            ratio = f" ({a / b:g} times the expected size)" if b and a and (a % b == 0 or b % a == 0) else ""
+            off = f" (one {'too many' if a > b else 'too few'}: an off-by-one in a slice end or a loop bound?)" if abs(a - b) == 1 else ""
+            return msg + f": dimension {i} has size {a} instead of {b}{ratio}{off}"
     return msg + f" ({got.dim()} dimensions instead of {expected.dim()})"
 
 
@@ -403,8 +404,14 @@ def _tensor_difference(got: torch.Tensor, expected: torch.Tensor, atol: float, r
         if not bad.any():
             return None
         idx = tuple(int(i) for i in bad.nonzero()[0])
-        return (f"the {what} differs at index {idx}: got {got[idx].item()}, expected {expected[idx].item()} "
-                f"({int(bad.sum())} of {bad.numel()} differ)")
+        msg = (f"the {what} differs at index {idx}: got {got[idx].item()}, expected {expected[idx].item()} "
+               f"({int(bad.sum())} of {bad.numel()} differ)")
+        for dim in range(got.dim()):
+            for shift in (1, -1):
+                n = got.shape[dim]
+                if n > 2 and torch.equal(got.roll(shift, dim).narrow(dim, 1, n - 2), expected.narrow(dim, 1, n - 2)):
+                    return msg + f": the values are shifted by one position along dimension {dim} (an index is off by one)"
+        return msg
     atol, rtol = _tolerance(expected, atol, rtol)
     g, e = got.double(), expected.double()
     bad = ~torch.isclose(g, e, atol=atol, rtol=rtol, equal_nan=True)
@@ -433,6 +440,11 @@ def _tensor_difference(got: torch.Tensor, expected: torch.Tensor, atol: float, r
         ratio = ((g * e).sum() / (e * e).sum()).item()
         if abs(ratio - 1) > 1e-3 and abs(ratio) > 1e-3 and torch.allclose(g, ratio * e, atol=atol, rtol=1e-3):
             return f"the {what} is the expected one times {ratio:.4g}{_name_factor(ratio)} {where}: a scale factor is off"
+    if finite.all() and g.shape[-1] > 1:
+        shift = (g - e).mean(-1, keepdim=True)
+        if shift.abs().max() > atol and _close(g - shift, e, atol, rtol):
+            return (f"the {what} is the expected one plus a constant along the last dimension {where}: the softmax of both "
+                    "is the same, but the values are not (log-probabilities instead of logits? a missing or extra logsumexp?)")
     if g.dim() >= 2 and g.shape[-1] == g.shape[-2] and _close(g.transpose(-1, -2), e, atol, rtol):
         return f"the {what} is the expected one transposed (its last two dimensions swapped) {where}"
     for dim in range(g.dim()):
