@@ -43,11 +43,17 @@ def main(argv: list[str] | None = None) -> int:
     threads = os.environ.get("OMP_NUM_THREADS", "unset")
     if args.markdown:
         print(f"| notebook | CPU s | wall s |  (OMP_NUM_THREADS={threads}, {os.cpu_count()} cores)\n|---|---:|---:|")
+    failed = 0
     for path in args.notebooks:
-        cpu, wall = time_notebook(path)
+        try:
+            cpu, wall = time_notebook(path)
+        except Exception as e:  # one broken notebook must not hide the others' times
+            print(f"| {path.stem} | error: {type(e).__name__} | |", flush=True)
+            failed += 1
+            continue
         line = f"| {path.stem} | {cpu:.0f} | {wall:.0f} |" if args.markdown else f"{path.stem:40s} cpu {cpu:6.1f} s  wall {wall:6.1f} s"
         print(line, flush=True)
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
