@@ -133,7 +133,8 @@ def load_model_and_tokenizer(path: str | os.PathLike | None = None, device: str 
         path = Path(default) if default is not None else DEFAULT_MODEL_DIR
         if not ((path / "config.json").is_file() or (path / "adapter_config.json").is_file()):
             raise FileNotFoundError(
-                f"the default model data/{path.name} does not exist yet: make it (scripts/ says how) "
+                f"the default model data/{path.name} does not exist yet: train it with `python -m llama_edu train` "
+                f"(the chat model: scripts/train_chat_model.py) "
                 "or pass --model PATH (a folder with config.json, model.safetensors and tokenizer.model)"
             )
     name = os.fspath(path)
