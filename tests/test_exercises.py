@@ -75,13 +75,15 @@ def test_check_never_raises(capsys):
 
 
 def test_inputs_are_not_shared_with_the_reference(capsys):
-    # An answer that writes into its input must not change what the reference sees.
+    # An answer that writes into its input must not change what the reference sees, and is told
+    # that it changed its input (tests/test_check_robustness.py has the rest).
     def in_place(x, dim):
         out = torch.softmax(x, dim)
         x.zero_()
         return out
 
-    assert run("softmax", in_place, capsys)[0]
+    ok, out = run("softmax", in_place, capsys)
+    assert not ok and "changed its input: `x` was written to in place" in out, out
 
 
 # --- the diagnoses a learner is most likely to need, spelled out -------------------------------
@@ -265,7 +267,22 @@ def _chat(messages):
     return "".join(out)
 
 
+def _llama_generate_meta_style(weights, config, ids, n):
+    # Meta's layout and complex-number RoPE (reference.py), after converting the Hugging Face weights
+    from llama_edu.io.convert import hf_to_meta_state_dicts, meta_params
+    from llama_edu.reference import reference_forward
+
+    if "lm_head.weight" not in weights:
+        weights = {**weights, "lm_head.weight": weights["model.embed_tokens.weight"]}
+    meta = hf_to_meta_state_dicts(weights, config)[0]
+    params = {**meta_params(config), "rope_theta": config.rope_theta}  # meta_params leaves Llama 2's default out
+    for _ in range(n):
+        ids = torch.cat([ids, reference_forward(meta, params, ids)[:, -1].argmax(-1, keepdim=True)], -1)
+    return ids
+
+
 ALTERNATIVES = {
+    "llama_generate": [_llama_generate_meta_style],
     "softmax": [_softmax, lambda x, dim: torch.exp(x - torch.logsumexp(x.float(), dim, keepdim=True)).to(x.dtype)],
     "merge_pair": [_merge_pair_loop],
     "rms_norm": [_rms_norm],

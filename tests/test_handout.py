@@ -88,6 +88,14 @@ def test_notebooks_check_every_exercise_and_hide_every_solution():
     assert ours <= {p.stem for p in NOTEBOOKS_DIR.glob("*.ipynb")}
 
 
+def test_every_solution_cell_is_tagged():
+    """A cell that asserts a check passes is a solution: it must be tagged, or the student copy keeps it."""
+    for path in sorted(NOTEBOOKS_DIR.glob("*.ipynb")):
+        for cell in json.loads(path.read_text())["cells"]:
+            if cell["cell_type"] == "code" and "assert check(" in _source(cell):
+                assert is_solution_cell(cell), f"{path.name}: an untagged solution cell: {_source(cell)[:80]!r}"
+
+
 def test_cli_writes_student_notebooks_and_refuses_bad_folders(tmp_path, capsys):
     assert main(["student-notebooks", str(tmp_path / "out")]) == 0
     assert "student notebooks in" in capsys.readouterr().out
@@ -181,3 +189,28 @@ def test_a_file_that_is_not_a_notebook_is_one_line_and_nothing_is_written(tmp_pa
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and re.search(pattern, err[0]) and "02_bad.ipynb" in err[0], err
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_a_filled_in_capstone_runs_end_to_end(tmp_path):
+    """Notebook 06's student copy, with the learner's own llama_generate written in (here: the
+    solution's body under the learner's name), runs its capstone cells in a fresh kernel: the check
+    passes and the learner's model writes the package's tokens."""
+    nbclient = pytest.importorskip("nbclient")
+    nbformat = pytest.importorskip("nbformat")
+    original = json.loads((NOTEBOOKS_DIR / "06_full_model.ipynb").read_text())
+    solution = next(_source(c) for c in original["cells"] if "def llama_generate_solution" in _source(c))
+    answer = solution.replace("llama_generate_solution", "my_llama_generate").split("\nassert check(")[0]
+    answer += '\n\ncheck("llama_generate", my_llama_generate);'
+    write_student_notebooks(tmp_path)
+    nb = nbformat.read(tmp_path / "06_full_model.ipynb", as_version=4)
+    cells = nb.cells
+    start = next(i for i, c in enumerate(cells) if c.cell_type == "markdown" and "Your own Llama (capstone)" in c.source)
+    needed = [1, 2] + [i for i, c in enumerate(cells) if c.cell_type == "code" and "model = LlamaForCausalLM.from_pretrained" in c.source]
+    capstone = [c for c in cells[start:] if c.cell_type == "code"][:4]  # weights, your turn, (stubbed) solution, comparison
+    assert "def my_llama_generate" in capstone[1].source and "NotImplementedError" in capstone[1].source
+    capstone[1].source = answer
+    nb.cells = [cells[i] for i in needed] + capstone
+    nbclient.NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    printed = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+    assert "llama_generate: correct on all 3 cases" in printed, printed
+    assert "the same tokens as the package's generate: True" in printed, printed

@@ -51,10 +51,11 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 def _cmd_chat(args: argparse.Namespace) -> int:
     from ..generation import chat
     from ..generation.streaming import printable
+    from ..io.files import DEFAULT_CHAT_MODEL_DIR
 
     if args.max_new_tokens <= 0:
         raise ValueError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
-    model, tokenizer = chat.load_model_and_tokenizer(args.model, args.device, args.dtype)
+    model, tokenizer = chat.load_model_and_tokenizer(args.model, args.device, args.dtype, default=DEFAULT_CHAT_MODEL_DIR)
     try:
         chat.chat_loop(model, tokenizer, system=args.system, max_new_tokens=args.max_new_tokens,
                        output_filter=printable, **_sampling_kwargs(args))
@@ -65,7 +66,7 @@ def _cmd_chat(args: argparse.Namespace) -> int:
 
 
 def _add_common(p: argparse.ArgumentParser, temperature: float) -> None:
-    p.add_argument("--model", default=None, help="model folder (HF layout) or hub repo id; default: data/shakespeare-llama")
+    p.add_argument("--model", default=None, help="model folder (HF layout, or a LoRA adapter folder) or hub repo id; default: data/shakespeare-llama (chat: data/shakespeare-chat)")
     p.add_argument("--max-new-tokens", "--max_new_tokens", type=int, default=200, help="how many tokens to generate at most (default 200)")
     p.add_argument("--temperature", type=float, default=temperature, help=f"sampling temperature, 0 = greedy (default {temperature})")
     p.add_argument("--top-k", "--top_k", type=int, default=0, help="keep the k most likely tokens, 0 = off (default 0)")

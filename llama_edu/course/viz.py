@@ -16,6 +16,7 @@ from typing import Mapping, Sequence
 import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 
 def to_numpy(x) -> np.ndarray:
@@ -46,8 +47,11 @@ def plot_heatmap(
     vmin: float | None = None,
     vmax: float | None = None,
     figsize: tuple[float, float] = (6, 5),
+    colorbar_label: str = "",
 ) -> Figure:
-    """Draw a 2-D ``matrix`` (rows, cols) as an image: rows go down the y axis, columns along x."""
+    """Draw a 2-D ``matrix`` (rows, cols) as an image: rows go down the y axis, columns along x;
+    rows and columns without labels get integer ticks (layer 0, 1, ..., never 0.5); the colour bar
+    says what a colour means (``colorbar_label``)."""
     m = to_numpy(matrix)
     if m.ndim != 2:
         raise ValueError(f"plot_heatmap needs a 2-D matrix, got shape {m.shape}; index or reshape it first")
@@ -58,12 +62,16 @@ def plot_heatmap(
     ax.set_ylabel(ylabel)
     if xticklabels is not None:
         ax.set_xticks(range(len(xticklabels)))
-        ax.set_xticklabels(xticklabels, rotation=90, fontsize=7)
+        ax.set_xticklabels(xticklabels, rotation=90, fontsize=9)
+    else:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if yticklabels is not None:
         ax.set_yticks(range(len(yticklabels)))
-        ax.set_yticklabels(yticklabels, fontsize=7)
+        ax.set_yticklabels(yticklabels, fontsize=9)
+    else:
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     if colorbar:
-        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label=colorbar_label)
     return fig
 
 
@@ -127,7 +135,7 @@ def plot_rope_rotation(
             x = v[0] * math.cos(a) - v[1] * math.sin(a)  # eq. 13 of RoFormer: R(m θ) v
             y = v[0] * math.sin(a) + v[1] * math.cos(a)
             ax.annotate("", xy=(x, y), xytext=(0, 0), arrowprops=dict(arrowstyle="->", color=c, lw=1.5))
-            ax.text(1.12 * x, 1.12 * y, str(m), fontsize=7, ha="center", va="center", color=c)
+            ax.text(1.12 * x, 1.12 * y, str(m), fontsize=9, ha="center", va="center", color=c)
         lim = 1.3 * max(np.linalg.norm(v), 1e-6)
         ax.set_xlim(-lim, lim)
         ax.set_ylim(-lim, lim)
@@ -157,7 +165,7 @@ def plot_bars(
     if groups is None:
         heights = [float(values[n]) for n in names]
         bars = ax.bar(names, heights, color=plt.cm.tab10(np.arange(len(names)) % 10))
-        ax.bar_label(bars, fmt="%.3g", fontsize=8)
+        ax.bar_label(bars, fmt="%.3g", fontsize=9)
     else:
         x = np.arange(len(groups))
         width = 0.8 / len(names)
@@ -166,7 +174,7 @@ def plot_bars(
             if len(series) != len(groups):
                 raise ValueError(f"series {n!r} has {len(series)} values but there are {len(groups)} groups")
             bars = ax.bar(x + (i - (len(names) - 1) / 2) * width, series, width, label=n)
-            ax.bar_label(bars, fmt="%.3g", fontsize=7)
+            ax.bar_label(bars, fmt="%.3g", fontsize=9)
         ax.set_xticks(x)
         ax.set_xticklabels(groups)
         ax.legend()
@@ -222,9 +230,9 @@ def plot_llama_block(ax=None, figsize: tuple[float, float] = (5.5, 7)) -> Figure
     for start, end in ((1.0, 3.1), (3.2, 5.3)):  # the two residual connections: x + f(norm(x))
         ax.plot([0.5, 1.0, 1.0], [start, start, end], color="tab:red", lw=1.2)
         ax.annotate("", xy=(0.5, end), xytext=(1.0, end), arrowprops=dict(arrowstyle="->", color="tab:red"))
-        ax.text(1.03, (start + end) / 2, "+ residual", color="tab:red", fontsize=8, va="center", rotation=90)
+        ax.text(1.03, (start + end) / 2, "+ residual", color="tab:red", fontsize=9, va="center", rotation=90)
     ax.add_patch(plt.Rectangle((0.03, 1.0), 0.94, 4.35, fill=False, linestyle="--", edgecolor="0.4"))
-    ax.text(0.05, 5.45, "decoder layer × num_hidden_layers", fontsize=8, color="0.3")
+    ax.text(0.05, 5.45, "decoder layer × num_hidden_layers", fontsize=9, color="0.3")
     ax.set_xlim(0, 1.12)
     ax.set_ylim(0, 6.6)
     ax.set_xticks([])

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+from pathlib import Path
 from typing import Any, Callable, TextIO
 
 import torch
@@ -20,6 +21,7 @@ from .decode import context_limit, generate
 from ..modeling import LlamaForCausalLM
 from .streaming import CallbackStreamer
 from ..text.encoding import check_text
+from ..training.lora import load_lora_adapter, merge_and_unload, read_lora_config
 from ..text.tokenizer import LlamaTokenizer
 
 
@@ -135,15 +137,20 @@ def chat_loop(
     return history
 
 
-def load_model_and_tokenizer(path: str | os.PathLike | None = None, device: str | None = None, dtype: str | None = None):
+def load_model_and_tokenizer(path: str | os.PathLike | None = None, device: str | None = None, dtype: str | None = None,
+                             default: str | os.PathLike | None = None):
     """Load ``LlamaForCausalLM`` and its tokenizer from a Hugging Face-layout folder (or hub
     repo id) on ``device`` (default: cuda when available) in ``dtype`` (default: as stored).
-    ``path=None`` is the project's default model, ``data/shakespeare-llama``."""
+    ``path=None`` is ``default`` (the project's default model, ``data/shakespeare-llama``, unless
+    given: the ``chat`` command passes the chat model, ``data/shakespeare-chat``). A folder that
+    holds a LoRA adapter (``adapter_config.json``, no ``config.json``) is loaded on its base model
+    (``base_model_name_or_path``, looked up beside the adapter folder first) and merged."""
     if path is None:
-        path = DEFAULT_MODEL_DIR
-        if not (path / "config.json").is_file():
+        path = Path(default) if default is not None else DEFAULT_MODEL_DIR
+        if not ((path / "config.json").is_file() or (path / "adapter_config.json").is_file()):
             raise FileNotFoundError(
                 f"the default model data/{path.name} does not exist yet: train it with `python -m llama_edu train` "
+                f"(the chat model: scripts/train_chat_model.py) "
                 "or pass --model PATH (a folder with config.json, model.safetensors and tokenizer.model)"
             )
     name = os.fspath(path)
@@ -152,8 +159,18 @@ def load_model_and_tokenizer(path: str | os.PathLike | None = None, device: str 
             f"model folder {name} does not exist: pass --model with a Hugging Face-layout folder "
             "(config.json, model.safetensors, tokenizer.model) or a hub repo id"
         )
+    adapter = Path(name) if os.path.isdir(name) and (Path(name) / "adapter_config.json").is_file() \
+        and not (Path(name) / "config.json").is_file() else None
+    if adapter is not None:
+        base = read_lora_config(adapter).base_model_name_or_path
+        if not base:
+            raise ValueError(f"{adapter}/adapter_config.json names no base_model_name_or_path: load the base model and "
+                             "call load_lora_adapter(model, folder) yourself")
+        name = os.fspath(adapter.parent / base) if (adapter.parent / base).is_dir() else base
     model = LlamaForCausalLM.from_pretrained(
         name, torch_dtype=dtype or "auto", device=parse_device(device, default="auto"), progress=False
     )
     tokenizer = LlamaTokenizer.from_pretrained(name)
+    if adapter is not None:
+        model = merge_and_unload(load_lora_adapter(model, adapter))
     return model.eval(), tokenizer

@@ -44,6 +44,8 @@ PROJECT_DATA_DIR = REPO_ROOT / "data"
 
 #: Where the default model (HF layout) lives.
 DEFAULT_MODEL_DIR = PROJECT_DATA_DIR / "shakespeare-llama"
+#: The chat model: a LoRA adapter on the default model, SFT on data/sft_instructions.jsonl (scripts/train_chat_model.py).
+DEFAULT_CHAT_MODEL_DIR = PROJECT_DATA_DIR / "shakespeare-chat"
 
 
 @dataclass(frozen=True)

@@ -10,8 +10,10 @@ copy) on the exercise's inputs: random ones and adversarial ones chosen to separ
 (tiny norms, fp16 overflow, ties, a cache offset). When an answer differs it runs the exercise's
 known mistakes on the same inputs; a mistake that reproduces the learner's every output (or error)
 is named, with a hint. Otherwise it says what differs (shape, dtype, NaN, sign, a constant
-factor, values in the wrong places). ``check`` never raises: a broken answer must not stop the
-notebook. ``check(name, None)``, or a function that raises ``NotImplementedError``, is "not
+factor, values in the wrong places). ``check`` never raises (only ``KeyboardInterrupt`` goes
+through): a broken answer must not stop the notebook. Each call gets its own copies of the inputs
+and a time limit, and an answer that changes its inputs in place is told so (``checking.py``
+explains how). ``check(name, None)``, or a function that raises ``NotImplementedError``, is "not
 attempted yet".
 
 How to add an exercise (one self-contained block; copy one of those below)
@@ -37,16 +39,18 @@ package module and write::
 rejected with its own diagnosis, a stub is "not attempted yet"); in your own test file add that a
 correct answer written differently passes: ``assert check("my_fn", my_alternative)``. A mistake
 must be told apart by the inputs: if two mistakes give the same outputs, the first is named, so
-add the input that separates them. Optional arguments: ``atol``/``rtol`` for float comparisons,
+add the input that separates them. Optional arguments: ``atol``/``rtol`` for float comparisons (``tolerance=lambda args: (atol,
+rtol)`` where a correct formula's rounding grows with the input),
 ``also=fn`` for a check the values cannot show (``also(learner_fn) -> problem or None``; see
-greedy_decode). In a notebook: ``check("my_fn", my_fn)`` under the learner's cell, and
+greedy_decode). Draw random inputs from ``_gen(seed)``: the grader's ``held_out(k)`` then shifts
+the seeds, so graded answers meet values the notebook never showed. In a notebook: ``check("my_fn", my_fn)`` under the learner's cell, and
 ``assert check("my_fn", my_fn_solution)`` in the hidden solution cell.
 """
 
 
-from .checking import EXERCISES, Exercise, Raised, check, check_function, difference, list_exercises, register
+from .checking import DEFAULT_TIMEOUT, EXERCISES, Exercise, Raised, TimedOut, Verdict, check, check_function, difference, held_out, list_exercises, register
 
 # Each notebook's module registers its exercises when imported.
 from . import nb00_course_map, nb01_tokenizer, nb02_embeddings_and_rmsnorm, nb03_rope, nb04_attention, nb05_feedforward_and_block, nb06_full_model, nb07_loading_real_weights, nb08_generation, nb09_chat, nb10_pretraining, nb11_classification, nb12_lora, nb13_instruction_tuning_and_dpo, nb14_quantization, nb16_beyond_one_machine, nb18_llama2_to_llama3  # noqa: F401  (registration)
 
-__all__ = ["EXERCISES", "Exercise", "Raised", "check", "check_function", "difference", "list_exercises", "register"]
+__all__ = ["DEFAULT_TIMEOUT", "EXERCISES", "Exercise", "Raised", "TimedOut", "Verdict", "held_out", "check", "check_function", "difference", "list_exercises", "register"]

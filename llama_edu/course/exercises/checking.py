@@ -1,19 +1,64 @@
 """The exercise machinery: the registry, and ``check``, which runs an answer against the package's
-own function and says why it differs (see the package docstring for how to add an exercise)."""
+own function and says why it differs (see the package docstring for how to add an exercise).
+
+How ``check`` runs an answer
+----------------------------
+* The reference runs first, on pristine copies of every case's inputs; the originals are never
+  handed to anyone, so they stay a record of what the inputs were.
+* Each call of the learner's function gets its own deep copies (tensors, lists, configs, layers,
+  models). After the call the copies are compared with the originals: an answer that writes into
+  its inputs (``x *= 2``, ``layer.weight.data = ...``, ``config.x = ...``) is told so, because the
+  caller's tensors must stay as they were.
+* Each call runs under a time limit (``check(..., timeout=30)``; default :data:`DEFAULT_TIMEOUT`,
+  or the environment variable ``LLAMA_EDU_CHECK_TIMEOUT``). The call runs in a worker thread and
+  the notebook's thread waits at most that long. Why a thread and not a subprocess: a thread
+  costs nothing, works everywhere a notebook runs (Colab, Windows and macOS, where ``fork`` is
+  unsafe or unavailable) and keeps the learner's objects, prints and closures as they are; a
+  subprocess would have to pickle models and lambdas and re-import torch. A thread cannot be
+  killed, so on a timeout the checker raises an exception *inside* it
+  (``PyThreadState_SetAsyncExc``), which stops any Python loop at its next bytecode; only a single
+  C call that runs for ever (rare in an exercise) keeps a thread busy until the kernel restarts,
+  and the checker says so. The grader (``llama_edu grade``) adds a hard limit around the whole
+  notebook in its own kernel process.
+* Anything the answer raises (``SystemExit`` and other ``BaseException`` included) is a failed
+  attempt that says what happened, with the line of the learner's code that raised it; only
+  ``KeyboardInterrupt`` (the notebook's stop button) goes through.
+* Results are compared by type as well as value: an integer answer must be an ``int`` (not a float
+  or a tensor), a tensor must have the expected shape and dtype, floats agree within a tolerance
+  that follows the dtype and the magnitude of the values (a few units in the last place of the
+  largest value), so every correct float32 formulation passes.
+"""
 
 from __future__ import annotations
+
+import copy
+import ctypes
+import itertools
 import math
+import numbers
+import os
+import threading
+import time
+import traceback
 from dataclasses import dataclass, field
 from typing import Any, Callable
+
 import torch
 
 Cases = list[tuple[str, tuple]]
+
+#: Seconds one call of a learner's function may take before ``check`` gives up on it.
+DEFAULT_TIMEOUT = 30.0
 
 
 @dataclass
 class Exercise:
     """One exercise: where it is taught, what to write, the package function it must match, the
-    inputs it is checked on, and the typical mistakes (wrong function, what it does, hint)."""
+    inputs it is checked on, and the typical mistakes (wrong function, what it does, hint).
+
+    ``tolerance(args) -> (atol, rtol)`` widens the float tolerance for one case where a correct
+    formula's rounding grows with the input (cos of a large angle); ``also(fn)`` checks what the
+    values cannot show (the KV cache is used)."""
 
     name: str
     notebook: str
@@ -25,6 +70,10 @@ class Exercise:
     atol: float = 1e-5
     rtol: float = 1e-5
     also: Callable[[Callable], str | None] | None = None
+    tolerance: Callable[[tuple], tuple[float, float]] | None = None
+
+    def tolerances(self, args: tuple) -> tuple[float, float]:
+        return self.tolerance(args) if self.tolerance is not None else (self.atol, self.rtol)
 
 
 EXERCISES: dict[str, Exercise] = {}
@@ -39,97 +88,388 @@ def register(name: str, notebook: str, signature: str, task: str, **kwargs: Any)
 
 
 # ---------------------------------------------------------------------------------------------
-# Comparing a result with the expected one, and saying how it differs
+# Held-out inputs: the same cases drawn from other seeds (for grading)
+# ---------------------------------------------------------------------------------------------
+
+_SEED_OFFSET = 0
+
+
+def _gen(seed: int) -> torch.Generator:
+    """The random generator an exercise's cases draw from; :func:`held_out` shifts its seeds."""
+    return torch.Generator().manual_seed(seed + _SEED_OFFSET)
+
+
+class held_out:
+    """``with held_out(k): ex.cases()`` draws every random input from other seeds (k != 0), so a
+    grader checks answers on values the notebook never showed; shapes and the adversarial cases
+    (overflow, ties, offsets) stay."""
+
+    def __init__(self, k: int) -> None:
+        self.k = k
+
+    def __enter__(self) -> "held_out":
+        global _SEED_OFFSET
+        self._saved, _SEED_OFFSET = _SEED_OFFSET, 1_000_003 * self.k
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        global _SEED_OFFSET
+        _SEED_OFFSET = self._saved
+
+
+# ---------------------------------------------------------------------------------------------
+# Running a call: own copies, a time limit, every exception caught
 # ---------------------------------------------------------------------------------------------
 
 
 @dataclass
 class Raised:
-    """What a call raised, so two failing calls can be compared like two results."""
+    """What a call raised, so two failing calls can be compared like two results. ``where`` is the
+    line of the learner's code that raised, when it can be found."""
 
     error: BaseException
+    where: str = ""
 
     def __str__(self) -> str:
-        return f"{type(self.error).__name__}: {self.error}"
+        text = str(self.error)
+        return f"{type(self.error).__name__}: {text}" if text else type(self.error).__name__
 
 
-def _clone(x: Any) -> Any:
-    """Fresh copies of tensors (and lists of them), so an in-place answer cannot spoil the
-    reference's inputs; modules, configs and models are passed as they are."""
-    if isinstance(x, torch.Tensor):
-        return x.clone()
-    if isinstance(x, tuple):
-        return tuple(_clone(v) for v in x)
-    if isinstance(x, list):
-        return [_clone(v) for v in x]
-    if isinstance(x, dict):
-        return {k: _clone(v) for k, v in x.items()}
-    return x
+@dataclass
+class TimedOut:
+    """A call that did not return within the time limit; ``stopped`` says whether it was stopped."""
+
+    seconds: float
+    stopped: bool
+
+
+class _TimeLimit(BaseException):
+    """Raised inside a worker thread that ran out of time. A BaseException, so an answer's own
+    ``except Exception`` cannot swallow it."""
+
+
+def _copy(x: Any) -> Any:
+    """A deep copy (tensors, lists, dicts, configs, layers, models), so no call sees another's."""
+    try:
+        return copy.deepcopy(x)
+    except Exception:  # an object that cannot be copied is passed as it is
+        if isinstance(x, torch.Tensor):
+            return x.detach().clone()
+        if isinstance(x, (tuple, list)):
+            return type(x)(_copy(v) for v in x)
+        return x
+
+
+_clone = _copy  # the name the exercise modules use
+
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_TORCH = os.path.dirname(os.path.abspath(torch.__file__))
+_STDLIB = os.path.dirname(os.path.abspath(os.__file__))
+
+
+def _learner_line(error: BaseException) -> str:
+    """'line N: code' of the innermost frame that is the learner's (not torch, not the checker,
+    not the standard library)."""
+    frames = traceback.extract_tb(error.__traceback__)
+    for frame in reversed(frames):
+        f = os.path.abspath(frame.filename)
+        if f.startswith((_HERE, _TORCH, _STDLIB)) or "site-packages" in f:
+            continue
+        return f"line {frame.lineno}: {frame.line.strip()}" if frame.line else f"line {frame.lineno}"
+    return ""
+
+
+def _run(fn: Callable, args: tuple) -> Any:
+    """``fn(*args)`` with gradients off; any exception but KeyboardInterrupt becomes a Raised."""
+    try:
+        with torch.no_grad():
+            return fn(*args)
+    except (KeyboardInterrupt, _TimeLimit):
+        raise
+    except BaseException as e:  # SystemExit, RecursionError, ...: a result to diagnose, not a crash
+        return Raised(e, _learner_line(e))
 
 
 def _call(fn: Callable, args: tuple) -> Any:
+    """Run one of the checker's own functions (a reference or a known mistake) on copies."""
+    return _run(fn, _copy(args))
+
+
+def _async_raise(thread: threading.Thread) -> None:
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread.ident), ctypes.py_object(_TimeLimit))
+
+
+def _limited(fn: Callable, args: tuple, timeout: float) -> Any:
+    """``_run(fn, args)`` in a worker thread, waiting at most ``timeout`` seconds; a call that takes
+    longer is interrupted (see the module docstring) and reported as :class:`TimedOut`."""
+    box: dict[str, Any] = {}
+
+    def work() -> None:
+        try:
+            box["result"] = _run(fn, args)
+        except _TimeLimit:
+            box["stopped"] = True
+        except KeyboardInterrupt as e:
+            box["interrupt"] = e
+
+    worker = threading.Thread(target=work, name="llama_edu check", daemon=True)
+    worker.start()
     try:
-        return fn(*_clone(args))
-    except NotImplementedError:
+        worker.join(timeout)
+    except KeyboardInterrupt:  # the stop button: stop the answer too, then let the notebook stop
+        _async_raise(worker)
         raise
-    except Exception as e:  # an answer's error is a result to diagnose, not a crash
-        return Raised(e)
+    if worker.is_alive():
+        deadline = time.monotonic() + 2.0
+        while worker.is_alive() and time.monotonic() < deadline:
+            _async_raise(worker)  # again, in case a bare `except:` in the answer caught it
+            worker.join(0.05)
+        return TimedOut(timeout, stopped=not worker.is_alive())
+    if "interrupt" in box:
+        raise box["interrupt"]
+    return box.get("result")
+
+
+def _timeout(timeout: float | None) -> float:
+    if timeout is not None:
+        return float(timeout)
+    try:
+        return float(os.environ.get("LLAMA_EDU_CHECK_TIMEOUT", DEFAULT_TIMEOUT))
+    except ValueError:
+        return DEFAULT_TIMEOUT
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs changed in place
+# ---------------------------------------------------------------------------------------------
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor):
+        return (isinstance(b, torch.Tensor) and a.shape == b.shape and a.dtype == b.dtype
+                and bool(torch.equal(a, b) or (a.is_floating_point() and torch.equal(a.isnan(), b.isnan())
+                                               and torch.equal(a.nan_to_num(), b.nan_to_num()))))
+    try:
+        return bool(a == b)
+    except Exception:
+        return a is b
+
+
+def _changed(original: Any, after: Any, what: str) -> str | None:
+    """How ``after`` (the learner's copy of an input) differs from ``original``, or None."""
+    if isinstance(original, torch.Tensor):
+        if not isinstance(after, torch.Tensor) or after.shape != original.shape or after.dtype != original.dtype:
+            return f"{what} was replaced or reshaped in place"
+        if _same(original, after):
+            return None
+        n = int((original != after).sum()) if original.numel() else 0
+        return f"{what} was written to in place ({n} of {original.numel()} values changed)"
+    if isinstance(original, torch.nn.Module):
+        before, now = original.state_dict(), after.state_dict()
+        for key, value in before.items():
+            if key not in now or not _same(value, now[key]):
+                return f"{what}'s weight `{key}` was changed"
+        if set(now) - set(before):
+            return f"{what} got new weights: {', '.join(sorted(set(now) - set(before)))[:200]}"
+        return None
+    if hasattr(original, "to_dict") and callable(original.to_dict):  # a config
+        before, now = original.to_dict(), after.to_dict()
+        for key in sorted(set(before) | set(now)):
+            if before.get(key) != now.get(key):
+                return f"{what}'s field `{key}` was changed from {before.get(key)!r} to {now.get(key)!r}"
+        return None
+    if isinstance(original, (list, tuple)):
+        if type(after) is not type(original) or len(after) != len(original):
+            return f"{what} was changed in place (now {str(after)[:80]})"
+        for i, (o, a) in enumerate(zip(original, after)):
+            problem = _changed(o, a, f"{what}[{i}]")
+            if problem:
+                return problem
+        return None
+    if isinstance(original, dict):
+        if set(original) != set(after):
+            return f"{what} was changed in place (its keys are now {sorted(after)[:10]})"
+        for k in original:
+            problem = _changed(original[k], after[k], f"{what}[{k!r}]")
+            if problem:
+                return problem
+        return None
+    return None if _same(original, after) else f"{what} was changed in place"
+
+
+def _argument_names(signature: str) -> list[str]:
+    inner = signature.strip()[1:-1]
+    return [part.split("=")[0].strip() for part in inner.split(",") if part.strip()]
+
+
+def _mutation(ex: Exercise, original: tuple, after: tuple) -> str | None:
+    names = _argument_names(ex.signature)
+    for i, (o, a) in enumerate(zip(original, after)):
+        problem = _changed(o, a, f"`{names[i]}`" if i < len(names) else f"argument {i + 1}")
+        if problem:
+            return problem
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Comparing a result with the expected one, and saying how it differs
+# ---------------------------------------------------------------------------------------------
 
 
 def _describe(x: Any) -> str:
     if isinstance(x, torch.Tensor):
         return f"a tensor of shape {tuple(x.shape)} and dtype {x.dtype}"
+    if isinstance(x, (tuple, list)) and any(isinstance(v, torch.Tensor) for v in x):
+        items = ", ".join(f"tensor {tuple(v.shape)}" if isinstance(v, torch.Tensor) else type(v).__name__ for v in x[:6])
+        return f"a {type(x).__name__} of {len(x)} items ({items})"
     if isinstance(x, Raised):
         return f"an error ({x})"
     return f"{type(x).__name__} {x!r}"[:300]
 
 
-def _tolerance(dtype: torch.dtype, atol: float, rtol: float) -> tuple[float, float]:
-    # Half-precision results may differ by a couple of units in the last place when the same
-    # formula is evaluated in another order; a real mistake is far larger.
-    if dtype in (torch.float16, torch.bfloat16):
-        eps = torch.finfo(dtype).eps
-        return max(atol, 2 * eps), max(rtol, 2 * eps)
-    return atol, rtol
+def _tolerance(expected: torch.Tensor, atol: float, rtol: float) -> tuple[float, float]:
+    """Tolerances that follow dtype and magnitude: a correct formula evaluated in another order
+    differs by a few units in the last place of the largest value it handles."""
+    eps = torch.finfo(expected.dtype).eps
+    finite = expected[torch.isfinite(expected)]
+    scale = float(finite.abs().max()) if finite.numel() else 0.0
+    ulps = 4 if expected.dtype in (torch.float16, torch.bfloat16) else 8
+    return max(atol, ulps * eps * scale), max(rtol, 2 * eps)
+
+
+_FACTORS = [(2.0, "2"), (0.5, "1/2"), (4.0, "4"), (0.25, "1/4"), (8.0, "8"), (0.125, "1/8")]
+
+
+def _name_factor(r: float) -> str:
+    """' (= 1/sqrt(64))' for a ratio that is a factor a learner could have used, else ''."""
+    if not math.isfinite(r) or r <= 0:
+        return ""
+    for value, text in _FACTORS:
+        if math.isclose(r, value, rel_tol=1e-3):
+            return f" (= {text})"
+    for n in range(2, 257):
+        if math.isclose(r, math.sqrt(n), rel_tol=1e-4) and int(math.isqrt(n)) ** 2 != n:
+            return f" (= sqrt({n}))"
+        if math.isclose(r, 1 / math.sqrt(n), rel_tol=1e-4) and int(math.isqrt(n)) ** 2 != n:
+            return f" (= 1/sqrt({n}))"
+    if r > 1 and math.isclose(r, round(r), rel_tol=1e-4):
+        return f" (= {round(r)})"
+    if r < 1 and math.isclose(1 / r, round(1 / r), rel_tol=1e-4):
+        return f" (= 1/{round(1 / r)})"
+    return ""
+
+
+def _close(g: torch.Tensor, e: torch.Tensor, atol: float, rtol: float) -> bool:
+    return g.shape == e.shape and bool(torch.isclose(g.double(), e.double(), atol=atol, rtol=rtol, equal_nan=True).all())
+
+
+def _shape_difference(got: torch.Tensor, expected: torch.Tensor, atol: float, rtol: float, what: str) -> str:
+    msg = f"the {what} has shape {tuple(got.shape)}, expected {tuple(expected.shape)}"
+    if got.numel() == expected.numel() and got.dim() == expected.dim() and 1 < got.dim() <= 5 and got.dtype == expected.dtype:
+        for perm in itertools.permutations(range(got.dim())):
+            if tuple(got.shape[p] for p in perm) == tuple(expected.shape) and _close(got.permute(perm), expected, atol, rtol):
+                return msg + f": the values are right but the dimensions are in another order (your result.permute{perm} would be right)"
+    if got.numel() == expected.numel():
+        squeezed_g = [s for s in got.shape if s != 1]
+        squeezed_e = [s for s in expected.shape if s != 1]
+        if squeezed_g == squeezed_e:
+            return msg + ": a dimension of size 1 is missing or extra (keepdim=True? unsqueeze? squeeze?)"
+        return msg + ": the same number of values in another shape (a view/reshape is off)"
+    if got.dim() == expected.dim():
+        diff = [i for i, (a, b) in enumerate(zip(got.shape, expected.shape)) if a != b]
+        if len(diff) == 1:
+            i = diff[0]
+            a, b = got.shape[i], expected.shape[i]
+            ratio = f" ({a / b:g} times the expected size)" if b and a and (a % b == 0 or b % a == 0) else ""
+            off = f" (one {'too many' if a > b else 'too few'}: an off-by-one in a slice end or a loop bound?)" if abs(a - b) == 1 else ""
+            return msg + f": dimension {i} has size {a} instead of {b}{ratio}{off}"
+    return msg + f" ({got.dim()} dimensions instead of {expected.dim()})"
 
 
 def _tensor_difference(got: torch.Tensor, expected: torch.Tensor, atol: float, rtol: float, what: str) -> str | None:
     if got.shape != expected.shape:
-        return f"the {what} has shape {tuple(got.shape)}, expected {tuple(expected.shape)}"
+        if expected.is_floating_point() and got.is_floating_point():
+            atol, rtol = _tolerance(expected, atol, rtol)
+        return _shape_difference(got, expected, atol, rtol, what)
     if got.dtype != expected.dtype:
-        return f"the {what} has dtype {got.dtype}, expected {expected.dtype}"
+        msg = f"the {what} has dtype {got.dtype}, expected {expected.dtype}"
+        if got.is_floating_point() and expected.is_floating_point() and _close(got.to(expected.dtype), expected, *_tolerance(expected, atol, rtol)):
+            return msg + f": the values are right; return it in {expected.dtype} (e.g. .to(<input>.dtype) at the end)"
+        return msg
+    if expected.numel() == 0:
+        return None
     if not expected.is_floating_point():
         bad = got != expected
         if not bad.any():
             return None
         idx = tuple(int(i) for i in bad.nonzero()[0])
-        return f"the {what} differs at index {idx}: got {got[idx].item()}, expected {expected[idx].item()} ({int(bad.sum())} of {bad.numel()} differ)"
-    atol, rtol = _tolerance(expected.dtype, atol, rtol)
+        msg = (f"the {what} differs at index {idx}: got {got[idx].item()}, expected {expected[idx].item()} "
+               f"({int(bad.sum())} of {bad.numel()} differ)")
+        for dim in range(got.dim()):
+            for shift in (1, -1):
+                n = got.shape[dim]
+                if n > 2 and torch.equal(got.roll(shift, dim).narrow(dim, 1, n - 2), expected.narrow(dim, 1, n - 2)):
+                    return msg + f": the values are shifted by one position along dimension {dim} (an index is off by one)"
+        return msg
+    atol, rtol = _tolerance(expected, atol, rtol)
     g, e = got.double(), expected.double()
     bad = ~torch.isclose(g, e, atol=atol, rtol=rtol, equal_nan=True)
     if not bad.any():
         return None
+    if got.numel() == 1:
+        gv, ev = g.item(), e.item()
+        msg = f"the {what} is {gv:.6g}, expected {ev:.6g}"
+        if math.isfinite(gv) and math.isfinite(ev) and ev != 0 and gv != 0:
+            r = gv / ev
+            msg += f" ({r:.4g} times the expected value{_name_factor(r)})" if abs(r - 1) > 1e-3 else f" (off by {gv - ev:.3g})"
+        return msg
     idx = tuple(int(i) for i in bad.nonzero()[0])
     where = f"({int(bad.sum())} of {bad.numel()} values differ; the first at index {idx}: got {g[idx].item():.6g}, expected {e[idx].item():.6g})"
     if torch.isnan(g).any() and not torch.isnan(e).any():
         return f"the {what} contains NaN where the expected values are numbers {where}. NaN comes from an overflow (exp of a large number, or x**2 in float16 -> inf, then inf/inf) or from 0/0"
     if torch.isinf(g).any() and not torch.isinf(e).any():
         return f"the {what} contains inf where the expected values are finite {where}: something overflowed"
+    if torch.isinf(e).any() and not torch.equal(torch.isinf(g) & (g < 0), torch.isinf(e) & (e < 0)):
+        return f"the {what} has -inf in other places than expected {where}: a different set of entries is masked"
     finite = torch.isfinite(e) & torch.isfinite(g)
     if finite.all() and torch.allclose(g, -e, atol=atol, rtol=rtol):
         return f"every value of the {what} has the wrong sign {where}"
-    if finite.all() and e.abs().max() > 0:
-        ratio = (g * e).sum() / (e * e).sum()
-        if abs(ratio - 1) > 1e-3 and torch.allclose(g, ratio * e, atol=atol, rtol=1e-3):
-            return f"the {what} is the expected one times {ratio.item():.4g} {where}: a scale factor is off"
+    distinct = e[finite].abs().unique().numel() > 1
+    if finite.all() and e.abs().max() > 0 and distinct:
+        ratio = ((g * e).sum() / (e * e).sum()).item()
+        if abs(ratio - 1) > 1e-3 and abs(ratio) > 1e-3 and torch.allclose(g, ratio * e, atol=atol, rtol=1e-3):
+            return f"the {what} is the expected one times {ratio:.4g}{_name_factor(ratio)} {where}: a scale factor is off"
+    if finite.all() and g.shape[-1] > 1:
+        shift = (g - e).mean(-1, keepdim=True)
+        if shift.abs().max() > atol and _close(g - shift, e, atol, rtol):
+            return (f"the {what} is the expected one plus a constant along the last dimension {where}: the softmax of both "
+                    "is the same, but the values are not (log-probabilities instead of logits? a missing or extra logsumexp?)")
+    if g.dim() >= 2 and g.shape[-1] == g.shape[-2] and _close(g.transpose(-1, -2), e, atol, rtol):
+        return f"the {what} is the expected one transposed (its last two dimensions swapped) {where}"
+    for dim in range(g.dim()):
+        for shift in (1, -1):
+            if g.shape[dim] > 2 and _close(g.roll(shift, dim).narrow(dim, 1, g.shape[dim] - 2), e.narrow(dim, 1, e.shape[dim] - 2), atol, rtol):
+                return f"the {what} is the expected one shifted by one position along dimension {dim} {where}: an index is off by one"
     if got.numel() > 1 and torch.allclose(g.flatten().sort().values, e.flatten().sort().values, atol=atol, rtol=rtol, equal_nan=True):
         return f"the {what} has the right values in the wrong places {where}: an index, a transpose or a reshape is off"
+    if g.dim() >= 1 and g.shape[0] > 1:
+        rows = bad.reshape(g.shape[0], -1).any(-1)
+        if not rows.all():
+            wrong = [int(i) for i in rows.nonzero().flatten()[:6]]
+            return f"the {what} differs {where}; only some of the slices along dimension 0 are wrong: {wrong}"
     return f"the {what} differs {where}"
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
 def difference(got: Any, expected: Any, atol: float = 1e-5, rtol: float = 1e-5, what: str = "result") -> str | None:
     """``None`` when ``got`` matches ``expected`` (tensors, numbers, strings, or tuples/lists of
     them), else a sentence saying how it differs."""
+    if isinstance(got, TimedOut) or isinstance(expected, TimedOut):
+        return None if isinstance(got, TimedOut) and isinstance(expected, TimedOut) else f"the {what} never came back"
     if isinstance(got, Raised) or isinstance(expected, Raised):
         return None if str(got) == str(expected) else f"the {what} is {_describe(got)}, expected {_describe(expected)}"
     if isinstance(expected, torch.Tensor):
@@ -152,10 +492,31 @@ def difference(got: Any, expected: Any, atol: float = 1e-5, rtol: float = 1e-5, 
         i = next((i for i, (a, b) in enumerate(zip(got, expected)) if a != b), min(len(got), len(expected)))
         return (f"the {what} differs from character {i} on: got {got[max(0, i - 15):i + 25]!r}, expected "
                 f"{expected[max(0, i - 15):i + 25]!r}")
-    if isinstance(expected, float) and isinstance(got, (int, float)) and not isinstance(got, bool):
-        return None if math.isclose(got, expected, rel_tol=max(rtol, 1e-9), abs_tol=atol) else f"the {what} is {got!r}, expected {expected!r}"
-    if isinstance(expected, int) and isinstance(got, torch.Tensor) and got.numel() == 1:
-        got = got.item()
+    if isinstance(expected, bool):
+        return None if got is expected or (isinstance(got, bool) and got == expected) else f"the {what} is {_describe(got)}, expected {expected!r}"
+    if _is_int(expected):
+        if not _is_int(got):
+            hint = " (use .item() to turn a one-element tensor into a Python int)" if isinstance(got, torch.Tensor) else \
+                (" (an integer computed with / or math.ceil on floats: use // or int(...))" if isinstance(got, float) else "")
+            return f"the {what} should be an int, got {_describe(got)}{hint}"
+        if got == expected:
+            return None
+        msg = f"the {what} is {got}, expected {expected} (off by {got - expected:+d}"
+        if expected and got and (got % expected == 0 or expected % got == 0):
+            msg += f", {got / expected:g} times the expected value"
+        return msg + ")"
+    if isinstance(expected, float):
+        if isinstance(got, torch.Tensor):
+            return f"the {what} should be a Python float, got {_describe(got)} (use .item())"
+        if not isinstance(got, numbers.Real) or isinstance(got, bool):
+            return f"the {what} should be a number, got {_describe(got)}"
+        if math.isclose(got, expected, rel_tol=max(rtol, 1e-9), abs_tol=atol) or (math.isnan(got) and math.isnan(expected)):
+            return None
+        msg = f"the {what} is {got!r}, expected {expected!r}"
+        if expected and got and math.isfinite(got):
+            r = got / expected
+            msg += f" ({r:.4g} times the expected value{_name_factor(r)})"
+        return msg
     if got != expected:
         return f"the {what} is {_describe(got)}, expected {_describe(expected)}"
     return None
@@ -165,95 +526,230 @@ def difference(got: Any, expected: Any, atol: float = 1e-5, rtol: float = 1e-5, 
 # The checker
 # ---------------------------------------------------------------------------------------------
 
+_ERROR_HINTS = [
+    ("cannot be multiplied", "a matrix product's inner sizes differ: nn.Linear and the exercise's weights are stored "
+     "(out_features, in_features), so a row vector needs x @ w.T (or F.linear(x, w))"),
+    ("must match the size of tensor", "two tensors do not broadcast: print their .shape; a missing axis needs unsqueeze "
+     "(or keepdim=True in a sum/max)"),
+    ("expected scalar type", "two tensors of different dtypes meet in one operation: cast one with .to(other.dtype)"),
+    ("expected m1 and m2 to have the same dtype", "two tensors of different dtypes meet in one operation: cast one with .to(other.dtype)"),
+    ("Dimension out of range", "a dim argument is larger than the tensor has dimensions: print the tensor's .shape"),
+    ("out of bounds", "an index is outside a tensor's size: print the tensor's .shape and the index"),
+    ("out of range", "an index is outside a tensor's size: print the tensor's .shape and the index"),
+    ("view size is not compatible", "a view of a non-contiguous tensor (after transpose): use .reshape, or .contiguous().view"),
+    ("unexpected keyword argument", None),
+    ("positional argument", None),
+    ("maximum recursion depth", "the function calls itself without end: check the stopping condition"),
+]
+
+
+def _explain_error(name: str, ex: Exercise, ans: Raised) -> list[str]:
+    lines = [f"  your function raised {ans}" + (f"\n  at {ans.where}" if ans.where else "")]
+    err = ans.error
+    if isinstance(err, SystemExit):
+        lines.append("  Hint: sys.exit()/exit() ends the program; a function gives its answer with `return`.")
+    elif isinstance(err, TypeError) and "argument" in str(err):
+        lines.append(f"  It must take the arguments {name}{ex.signature}.")
+    else:
+        for needle, hint in _ERROR_HINTS:
+            if hint and needle in str(err):
+                lines.append(f"  Hint: {hint}.")
+                break
+    return lines
+
 
 def _not_attempted(name: str) -> bool:
     print(f"{name}: not attempted yet. Write your function in the cell above (replace the `raise NotImplementedError`), run it, then run this check again.")
     return False
 
 
-def _matching_mistake(ex: Exercise, cases: Cases, answers: list[Any]) -> tuple[str, str] | None:
-    """The first known mistake that reproduces every one of the learner's answers."""
-    for wrong, says, hint in ex.mistakes:
+def _matching_mistake(ex: Exercise, cases: Cases, answers: list[Any], expected: list[Any]) -> tuple[str, str] | None:
+    """The known mistake that explains the learner's answers: first one that reproduces every answer;
+    else one that reproduces every *wrong* answer (a learner who made that mistake but got a case
+    right that the mistake's extreme version gets wrong, or who also returns another dtype).
+    Mistakes run lazily, case by case, and stop at the first case they do not explain."""
+    tol = [ex.tolerances(args) for _, args in cases]
+    cache: dict[tuple[int, int], Any] = {}
+
+    def output(m: int, i: int) -> Any:
+        if (m, i) not in cache:
+            cache[(m, i)] = _call(ex.mistakes[m][0], cases[i][1])
+        return cache[(m, i)]
+
+    def explains(m: int, indices: list[int], loose: bool) -> bool:
         try:
-            if all(difference(ans, _call(wrong, args), ex.atol, ex.rtol) is None for (_, args), ans in zip(cases, answers)):
-                return says, hint
-        except NotImplementedError:
-            continue
+            for i in indices:
+                out = output(m, i)
+                if difference(_like(answers[i], out) if loose else answers[i], out, *tol[i]) is not None:
+                    return False
+            return True
+        except (NotImplementedError, _TimeLimit):
+            return False
+
+    # the cases the learner got wrong first: they separate the mistakes fastest
+    wrong = [i for i, (a, e, t) in enumerate(zip(answers, expected, tol)) if difference(a, e, *t) is not None]
+    order = wrong + [i for i in range(len(cases)) if i not in wrong]
+    for m, (_, says, hint) in enumerate(ex.mistakes):
+        if explains(m, order, loose=False):
+            return says, hint
+    for m, (_, says, hint) in enumerate(ex.mistakes):
+        if wrong and explains(m, wrong, loose=True):
+            return says, hint
     return None
 
 
-def check(name: str, fn: Callable | None) -> bool:
+def _like(answer: Any, model: Any) -> Any:
+    """``answer`` cast to the float dtype of ``model`` (tensors, or tuples of them)."""
+    if isinstance(answer, torch.Tensor) and isinstance(model, torch.Tensor) and answer.is_floating_point() and model.is_floating_point():
+        return answer.to(model.dtype)
+    if isinstance(answer, (tuple, list)) and isinstance(model, (tuple, list)) and len(answer) == len(model):
+        return type(answer)(_like(a, m) for a, m in zip(answer, model))
+    return answer
+
+
+def _timed_out(name: str, n: int, total: int, label: str, t: TimedOut) -> list[str]:
+    lines = [f"{name}: not right yet. Case {n} of {total} ({label}): your function did not return within {t.seconds:g} s."]
+    if t.stopped:
+        lines.append("  It was stopped. Look for a loop whose condition never becomes false (a `while` whose "
+                     "index is not advanced, a `range` over a huge number).")
+    else:
+        lines.append("  It is stuck in one long computation and still runs in the background; restart the kernel "
+                     "to stop it. Check the sizes you create (a tensor of a huge size, a loop over a large range).")
+    lines.append(f"  (The limit is check({name!r}, fn, timeout=SECONDS).)")
+    return lines
+
+
+def check(name: str, fn: Callable | None, timeout: float | None = None) -> bool:
     """Run the learner's ``fn`` for exercise ``name`` on all its inputs and compare with the
     reference. Prints "not attempted yet", a diagnosis (which input, what differs, the likely
     mistake and a hint) or "correct"; returns True only when every input gives the expected
-    result. Never raises."""
+    result and no input was changed in place. Never raises (except KeyboardInterrupt); each call
+    of ``fn`` may take ``timeout`` seconds (default :data:`DEFAULT_TIMEOUT`)."""
     try:
-        ex = EXERCISES.get(name)
-        if ex is None:
-            print(f"check: there is no exercise called {name!r}; the exercises are: {', '.join(sorted(EXERCISES))}")
-            return False
-        if fn is None:
-            return _not_attempted(name)
-        with torch.no_grad():
-            cases = ex.cases()
-            answers = []
-            for _, args in cases:
-                try:
-                    answers.append(_call(fn, args))
-                except NotImplementedError:
-                    return _not_attempted(name)
-            for n, ((label, args), ans) in enumerate(zip(cases, answers), start=1):
-                expected = _call(ex.reference, args)
-                if isinstance(expected, Raised):  # a bug in the exercise, not in the answer
-                    print(f"{name}: the checker itself failed on case {n} ({label}): {expected}. Please report this.")
-                    return False
-                if ans is None and expected is not None:
-                    print(f"{name}: case {n} of {len(cases)} ({label}) returned None. Did you forget the `return`?")
-                    return False
-                problem = difference(ans, expected, ex.atol, ex.rtol)
-                if problem is None:
-                    continue
-                print(f"{name}: not right yet. Case {n} of {len(cases)} ({label}):")
-                if isinstance(ans, Raised):
-                    print(f"  your function raised {ans}")
-                    if isinstance(ans.error, TypeError) and "argument" in str(ans.error):
-                        print(f"  It must take the arguments {name}{ex.signature}.")
-                else:
-                    print(f"  {problem}.")
-                mistake = _matching_mistake(ex, cases, answers)
-                if mistake:
-                    print(f"  Likely mistake: {mistake[0]}.")
-                    print(f"  Hint: {mistake[1]}.")
-                elif not isinstance(ans, Raised):
-                    print("  Compare your steps with the formula above, on this input, one line at a time.")
-                return False
-            if ex.also is not None:
-                problem = ex.also(fn)
-                if problem:
-                    print(f"{name}: the values are right, but {problem}.")
-                    return False
-        print(f"{name}: correct on all {len(cases)} cases ({', '.join(label for label, _ in cases)}).")
-        return True
-    except Exception as e:  # never stop the learner's notebook because of the checker
+        return _check(name, fn, _timeout(timeout), verbose=True).passed
+    except KeyboardInterrupt:
+        raise
+    except BaseException as e:  # never stop the learner's notebook because of the checker
         print(f"{name}: the checker could not finish ({type(e).__name__}: {e}).")
         return False
 
 
+@dataclass
+class Verdict:
+    """What ``check`` found: passed, not attempted, and the text it printed (the diagnosis)."""
+
+    passed: bool
+    attempted: bool
+    text: str
+
+
+class _Printer:
+    def __init__(self, verbose: bool) -> None:
+        self.lines: list[str] = []
+        self.verbose = verbose
+
+    def __call__(self, line: str) -> None:
+        self.lines.append(line)
+        if self.verbose:
+            print(line)
+
+
+def _check(name: str, fn: Callable | None, timeout: float, verbose: bool = True) -> Verdict:
+    """check()'s body; returns a :class:`Verdict` (the grader uses the text as the diagnosis)."""
+    say = _Printer(verbose)
+
+    def verdict(passed: bool, attempted: bool = True) -> Verdict:
+        return Verdict(passed, attempted, "\n".join(say.lines))
+
+    def not_attempted() -> Verdict:
+        say(f"{name}: not attempted yet. Write your function in the cell above (replace the `raise NotImplementedError`), run it, then run this check again.")
+        return verdict(False, attempted=False)
+
+    ex = EXERCISES.get(name)
+    if ex is None:
+        say(f"check: there is no exercise called {name!r}; the exercises are: {', '.join(sorted(EXERCISES))}")
+        return verdict(False, attempted=False)
+    if fn is None:
+        return not_attempted()
+    if not callable(fn):
+        say(f"{name}: pass your function itself, check({name!r}, my_function), not {_describe(fn)}.")
+        return verdict(False)
+    cases = ex.cases()
+    # The reference first, on pristine copies; `cases` itself is never handed to anyone.
+    expected = [_call(ex.reference, args) for _, args in cases]
+    for n, ((label, _), exp) in enumerate(zip(cases, expected), start=1):
+        if isinstance(exp, Raised):  # a bug in the exercise, not in the answer
+            say(f"{name}: the checker itself failed on case {n} ({label}): {exp}. Please report this.")
+            return verdict(False)
+    answers, mutations = [], []
+    for n, (label, args) in enumerate(cases, start=1):
+        mine = _copy(args)
+        ans = _limited(fn, mine, timeout)
+        if isinstance(ans, TimedOut):
+            for line in _timed_out(name, n, len(cases), label, ans):
+                say(line)
+            return verdict(False)
+        if isinstance(ans, Raised) and isinstance(ans.error, NotImplementedError):
+            return not_attempted()
+        answers.append(ans)
+        mutations.append(_mutation(ex, args, mine))
+    for n, ((label, args), ans, exp, changed) in enumerate(zip(cases, answers, expected, mutations), start=1):
+        if ans is None and exp is not None:
+            say(f"{name}: case {n} of {len(cases)} ({label}) returned None. Did you forget the `return`?")
+            return verdict(False)
+        problem = difference(ans, exp, *ex.tolerances(args))
+        if problem is None and changed is None:
+            continue
+        say(f"{name}: not right yet. Case {n} of {len(cases)} ({label}):")
+        if problem is not None:
+            if isinstance(ans, Raised):
+                for line in _explain_error(name, ex, ans):
+                    say(line)
+            else:
+                say(f"  {problem}.")
+            mistake = _matching_mistake(ex, cases, answers, expected)
+            if mistake:
+                say(f"  Likely mistake: {mistake[0]}.")
+                say(f"  Hint: {mistake[1]}.")
+        if changed is not None:
+            say(f"  Your function changed its input: {changed}. The caller's tensors, layers and configs must stay as they were: "
+                "work on new tensors (y = x * 2, not x *= 2 or x[...] = ...; .clone() first if you must write in place).")
+        return verdict(False)
+    if ex.also is not None:
+        problem = _limited(ex.also, (fn,), timeout)
+        if isinstance(problem, (TimedOut, Raised)):
+            problem = f"a further check of how it works did not finish ({problem if isinstance(problem, Raised) else 'time limit'})"
+        if problem:
+            say(f"{name}: the values are right, but {problem}.")
+            return verdict(False)
+    say(f"{name}: correct on all {len(cases)} cases ({', '.join(label for label, _ in cases)}).")
+    return verdict(True)
+
+
 def check_function(learner_fn: Callable | None, reference_fn: Callable, inputs: list[tuple], name: str = "your function",
-                   atol: float = 1e-5, rtol: float = 1e-5) -> bool:
+                   atol: float = 1e-5, rtol: float = 1e-5, timeout: float | None = None) -> bool:
     """Compare ``learner_fn(*args)`` with ``reference_fn(*args)`` for ad-hoc inputs, without a
     registered exercise (no diagnosis of mistakes). Prefer :func:`check`."""
     if learner_fn is None:
         return _not_attempted(name)
     try:
         for n, args in enumerate(inputs, start=1):
-            got, expected = _call(learner_fn, args), _call(reference_fn, args)
+            expected = _call(reference_fn, args)
+            got = _limited(learner_fn, _copy(args), _timeout(timeout))
+            if isinstance(got, Raised) and isinstance(got.error, NotImplementedError):
+                return _not_attempted(name)
+            if isinstance(got, TimedOut):
+                print(f"{name}: case {n} of {len(inputs)}: did not return within {got.seconds:g} s.")
+                return False
             problem = difference(got, expected, atol, rtol)
             if problem:
                 print(f"{name}: case {n} of {len(inputs)}: {problem}.")
                 return False
-    except NotImplementedError:
-        return _not_attempted(name)
+    except KeyboardInterrupt:
+        raise
+    except BaseException as e:
+        print(f"{name}: the checker could not finish ({type(e).__name__}: {e}).")
+        return False
     print(f"{name}: correct on all {len(inputs)} cases.")
     return True
 
@@ -263,7 +759,3 @@ def list_exercises(notebook: str | None = None) -> None:
     for ex in EXERCISES.values():
         if notebook is None or ex.notebook.startswith(notebook):
             print(f"{ex.notebook:28s} {ex.name}{ex.signature}: {ex.task}")
-
-
-def _gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)

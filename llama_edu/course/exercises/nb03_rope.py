@@ -36,6 +36,11 @@ register(
          "split into the first and second halves: x1, x2 = x.chunk(2, dim=-1)"),
         (lambda x: torch.cat((-_halves(x)[0], _halves(x)[1]), -1), "the halves are not swapped",
          "output = cat(-x2, x1)"),
+        (lambda x: x.flip(-1), "flip reverses the order of the whole last dimension; rotate_half swaps the two halves as blocks and negates one",
+         "x1, x2 = x.chunk(2, dim=-1); return torch.cat((-x2, x1), dim=-1)"),
+        (lambda x: torch.cat((-_halves(x)[1], _halves(x)[0])),
+         "the halves are joined along dim 0 (torch.cat's default), not along the last dimension they were split from",
+         "torch.cat((-x2, x1), dim=-1)"),
     ],
 )
 
@@ -88,6 +93,9 @@ register(
         (_rope_no_unsqueeze, "cos and sin were not unsqueezed at dim 1, so (b, seq, d) broadcast against (heads, seq, d): batch lined up with heads",
          "cos, sin = cos.unsqueeze(1), sin.unsqueeze(1) gives (b, 1, seq, d), shared by all heads"),
         (_rope_cos_sin_swapped, "cos and sin are swapped", "x * cos + rotate_half(x) * sin"),
+        (lambda q, k, cos, sin: (q * cos.unsqueeze(2) + rotate_half(q) * sin.unsqueeze(2), k * cos.unsqueeze(2) + rotate_half(k) * sin.unsqueeze(2)),
+         "cos and sin were unsqueezed at dim 2, giving (b, seq, 1, d); the heads axis of q (b, heads, seq, d) is dim 1",
+         "cos.unsqueeze(1), sin.unsqueeze(1): (b, 1, seq, d), shared by all heads"),
         (_rope_q_only, "only q is rotated; k must be rotated too (by its own position)", "apply the same formula to k"),
     ],
 )
@@ -107,6 +115,9 @@ register(
          "base^(+2i/d) is the wavelength factor, not the frequency", "take 1 / base^(2i/d)"),
         (lambda d, base: 1.0 / base ** (torch.arange(0, d, 2, dtype=torch.float64) / d),
          "the result is float64", "compute the exponents in float32 (torch.arange(...).float())"),
+        (lambda d, base: 1.0 / base ** (torch.arange(0, d).float() / d),
+         "one frequency per dimension (head_dim of them); there is one per pair of dimensions, head_dim // 2",
+         "torch.arange(0, head_dim, 2): the even exponents 0, 2, ..., d - 2"),
     ],
 )
 
@@ -117,8 +128,11 @@ def _rope_cos_sin_reference(position_ids: torch.Tensor, head_dim: int, base: flo
 
 register(
     "rope_cos_sin", "03_rope", "(position_ids, head_dim, base)",
-    "cos and sin (batch, seq, head_dim) of the angles position * theta_i, laid out as in rotate_half (i and i + d/2 share theta_i)",
+    "cos and sin (batch, seq, head_dim), float32, of the angles position * theta_i, laid out as in rotate_half (i and i + d/2 share theta_i)",
     reference=_rope_cos_sin_reference,
+    # An angle of 4000 radians in float32 is only known to ~4000 * 1.2e-7 = 5e-4: correct formulas
+    # (float32 or float64, outer or broadcast, 1/base^x or base^-x) round it differently.
+    tolerance=lambda args: (max(1e-5, 8 * torch.finfo(torch.float32).eps * float(args[0].max())), 1e-5),
     cases=lambda: [("positions 0..5", (torch.arange(6)[None], 8, 10000.0)),
                    ("batch of 2, positions 10..13", (torch.arange(10, 14)[None].repeat(2, 1), 16, 10000.0)),
                    ("position 4000, head_dim 128", (torch.tensor([[0, 1, 4000]]), 128, 10000.0))],
@@ -128,6 +142,10 @@ register(
          "emb = torch.cat((freqs, freqs), dim=-1)"),
         (lambda p, d, base: tuple(f(p[..., None].float() * rope_inv_freq(d, base)) for f in (torch.cos, torch.sin)),
          "the angles cover only head_dim / 2 slots", "concatenate the angles with themselves: cat((freqs, freqs), -1)"),
+        (lambda p, d, base: tuple(f(torch.cat([p[..., None].float() * rope_inv_freq(d, base)] * 2, -1)) for f in (torch.sin, torch.cos)),
+         "cos and sin are swapped: the function returns (cos, sin)", "return emb.cos(), emb.sin() in that order"),
+        (lambda p, d, base: tuple(f(torch.cat([(p[..., None].float() + 1) * rope_inv_freq(d, base)] * 2, -1)) for f in (torch.cos, torch.sin)),
+         "positions counted from 1: position_ids already hold 0, 1, 2, ...", "use position_ids as they are"),
     ],
 )
 
@@ -147,5 +165,8 @@ register(
         (lambda b, d, L, Lt, f: b if L <= Lt else b * (f * L / Lt) ** (d / (d - 2)),
          "the '- (factor - 1)' term is missing, so the base jumps as soon as the context is exceeded",
          "use (factor * seq_len / max_position_embeddings) - (factor - 1)"),
+        (lambda b, d, L, Lt, f: b if L <= Lt else b * (L / Lt) ** (d / (d - 2)),
+         "the scaling factor is missing: the length ratio is factor * seq_len / max_position_embeddings - (factor - 1)",
+         "multiply seq_len / max_position_embeddings by factor, then subtract factor - 1"),
     ],
 )

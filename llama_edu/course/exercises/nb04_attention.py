@@ -49,6 +49,9 @@ register(
          "the mask is upside down: queries see the future and not the past", "allow keys at or before the query's position"),
         (lambda q, k, dt: _mask_from(_positions(q, k)[1] <= _positions(q, k)[0] + (k - q), torch.float32),
          "the mask is always float32; it must be in `dtype` (and use that dtype's min)", "torch.zeros(..., dtype=dtype) and torch.finfo(dtype).min"),
+        (lambda q, k, dt: _positions(q, k)[1] <= _positions(q, k)[0] + (k - q),
+         "the mask is boolean (True = may attend); this exercise wants the additive form that is added to the scores",
+         "torch.zeros(q_len, kv_len, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)"),
     ],
 )
 
@@ -76,6 +79,9 @@ register(
          "you repeated along the sequence axis (dim 2)", "repeat along the head axis, dim 1"),
         (lambda h, n: h.repeat_interleave(n, dim=0),
          "you repeated along the batch axis (dim 0)", "repeat along the head axis, dim 1"),
+        (lambda h, n: h.repeat_interleave(n, dim=-1),
+         "you repeated along the last dimension (head_dim): each head's vector got longer instead of being shared by more heads",
+         "repeat along the head axis, dim 1"),
     ],
 )
 
@@ -126,6 +132,15 @@ register(
          "the mask is multiplied; it is additive (0 keeps a score, a huge negative number removes it)", "scores + mask"),
         (lambda q, k, v, m: (F.softmax(_scores(q, k) / math.sqrt(q.shape[-1]) + m, dim=-1, dtype=torch.float32).to(q.dtype) @ v).transpose(1, 2),
          "the output is transposed to (b, q_len, h, d)", "return weights @ v, shape (b, h, q_len, d)"),
+        (lambda q, k, v, m: ((F.softmax(_scores(q, k) / math.sqrt(q.shape[-1]), dim=-1, dtype=torch.float32) + m).to(q.dtype) @ v),
+         "the mask is added after the softmax: the weights stop summing to 1 and masked keys get a huge negative weight",
+         "add the mask to the scores, then take the softmax"),
+        (lambda q, k, v, m: F.softmax(_scores(q, k) / math.sqrt(k.shape[-2]) + m, dim=-1, dtype=torch.float32).to(q.dtype) @ v,
+         "the scores are divided by the square root of the number of keys (k.shape[-2]); the scale is the square root of head_dim",
+         "math.sqrt(q.shape[-1])"),
+        (lambda q, k, v, m: F.softmax(q @ k / math.sqrt(q.shape[-1]) + m, dim=-1, dtype=torch.float32).to(q.dtype) @ v,
+         "k is not transposed: the scores are q k^T, so k must be (b, h, d, kv_len) in the product",
+         "q @ k.transpose(-2, -1)"),
     ],
 )
 
@@ -154,6 +169,8 @@ register(
          "use config.num_key_value_heads"),
         (lambda c, b, s, dt: _kv_bytes(c, b, s, dt, kv=1), "only the keys (or only the values) are counted", "multiply by 2: keys and values"),
         (lambda c, b, s, dt: _kv_bytes(c, b, s, dt, layers=1), "one layer only", "every layer has its own cache: multiply by num_hidden_layers"),
+        (lambda c, b, s, dt: _kv_bytes(c, 1, s, dt), "batch_size is missing: every sequence of the batch has its own keys and values",
+         "multiply by batch_size"),
         (lambda c, b, s, dt: _kv_bytes(c, b, s, torch.float32), "4 bytes per value whatever the dtype", "use torch.empty(0, dtype=dtype).element_size()"),
     ],
 )

@@ -49,6 +49,11 @@ register(
         (lambda x, g, u, d: (F.gelu(x @ g.T) * (x @ u.T)) @ d.T, "GELU instead of SiLU (that is GeGLU)", "Llama uses F.silu"),
         (lambda x, g, u, d: (F.silu(x @ g) * (x @ u)) @ d,
          "the weights are not transposed: nn.Linear stores (out_features, in_features)", "use x @ w.T (or F.linear(x, w))"),
+        (lambda x, g, u, d: (F.relu(x @ g.T) * (x @ u.T)) @ d.T, "ReLU instead of SiLU (that is ReGLU)", "F.silu(x @ w_gate.T): x * sigmoid(x)"),
+        (lambda x, g, u, d: (torch.sigmoid(x @ g.T) * (x @ u.T)) @ d.T,
+         "sigmoid instead of SiLU: that is the original GLU gate; SiLU is x * sigmoid(x)", "F.silu(x @ w_gate.T)"),
+        (lambda x, g, u, d: (F.silu(x @ g.T) + (x @ u.T)) @ d.T,
+         "the two branches are added; the gate multiplies the up branch element by element", "silu(x @ w_gate.T) * (x @ w_up.T)"),
     ],
 )
 
@@ -100,6 +105,12 @@ register(
          "the residual adds the normalised x instead of x itself", "the residual stream carries the un-normalised x: h = x + attn(norm(x))"),
         (lambda L, x, c, s, m: x + L.self_attn(L.input_layernorm(x), c, s, m),
          "layer.self_attn returns a pair (output, attention weights)", "take the first element: layer.self_attn(...)[0]"),
+        (lambda L, x, c, s, m: (h := x + _attn(L, L.input_layernorm(x), c, s, m)) + L.mlp(L.post_attention_layernorm(x)),
+         "the MLP's input is the normalised x; it must be the normalised h, the stream after the attention's residual add",
+         "out = h + mlp(post_attention_layernorm(h))"),
+        (lambda L, x, c, s, m: ((h := x + _attn(L, L.input_layernorm(x), c, s, m)) + L.mlp(L.post_attention_layernorm(h)), None),
+         "the function returns a tuple (like the package's layer, which also returns attention weights); the exercise wants the hidden states alone",
+         "return the tensor h + mlp(...)"),
     ],
 )
 
@@ -119,5 +130,8 @@ register(
          "the multiplier is applied after rounding", "scale first, then round up"),
         (lambda d, m=256, f=None: m * ((int((f or 1) * 4 * d) + m - 1) // m),
          "the 2/3 is missing (SwiGLU keeps the parameter count of a 4d MLP with three matrices instead of two)", "h = int(2 * 4 * hidden_size / 3)"),
+        (lambda d, m=256, f=None: int(int(2 * 4 * d / 3) * (f or 1)),
+         "not rounded up to a multiple of multiple_of (Meta's code rounds so the matrices tile well on GPUs)",
+         "multiple_of * ((h + multiple_of - 1) // multiple_of)"),
     ],
 )

@@ -8,7 +8,7 @@ import torch
 from ...config import LlamaConfig
 from ...modeling import LlamaForCausalLM
 
-from .checking import register
+from .checking import _gen, register
 
 
 def _count_reference(config: LlamaConfig) -> int:
@@ -42,5 +42,156 @@ register(
         (lambda c: _count(c, norms=False), "the two RMSNorm weights of each layer are missing", "add 2 * hidden_size per layer"),
         (lambda c: _count(c, final=False), "the final norm is missing", "add hidden_size for model.norm"),
         (lambda c: _count(c, tied_twice=True), "a tied LM head is counted twice; it is the embedding matrix", "no head when tie_word_embeddings"),
+        (lambda c: _count(c) - c.vocab_size * c.hidden_size,
+         "the embedding matrix (vocab_size x hidden_size) is missing", "add vocab_size * hidden_size for model.embed_tokens"),
+    ],
+)
+
+
+# --- The capstone: your own Llama, from the state dict to generated tokens ----------------------
+
+
+@functools.lru_cache(maxsize=1)
+def _shipped_weights() -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    from ...io.files import DEFAULT_MODEL_DIR
+
+    return load_file(str(DEFAULT_MODEL_DIR / "model.safetensors"))
+
+
+@functools.lru_cache(maxsize=1)
+def _shipped_config() -> LlamaConfig:
+    from ...io.files import DEFAULT_MODEL_DIR
+
+    return LlamaConfig.from_pretrained(DEFAULT_MODEL_DIR)
+
+
+@functools.lru_cache(maxsize=1)
+def _odd_model() -> tuple[dict[str, torch.Tensor], LlamaConfig]:
+    """A small random model with decisive logits and settings that differ from the shipped one:
+    an untied head, another RoPE base and epsilon, 3 query heads per kv head."""
+    config = LlamaConfig(vocab_size=96, hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=6,
+                         num_key_value_heads=2, rope_theta=500.0, rms_norm_eps=1e-3, initializer_range=0.35,
+                         tie_word_embeddings=False, max_position_embeddings=64)
+    torch.manual_seed(6)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():  # norms that are not all ones, so a missing or swapped norm shows
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(torch.rand(p.shape) + 0.5)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}, config
+
+
+def _generate_reference(weights: dict[str, torch.Tensor], config: LlamaConfig, input_ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+    model = LlamaForCausalLM(config).eval()
+    model.load_state_dict(weights, strict=False)  # a tied head is not in the file: it is the embedding
+    if config.tie_word_embeddings:
+        model.tie_weights()
+    ids = input_ids
+    for _ in range(max_new_tokens):
+        ids = torch.cat([ids, model(ids).logits[:, -1].argmax(-1, keepdim=True)], dim=-1)
+    return ids
+
+
+def _llama_generate_cases():
+    from ...text.tokenizer import LlamaTokenizer
+    from ...io.files import DEFAULT_MODEL_DIR
+
+    tok = LlamaTokenizer.from_pretrained(DEFAULT_MODEL_DIR)
+    weights, config = _shipped_weights(), _shipped_config()
+    odd_weights, odd_config = _odd_model()
+    g = _gen(60)
+    return [
+        ("the Shakespeare model, 'ROMEO:', 8 new tokens", (weights, config, tok("ROMEO:\nO", return_tensors="pt").input_ids, 8)),
+        ("the Shakespeare model, a batch of 2 prompts, 5 new tokens",
+         (weights, config, torch.tensor([tok("KING HENRY:\n").input_ids[:3], tok("JULIET:\nO").input_ids[:3]]), 5)),
+        ("a random model: untied head, 6 heads sharing 2 kv heads, rope_theta 500, eps 1e-3",
+         (odd_weights, odd_config, torch.randint(3, 96, (2, 5), generator=g), 6)),
+    ]
+
+
+def _flat_generate(weights, config, input_ids, max_new_tokens, final_norm=True, rope=True, causal=True, scale=True,
+                   prenorm=True, halves=True, own_eps=True, own_theta=True):
+    """A flat Llama with one switch per classic mistake (all True = correct)."""
+    import math as _m
+    import torch.nn.functional as F
+
+    d, n_h, n_kv = config.hidden_size, config.num_attention_heads, config.num_key_value_heads
+    hd = d // n_h
+    eps = config.rms_norm_eps if own_eps else 1e-6
+    theta = config.rope_theta if own_theta else 10000.0
+    head = weights.get("lm_head.weight", weights["model.embed_tokens.weight"])
+
+    def norm(x, w):
+        return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+
+    def rot(x, cos, sin):
+        if halves:
+            x1, x2 = x.chunk(2, -1)
+            r = torch.cat((-x2, x1), -1)
+        else:
+            r = torch.stack((-x[..., 1::2], x[..., ::2]), -1).flatten(-2)
+        return x * cos + r * sin
+
+    ids = input_ids
+    for _ in range(max_new_tokens):
+        b, s = ids.shape
+        inv = 1.0 / theta ** (torch.arange(0, hd, 2).float() / hd)
+        ang = torch.arange(s).float()[:, None] * inv
+        ang = torch.cat((ang, ang), -1) if halves else ang.repeat_interleave(2, -1)
+        cos, sin = ang.cos(), ang.sin()
+        h = weights["model.embed_tokens.weight"][ids]
+        for i in range(config.num_hidden_layers):
+            p = f"model.layers.{i}."
+            x = norm(h, weights[p + "input_layernorm.weight"]) if prenorm else h
+            q = (x @ weights[p + "self_attn.q_proj.weight"].T).view(b, s, n_h, hd).transpose(1, 2)
+            k = (x @ weights[p + "self_attn.k_proj.weight"].T).view(b, s, n_kv, hd).transpose(1, 2)
+            v = (x @ weights[p + "self_attn.v_proj.weight"].T).view(b, s, n_kv, hd).transpose(1, 2)
+            if rope:
+                q, k = rot(q, cos, sin), rot(k, cos, sin)
+            k, v = k.repeat_interleave(n_h // n_kv, 1), v.repeat_interleave(n_h // n_kv, 1)
+            scores = q @ k.transpose(-1, -2) / (_m.sqrt(hd) if scale else 1.0)
+            if causal:
+                scores = scores.masked_fill(torch.ones(s, s, dtype=torch.bool).triu(1), float("-inf"))
+            att = (scores.softmax(-1) @ v).transpose(1, 2).reshape(b, s, d)
+            h = h + att @ weights[p + "self_attn.o_proj.weight"].T
+            if not prenorm:
+                h = norm(h, weights[p + "input_layernorm.weight"])
+            x = norm(h, weights[p + "post_attention_layernorm.weight"]) if prenorm else h
+            mlp = (F.silu(x @ weights[p + "mlp.gate_proj.weight"].T) * (x @ weights[p + "mlp.up_proj.weight"].T)) @ weights[p + "mlp.down_proj.weight"].T
+            h = h + mlp
+            if not prenorm:
+                h = norm(h, weights[p + "post_attention_layernorm.weight"])
+        if final_norm:
+            h = norm(h, weights["model.norm.weight"])
+        ids = torch.cat([ids, (h[:, -1] @ head.T).argmax(-1, keepdim=True)], -1)
+    return ids
+
+
+register(
+    "llama_generate", "06_full_model", "(weights, config, input_ids, max_new_tokens)",
+    "your own Llama: from a Hugging Face state dict and its config, greedy-generate max_new_tokens tokens "
+    "(prompt + new tokens, as generate(do_sample=False) without an end token), with your own RMSNorm, RoPE, "
+    "attention, SwiGLU and decoder layers",
+    reference=_generate_reference,
+    cases=_llama_generate_cases,
+    mistakes=[
+        (lambda w, c, ids, n: _flat_generate(w, c, ids, n, final_norm=False),
+         "the final norm (model.norm) is missing before the LM head", "h = rms_norm(h, weights['model.norm.weight']) after the last layer"),
+        (lambda w, c, ids, n: _flat_generate(w, c, ids, n, rope=False),
+         "q and k are not rotated (no RoPE): the model cannot tell positions apart", "apply_rotary_pos_emb to q and k in every layer"),
+        (lambda w, c, ids, n: _flat_generate(w, c, ids, n, causal=False),
+         "no causal mask: each position also sees the tokens after it", "mask scores where key > query before the softmax"),
+        (lambda w, c, ids, n: _flat_generate(w, c, ids, n, scale=False),
+         "the scores are not divided by sqrt(head_dim)", "scores = q @ k^T / math.sqrt(head_dim)"),
+        (lambda w, c, ids, n: _flat_generate(w, c, ids, n, prenorm=False),
+         "post-norm: Llama normalises the input of each sub-block, not the residual sum",
+         "h = h + attn(rms_norm(h)); h = h + mlp(rms_norm(h))"),
+        (lambda w, c, ids, n: _flat_generate(w, c, ids, n, halves=False),
+         "RoPE pairs neighbouring dimensions (2i, 2i+1), Meta's layout; Hugging Face's q_proj/k_proj rows pair i with i + head_dim/2",
+         "use rotate_half and cos/sin built as cat((freqs, freqs), -1)"),
+        (lambda w, c, ids, n: _flat_generate(w, c, ids, n, own_theta=False),
+         "rope_theta is hard-coded to 10000; read it from config.rope_theta", "theta = config.rope_theta"),
     ],
 )

@@ -112,6 +112,13 @@ def _top_p_no_minimum(logits, top_p):
     return logits.masked_fill(remove.scatter(-1, order, remove), float("-inf"))
 
 
+def _top_p_on_logits(logits, top_p):
+    sorted_logits, order = logits.sort(-1, descending=True)
+    drop = sorted_logits.cumsum(-1) - sorted_logits >= top_p
+    drop[..., 0] = False
+    return logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+
+
 def _top_p_zero_fill(logits, top_p):
     out = _top_p_reference(logits, top_p)
     return out.masked_fill(out == float("-inf"), 0.0)
@@ -128,6 +135,8 @@ register(
          "keep a token when the probability of the tokens before it is still below top_p (cumsum - p < top_p), or sort ascending and remove where cumsum <= 1 - top_p"),
         (_top_p_no_minimum, "with a tiny top_p every token is removed", "always keep the most likely token"),
         (_top_p_zero_fill, "removed tokens are set to 0; a logit of 0 is still a likely token", "use float('-inf')"),
+        (_top_p_on_logits, "the cumulative sum runs over sorted logits, not over probabilities: logits do not add up to 1",
+         "take softmax(logits) first, then sort and accumulate the probabilities"),
     ],
 )
 
@@ -175,6 +184,9 @@ register(
          "torch.where(score < 0, score * penalty, score / penalty)"),
         (lambda ids, x, p: _penalise_each_occurrence(ids, x, p),
          "a token seen 3 times is penalised 3 times; the rule penalises each seen token once", "gather, transform once, scatter back"),
+        (lambda ids, x, p: x.scatter(1, ids, torch.where(x.gather(1, ids) > 0, x.gather(1, ids) * p, x.gather(1, ids) / p)),
+         "the penalty is inverted: positive logits are multiplied and negative ones divided, which makes seen tokens MORE likely",
+         "torch.where(score < 0, score * penalty, score / penalty)"),
     ],
 )
 

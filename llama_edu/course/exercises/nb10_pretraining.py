@@ -48,6 +48,10 @@ def _loss_sum(logits, labels):
                            reduction="sum")
 
 
+def _loss_per_sequence(logits, labels):
+    return torch.stack([F.cross_entropy(logits[b, :-1], labels[b, 1:], ignore_index=-100) for b in range(logits.shape[0])]).mean()
+
+
 register(
     "causal_lm_loss", "10_pretraining", "(logits, labels)",
     "the mean next-token cross-entropy: logits (batch, seq, vocab) at t predict labels[:, t + 1]; labels of -100 do not count",
@@ -63,5 +67,7 @@ register(
         (_loss_minus_100_in_the_count, "ignored positions (-100) are counted in the number of tokens the mean divides by",
          "divide by the number of labels that are not -100"),
         (_loss_sum, "the loss is the sum over tokens, not the mean", "average over the tokens that count (reduction='mean')"),
+        (_loss_per_sequence, "the loss is averaged per sequence, then over the batch: a sequence with fewer labelled tokens counts as much as a long one",
+         "one mean over all the labelled tokens of the batch: flatten (batch, seq) before cross_entropy"),
     ],
 )

@@ -62,5 +62,9 @@ register(
          "2 * precision * recall / (precision + recall)"),
         (_f1_no_zero_guard, "a classifier that never says spam makes precision 0/0",
          "return 0.0 when there are no true positives (scikit-learn's zero_division=0)"),
+        (lambda t, p: (lambda tp, fp, fn: tp / (tp + fp) if tp + fp else 0.0)(*_counts(t, p)),
+         "this is the precision of spam (TP / (TP + FP)); F1 combines it with the recall", "F1 = 2 TP / (2 TP + FP + FN)"),
+        (lambda t, p: (lambda tp, fp, fn: tp / (tp + fn) if tp + fn else 0.0)(*_counts(t, p)),
+         "this is the recall of spam (TP / (TP + FN)); F1 combines it with the precision", "F1 = 2 TP / (2 TP + FP + FN)"),
     ],
 )

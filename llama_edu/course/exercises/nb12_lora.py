@@ -24,7 +24,7 @@ def _lora_cases() -> Cases:
 
 register(
     "lora_forward", "12_lora", "(x, weight, lora_A, lora_B, alpha, r)",
-    "a LoRA-adapted linear layer for row vectors: x W^T + (alpha / r) x A^T B^T (Hu et al. 2021, eq. 3)",
+    "a LoRA-adapted linear layer for row vectors: x W^T + (alpha / r) x A^T B^T (Hu et al. 2021: eq. 3, with the alpha / r scale of section 4.1)",
     reference=lora_forward,
     cases=_lora_cases,
     mistakes=[

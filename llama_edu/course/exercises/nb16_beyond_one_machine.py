@@ -42,7 +42,36 @@ def _row_parallel_reference(x: torch.Tensor, weight: torch.Tensor, world: int) -
 
 def _row_parallel_cases() -> Cases:
     g = _gen(16)
-    return [(f"{w} ranks", (torch.randn(2, 5, 8, generator=g), torch.randn(6, 8, generator=g), w)) for w in (1, 2, 4)]
+    return [(f"{w} rank{'s' if w > 1 else ''}", (torch.randn(2, 5, 8, generator=g), torch.randn(6, 8, generator=g), w)) for w in (1, 2, 4)]
+
+
+class _Products(torch.overrides.TorchFunctionMode):
+    """Records the inner (summed-over) size of every matrix product run inside it."""
+
+    _OPS = {torch.matmul, torch.mm, torch.bmm, torch.Tensor.matmul, torch.Tensor.mm, torch.Tensor.__matmul__, F.linear}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner: list[int] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in self._OPS and args and isinstance(args[0], torch.Tensor):
+            self.inner.append(args[0].shape[-1])
+        return func(*args, **(kwargs or {}))
+
+
+def _row_parallel_is_split(fn) -> str | None:
+    """Plain F.linear(x, weight) gives the same numbers; the exercise is to split the product."""
+    g = _gen(160)
+    x, weight, world = torch.randn(2, 3, 8, generator=g), torch.randn(6, 8, generator=g), 4
+    with _Products() as seen:
+        fn(x, weight, world)
+    whole = [n for n in seen.inner if n == x.shape[-1]]
+    if whole:
+        return (f"one matrix product runs over all {x.shape[-1]} input features at once, as a single device would; "
+                f"each of the {world} ranks holds only {x.shape[-1] // world} of them: multiply each block of x "
+                "by its block of weight's columns, then add the partial products (the all-reduce)")
+    return None
 
 
 register(
@@ -50,6 +79,7 @@ register(
     "F.linear(x, weight) computed as `world` ranks would: weight's columns and x's last dimension split in world blocks, the partial products summed",
     reference=_row_parallel_reference,
     cases=_row_parallel_cases,
+    also=_row_parallel_is_split,
     mistakes=[
         (lambda x, weight, world: sum(F.linear(xi, wi) for xi, wi in zip(x.chunk(world, -1), weight.chunk(world, -1))) / world,
          "the partial products are averaged, not summed", "an all-reduce SUMS the ranks' partial results: drop the division"),
