@@ -93,8 +93,8 @@ def lora_forward(
 def _check_rank_alpha(r: Any, lora_alpha: Any) -> None:
     if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
         raise ValueError(f"LoRA rank r must be a positive integer (e.g. 8), got {r!r}")
-    if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, (int, float)) or not lora_alpha > 0:
-        raise ValueError(f"lora_alpha must be a positive number (e.g. 16, often 2 * r), got {lora_alpha!r}")
+    if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, (int, float)) or not 0 < lora_alpha < math.inf:
+        raise ValueError(f"lora_alpha must be a finite positive number (e.g. 16, often 2 * r), got {lora_alpha!r}")
 
 
 class LoraLinear(nn.Module):

@@ -34,20 +34,23 @@ Data format (JSON Lines, one example per line)::
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import random
 import re
+import sys
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import nn
 
-from .files import PROJECT_DATA_DIR
+from .files import DEFAULT_MODEL_DIR, PROJECT_DATA_DIR
 from .chat import load_model_and_tokenizer
 from .lora import LoraConfig, apply_lora, save_lora_adapter, trainable_parameters_report
-from .train import lr_at
+from .training.loop import (RUN_OUTPUTS, LoopConfig, NonFiniteLossError, Task, add_training_arguments, fit,
+                            interrupted_exit)
 
 IGNORE_INDEX = -100  # the label cross_entropy skips (transformers' convention)
 
@@ -177,6 +180,74 @@ def sft_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
 
 
+class SFTTask(Task):
+    """Instruction tuning for :func:`llama_edu.training.loop.fit`: :func:`sft_loss` on padded
+    batches of chat examples, drawn without replacement and reshuffled each epoch (the order
+    comes from ``random.Random(seed)``, the loop's seed)."""
+
+    resume_keys = ("command", "model", "data", "batch_size", "max_length", "lr", "grad_clip", "seed",
+                   "lora_r", "lora_alpha", "lora_targets")
+
+    def __init__(self, model: nn.Module, tokenizer: Any, conversations: Sequence[Sequence[dict[str, str]]], batch_size: int = 16,
+                 max_length: int | None = None, record: dict[str, Any] | None = None, inputs: Sequence[Any] = ()):
+        if not isinstance(batch_size, int) or batch_size <= 0:
+            raise ValueError(f"--batch-size must be a whole number >= 1, got {batch_size!r}")
+        self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
+        self.examples = [tokenize_chat(tokenizer, c, max_length) for c in conversations]
+        if not self.examples:
+            raise ValueError("there are no conversations to train on")
+        self.pad = pad_id(tokenizer)
+        self._record, self.inputs = dict(record or {}), tuple(inputs)
+        self._fingerprint = _rows_fingerprint([list(c) for c in conversations])
+
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return sft_loss(model, batch)
+
+    def batches(self, generator: torch.Generator) -> Iterator[dict[str, torch.Tensor]]:
+        device = next(self.model.parameters()).device
+        for picked in _epochs(len(self.examples), self.batch_size, generator.initial_seed()):
+            yield {k: v.to(device) for k, v in collate([self.examples[i] for i in picked], self.pad).items()}
+
+    def record(self) -> dict[str, Any]:
+        return self._record
+
+    def fingerprint(self) -> dict[str, Any]:
+        return self._fingerprint
+
+    def owns(self, name: str) -> bool:
+        return name in RUN_OUTPUTS or bool(MODEL_FILES.fullmatch(name))
+
+    def tokens(self, batch: dict[str, torch.Tensor]) -> int:
+        return int(batch["attention_mask"].sum())
+
+
+def _epochs(n: int, batch_size: int, seed: int) -> Iterator[list[int]]:
+    """Endless batches of indices into ``n`` examples: without replacement, reshuffled each time
+    they run out (the leftovers of one shuffle start the next batch)."""
+    rng, order = random.Random(seed), []
+    while True:
+        if len(order) < batch_size:
+            fresh = list(range(n))
+            rng.shuffle(fresh)
+            order += fresh
+        picked, order = order[:batch_size], order[batch_size:]
+        yield picked
+
+
+def _rows_fingerprint(rows: Any) -> dict[str, Any]:
+    """Enough to tell whether a resumed run trains on the same examples."""
+    return {"examples": len(rows), "sha256": hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()[:16]}
+
+
+def step_logger(log: Callable[[str], None] | None, log_every: int, steps: int, line: Callable[[int, dict[str, Any]], str]):
+    """An ``on_step`` for :func:`fit` that prints ``line(step - 1, history)`` every ``log_every``
+    steps (counting from 0, as the notebooks show) and at the last step."""
+    def on_step(step: int, history: dict[str, Any], model: nn.Module) -> None:
+        if log and ((step - 1) % log_every == 0 or step == steps):
+            log(line(step - 1, history))
+    return on_step
+
+
 def train_sft(
     model: nn.Module,
     tokenizer: Any,
@@ -189,42 +260,27 @@ def train_sft(
     seed: int = 0,
     log_every: int = 10,
     log: Callable[[str], None] | None = print,
+    *,
+    grad_clip: float = 1.0,
+    precision: str = "auto",
 ) -> list[float]:
     """Fine-tune the trainable parameters of ``model`` (all of them, or only LoRA adapters after
-    :func:`llama_edu.lora.apply_lora`) on ``conversations`` with AdamW (warm-up + cosine LR).
+    :func:`llama_edu.lora.apply_lora`) on ``conversations``: :class:`SFTTask` run by the one
+    training loop (AdamW without weight decay, warm-up + cosine LR to lr/10, gradient norm
+    clipped at ``grad_clip``).
 
     Batches are drawn without replacement, reshuffled each epoch, on the model's device.
-    Returns the loss of every step. The model is left in eval mode.
+    Returns the loss of every step. The model is left in eval mode. A non-finite loss or
+    non-finite weights stop with :class:`llama_edu.training.loop.NonFiniteLossError`.
     """
-    if steps <= 0 or batch_size <= 0:
+    if not isinstance(steps, int) or steps <= 0:
         raise ValueError(f"steps and batch_size must be positive, got {steps} and {batch_size}")
-    examples = [tokenize_chat(tokenizer, c, max_length) for c in conversations]
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError("the model has no trainable parameters (did you freeze everything?)")
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    device, pad = next(model.parameters()).device, pad_id(tokenizer)
-    rng, order, losses = random.Random(seed), [], []
-    model.train()
-    for step in range(steps):
-        if len(order) < batch_size:
-            fresh = list(range(len(examples)))
-            rng.shuffle(fresh)
-            order += fresh
-        picked, order = order[:batch_size], order[batch_size:]
-        batch = {k: v.to(device) for k, v in collate([examples[i] for i in picked], pad).items()}
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, lr, warmup_steps, steps, lr / 10)
-        loss = sft_loss(model, batch)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        losses.append(loss.item())
-        if log and (step % log_every == 0 or step == steps - 1):
-            log(f"step {step:4d}  loss {loss.item():.4f}")
-    model.eval()
-    return losses
+    task = SFTTask(model, tokenizer, conversations, batch_size, max_length)
+    config = LoopConfig(steps=steps, lr=lr, warmup_steps=warmup_steps, grad_clip=grad_clip, precision=precision, seed=seed,
+                        log_interval=steps, progress=False)
+    on_step = step_logger(log, log_every, steps, lambda s, h: f"step {s:4d}  loss {h['train'][-1][1]:.4f}")
+    history = fit(task, config, log=None, on_step=on_step)
+    return [loss for _, loss in history["train"]]
 
 
 # -- measuring the format ----------------------------------------------------------------------
@@ -274,9 +330,15 @@ def evaluate_format(model: nn.Module, tokenizer: Any, rows: Sequence[dict[str, A
 # -- the command line and the big version --------------------------------------------------------
 
 
+#: The files a fine-tuning command writes into OUT itself (the model with its tokenizer, or
+#: the adapter); ``--overwrite`` removes these, last/ and the run's JSON files, nothing else.
+MODEL_FILES = re.compile(r"(config|generation_config|adapter_config|special_tokens_map|tokenizer_config)\.json|tokenizer\.(model|json)"
+                         r"|(model|adapter_model)(-\d+-of-\d+)?\.safetensors(\.index\.json)?")
+
+
 def save_finetuned(model, tokenizer, out: str | os.PathLike, adapter_only: bool) -> None:
     """What the sft and dpo commands keep: the LoRA adapter alone (PEFT layout), or the whole
-    model with its tokenizer."""
+    model with its tokenizer (each file group replaced whole)."""
     if adapter_only:
         save_lora_adapter(model, out)
     else:
@@ -292,6 +354,21 @@ def add_lora_arguments(p: argparse.ArgumentParser, default_r: int, r_help: str) 
     p.add_argument("--lora-targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
 
 
+def add_finetuning_arguments(p: argparse.ArgumentParser, *, steps: int, lr: float, default_r: int, r_help: str, model_help: str) -> None:
+    """The arguments the sft and dpo commands share: the common training flags
+    (:func:`llama_edu.training.loop.add_training_arguments`), the model, batch, LoRA and device."""
+    p.add_argument("--model", default=None, help=model_help)
+    add_training_arguments(p, steps=steps, lr=lr, seed=0,
+                           out_help="output folder: the tuned model with its tokenizer (or the LoRA adapter), and last/, "
+                                    "the resumable checkpoint")
+    p.add_argument("--batch-size", type=int, default=16)
+    add_lora_arguments(p, default_r=default_r, r_help=r_help)
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
+    p.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: as stored; float16 weights do not train)")
+    p.add_argument("--log-interval", type=int, default=10, help="steps between progress lines")
+    p.add_argument("--quiet", action="store_true", help="no progress bar and no progress lines")
+
+
 def load_for_finetuning(name_or_path: str | os.PathLike | None = None, device: str | None = None, dtype: str | None = None):
     """(model, tokenizer) from a local folder or a hub repo id (e.g.
     ``TinyLlama/TinyLlama-1.1B-Chat-v1.0``); ``None`` is the project's Shakespeare model.
@@ -299,26 +376,58 @@ def load_for_finetuning(name_or_path: str | os.PathLike | None = None, device: s
     return load_model_and_tokenizer(name_or_path, device=device, dtype=dtype)
 
 
-def _cmd_sft(args: argparse.Namespace) -> int:
+def finetuning_record(args: argparse.Namespace, command: str, **extra: Any) -> dict[str, Any]:
+    """The settings of an sft or dpo run, saved as OUT/train_config.json and checked on --resume."""
+    return {"command": command, "model": str(args.model or DEFAULT_MODEL_DIR), "data": str(args.data), "steps": args.steps,
+            "batch_size": args.batch_size, "max_length": None, "lr": args.lr, "warmup_steps": min(args.warmup_steps, args.steps),
+            "grad_clip": args.grad_clip, "precision": args.precision, "seed": args.seed, "lora_r": args.lora_r,
+            "lora_alpha": args.lora_alpha, "lora_targets": args.lora_targets, "dtype": args.dtype, **extra}
+
+
+def prepare_finetuning(args: argparse.Namespace):
+    """(model, tokenizer, rows, inputs) for the sft and dpo commands: the model loaded, its LoRA
+    adapters applied when ``--lora-r`` > 0, the training rows of ``--data``."""
     model, tokenizer = load_for_finetuning(args.model, device=args.device, dtype=args.dtype)
     rows = load_jsonl(args.data, split="train")
     if args.lora_r:
         apply_lora(model, LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, target_modules=tuple(args.lora_targets.split(","))))
-    print(trainable_parameters_report(model) if args.lora_r else f"full fine-tuning of {sum(p.numel() for p in model.parameters()):,d} parameters")
-    train_sft(model, tokenizer, [r["messages"] for r in rows], steps=args.steps, batch_size=args.batch_size, lr=args.lr)
-    save_finetuned(model, tokenizer, args.out, adapter_only=bool(args.lora_r))
+    if not args.quiet:
+        print(trainable_parameters_report(model) if args.lora_r else f"full fine-tuning of {sum(p.numel() for p in model.parameters()):,d} parameters")
+    return model, tokenizer, rows, (args.model or DEFAULT_MODEL_DIR, args.data)
+
+
+def run_finetuning(args: argparse.Namespace, task: Task, tokenizer: Any) -> int:
+    """Run an sft or dpo command's task through the one loop with the shared flags, then write
+    the result into OUT. Ctrl-C: last/ saved, exit status 130. A non-finite loss or weights:
+    one line, exit status 1, nothing of them saved."""
+    config = LoopConfig(steps=args.steps, lr=args.lr, warmup_steps=min(args.warmup_steps, max(args.steps, 0)), grad_clip=args.grad_clip,
+                        precision=args.precision, seed=args.seed, log_interval=args.log_interval, out_dir=args.out,
+                        progress=False if args.quiet else None)
+    log = None if args.quiet else (lambda line: print(line, flush=True))
+    try:
+        fit(task, config, log=log, resume=args.resume, overwrite=args.overwrite)
+    except KeyboardInterrupt as e:
+        return interrupted_exit(e, args.out)
+    except NonFiniteLossError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    save_finetuned(task.model, tokenizer, args.out, adapter_only=bool(args.lora_r))
     return 0
 
 
+def _cmd_sft(args: argparse.Namespace) -> int:
+    model, tokenizer, rows, inputs = prepare_finetuning(args)
+    task = SFTTask(model, tokenizer, [r["messages"] for r in rows], args.batch_size,
+                   record=finetuning_record(args, "sft"), inputs=inputs)
+    return run_finetuning(args, task, tokenizer)
+
+
 def add_cli_commands(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("sft", help="instruction-tune a model on chat examples (loss on assistant tokens only)")
-    p.add_argument("--model", default=None, help="model folder or hub repo id (default: data/shakespeare-llama)")
+    p = subparsers.add_parser("sft", help="instruction-tune a model on chat examples (loss on assistant tokens only)",
+                              description="Instruction-tune a model (or LoRA adapters) on chat examples with the one training loop. "
+                                          "Ctrl-C saves OUT/last/ and exits with status 130; --resume continues it.")
+    add_finetuning_arguments(p, steps=150, lr=1e-3, default_r=0, r_help="LoRA rank; 0 = full fine-tuning",
+                             model_help="model folder or hub repo id (default: data/shakespeare-llama)")
     p.add_argument("--data", default=str(SFT_DATA), help="JSON Lines of {'messages': [...], 'split': 'train'}")
-    p.add_argument("--out", required=True, help="folder for the fine-tuned model (or the LoRA adapter)")
-    p.add_argument("--steps", type=int, default=150)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=1e-3)
-    add_lora_arguments(p, default_r=0, r_help="LoRA rank; 0 = full fine-tuning")
-    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
-    p.add_argument("--dtype", default=None, help="float32, bfloat16, ... (default: as stored)")
+    p.add_argument("--warmup-steps", type=int, default=10)
     p.set_defaults(func=_cmd_sft)

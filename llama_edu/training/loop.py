@@ -161,8 +161,8 @@ def check_trainable(model: nn.Module) -> list[nn.Parameter]:
     params = list({id(p): p for p in model.parameters() if p.requires_grad}.values())
     if not params:
         raise ValueError("the model has no trainable parameters (requires_grad is False everywhere; did you freeze everything?)")
-    first = next(model.parameters())
-    if any(p.dtype == torch.float16 for p in params) or (first.device.type == "cpu" and any(p.dtype == torch.float16 for p in model.parameters())):
+    on_cpu = next(model.parameters()).device.type == "cpu"
+    if any(p.dtype == torch.float16 for p in (model.parameters() if on_cpu else params)):
         raise ValueError("the model has float16 weights, which do not train: on a CPU float16 overflows to NaN and AdamW's "
                          "updates underflow in float16; load it with --dtype float32 or --dtype bfloat16 "
                          "(on a GPU, float32 weights with --precision fp16 give float16 speed)")
@@ -264,17 +264,32 @@ def train_step(
         if scaler is not None:
             scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
         if parallel is None:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+            norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip))
         else:
-            distributed.clip_grad_norm_(model.parameters(), grad_clip)  # sharded gradients
+            norm = distributed.clip_grad_norm_(model.parameters(), grad_clip)  # sharded gradients
+        # A finite loss can still have NaN gradients (the norm of a zero vector, say); float16's
+        # scaler expects overflows and skips those steps itself.
+        if scaler is None and not math.isfinite(norm):
+            optimizer.zero_grad(set_to_none=True)
+            raise NonFiniteLossError(f"the gradient norm is {norm} (the loss was {mean_loss:.4g})")
     if scaler is not None:
         scaler.step(optimizer)  # skips the step when a gradient overflowed in float16
         scaler.update()
     else:
-        optimizer.step()
+        try:
+            optimizer.step()
+        except RuntimeError as e:  # an update too large for the parameters' dtype, e.g. --lr 1e300
+            if "overflow" not in str(e):
+                raise
+            raise NonFiniteLossError(f"the optimizer's update overflows {params_dtype(optimizer)} ({e})") from None
     if return_metrics:
         return mean_loss, {k: float(v) for k, v in metrics.items()}
     return mean_loss
+
+
+def params_dtype(optimizer: torch.optim.Optimizer) -> str:
+    dtypes = {p.dtype for group in optimizer.param_groups for p in group["params"]}
+    return "/".join(sorted(str(d).replace("torch.", "") for d in dtypes))
 
 
 def weights_finite(params: Sequence[torch.Tensor], parallel: distributed.Parallel | None = None) -> bool:
@@ -533,8 +548,9 @@ def fit(
     if resume:
         state = json.loads((last / "train_state.json").read_text())
         saved = state.get("train_config", {})
-        problems = [(f"model: {saved.get(k)} in the checkpoint, {record[k]} now" if k == "model" else
-                     f"{_flag(k)}: {saved.get(k)!r} in the checkpoint, {record[k]!r} now") for k in task.resume_keys if saved.get(k) != record[k]]
+        problems = [(f"model: {saved.get(k)} in the checkpoint, {record.get(k)} now" if k == "model" else
+                     f"{_flag(k)}: {saved.get(k)!r} in the checkpoint, {record.get(k)!r} now") for k in task.resume_keys
+                    if saved.get(k) != record.get(k)]
         if state.get("data") != fingerprint:
             problems.append(f"the training data: {state.get('data')} in the checkpoint, {fingerprint} now")
         if problems:
@@ -572,9 +588,6 @@ def fit(
         changed = [f"{k} {record[k]} (was {saved[k]})" for k in ("steps", "warmup_steps") if k in record and saved.get(k) != record[k]]
         if changed:
             say("the learning-rate schedule follows the new " + ", ".join(changed))
-    if out_dir:
-        text = (json.dumps(record, indent=2) + "\n").encode()
-        distributed.on_main(lambda: atomic_write_bytes(out_dir / "train_config.json", text), par)
 
     step_model: nn.Module = torch.compile(wrapped) if config.compile else wrapped
     show_bar = (sys.stderr.isatty() if config.progress is None else config.progress) and (par is None or par.is_main)
@@ -589,21 +602,29 @@ def fit(
         kept.update(steps=step, seconds=time.time() - t0, **task.extra_history(step))
         return {"step": step, "seconds": time.time() - t0, "history": kept, "train_config": record, "data": fingerprint}
 
+    def kept() -> str:
+        held = [f"{name}/" for name in ("best", "last") if out_dir and (out_dir / name).is_dir()]
+        return f": {' and '.join(held)} {'hold' if len(held) > 1 else 'holds'} the last good checkpoint" if held else ""
+
     def check_weights(step: int, what: str) -> None:
         if not weights_finite(params, par):
             raise NonFiniteLossError(f"the weights became NaN or infinite by step {step}; training stopped and {what}. "
                                      f"Lower --lr, or check the data and the settings (--lora-alpha, --beta, --dtype)")
 
+    def write_run_files(hist_bytes: bytes) -> None:
+        atomic_write_bytes(out_dir / "history.json", hist_bytes)
+        atomic_write_bytes(out_dir / "train_config.json", (json.dumps(record, indent=2) + "\n").encode())
+
     def save_last(step: int) -> Path | None:
         if not out_dir:
             return None
-        check_weights(step, "they were not saved: last/ holds the last good checkpoint")
+        check_weights(step, "they were not saved" + kept())
         hist_bytes = (json.dumps(snapshot(step)["history"], indent=1) + "\n").encode()
         if par is None:
             extra = {"optimizer.pt": {"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler else None},
                      "rng.pt": _rng_state()}
             save_folder(task, model, last, snapshot(step), extra)
-            atomic_write_bytes(out_dir / "history.json", hist_bytes)
+            write_run_files(hist_bytes)
             return last
         # Distributed: every rank writes its shards of the model and optimizer (DCP) into a
         # folder beside OUT, the weights are gathered to rank 0, and rank 0 swaps in a last/
@@ -618,7 +639,7 @@ def fit(
                 if stale != shards:
                     shutil.rmtree(stale, ignore_errors=True)
             save_folder(task, distributed.hf_shell(model), last, snapshot(step), extra, state_dict=weights, folders={"dcp": shards})
-            atomic_write_bytes(out_dir / "history.json", hist_bytes)
+            write_run_files(hist_bytes)
 
         distributed.on_main(write, par)
         return last
@@ -647,8 +668,7 @@ def fit(
             res = measure()
         if not math.isfinite(res["loss"]):
             raise NonFiniteLossError(f"the validation loss is {res['loss']} at step {step}; training stopped and this model was "
-                                     f"not saved" + (": best/ and last/ hold the last good checkpoints" if out_dir else "")
-                                     + ". Lower --lr, or check the data")
+                                     f"not saved{kept()}. Lower --lr, or check the data")
         history["val"].append((step, *res.values()))
         improved = history["best"] is None or res["loss"] < history["best"]["val_loss"]
         if improved:
@@ -656,7 +676,7 @@ def fit(
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}  # this rank's shards
             best_on_disk = False
             if out_dir:
-                check_weights(step, "they were not saved: best/ holds the last good checkpoint")
+                check_weights(step, "they were not saved" + kept())
                 save_best({**history["best"], "seconds": time.time() - t0})
         say(f"step {step:5d} | {task.describe(res)}{' *' if improved else ''} | {time.time() - t0:.0f}s")
 
@@ -679,8 +699,7 @@ def fit(
                                                grad_clip=config.grad_clip, parallel=par, return_metrics=True)
                 except NonFiniteLossError as e:
                     raise NonFiniteLossError(f"{e} at step {step + 1} (lr {lr:.3g}); training stopped and nothing of this step was "
-                                             f"saved" + (": best/ and last/ hold the last good checkpoints" if out_dir else "")
-                                             + ". Lower --lr or --grad-clip, or check the data and the settings") from None
+                                             f"saved{kept()}. Lower --lr or --grad-clip, or check the data and the settings") from None
                 step += 1
                 history["train"].append((step, loss))
                 for k, v in metrics.items():
@@ -733,7 +752,8 @@ def add_training_arguments(p: argparse.ArgumentParser, *, steps: int, lr: float,
     run.add_argument("--overwrite", action="store_true", help="replace a previous run in --out (what a run writes there, nothing else)")
     p.add_argument("--steps", type=int, default=steps, help="optimizer steps")
     p.add_argument("--lr", type=float, default=lr, help="peak learning rate (after the linear warm-up)")
-    p.add_argument("--grad-clip", type=float, default=grad_clip, help="clip the gradient norm to this; <= 0: no clipping (as transformers' Trainer)")
+    p.add_argument("--grad-clip", type=float, default=grad_clip,
+                   help="clip the gradient norm to this; <= 0: no clipping (as transformers' Trainer)")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
                    help="autocast: auto is bf16 on a GPU that has it, fp16 with a grad scaler on an older GPU, none on a CPU; "
                         "the weights keep their dtype")
