@@ -330,6 +330,7 @@ class PretrainingTask(Task):
                  parallel: distributed.Parallel | None = None):
         self.model, self.dataset, self.config, self.device, self.parallel = model, dataset, config, device, parallel
         self.tokens_per_step = config.batch_size * config.grad_accum * config.block_size
+        self.inputs = (config.data, config.tokenizer)
 
     def loss(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         return next_token_loss(model, batch)

@@ -164,6 +164,11 @@ def test_out_is_never_the_model_it_reads_nor_another_runs_folder(tmp_path, data,
     same = tmp_path / "m" / ".." / "m"
     one_line_error(sft("--model", str(model_dir), "--out", str(same), "--overwrite"), "is the input", "another --out")
     assert {p.name: p.read_bytes() for p in model_dir.iterdir() if p.is_file()} == before
+    # Nor may --overwrite remove an input that lies in --out (here the model in OUT/last/).
+    shutil.copytree(DEFAULT_MODEL_DIR, tmp_path / "run" / "last")
+    one_line_error(sft("--model", str(tmp_path / "run" / "last"), "--out", str(tmp_path / "run"), "--overwrite"),
+                   "--overwrite would remove", "an input of this run")
+    assert (tmp_path / "run" / "last" / "model.safetensors").is_file()
 
     out = tmp_path / "out"
     out.mkdir()

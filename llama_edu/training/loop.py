@@ -440,8 +440,13 @@ def prepare_out_dir(out_dir: Path, resume: bool, overwrite: bool, owns: Callable
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"--out {out_dir} exists and is not a folder; choose another --out")
     for src in inputs:
-        if src is not None and out_dir.exists() and os.path.exists(src) and os.path.samefile(out_dir, src):
+        if not src or not os.path.exists(src):
+            continue
+        if out_dir.exists() and os.path.samefile(out_dir, src):
             raise ValueError(f"--out {out_dir} is the input {src}: the run would write over what it reads; choose another --out")
+        inside, real_out = Path(src).resolve(), out_dir.resolve()
+        if overwrite and real_out in inside.parents and owns(inside.relative_to(real_out).parts[0]):
+            raise ValueError(f"--overwrite would remove {src}, an input of this run, from --out {out_dir}; choose another --out")
     recover_folder(out_dir / "last")
     recover_folder(out_dir / "best")
     if resume:
