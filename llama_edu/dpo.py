@@ -259,7 +259,8 @@ def train_dpo(
     grad_clip: float = 1.0,
     precision: str = "auto",
 ) -> dict[str, list[float]]:
-    """Train ``policy``'s trainable parameters with the DPO loss on preference ``rows``:
+    """Train ``policy``'s trainable parameters with the DPO loss on preference ``rows``.
+
     :class:`DPOTask` run by the one training loop (AdamW without weight decay, warm-up + cosine
     LR to lr/10, gradient norm clipped at ``grad_clip``).
 
