@@ -67,7 +67,7 @@ from .files import PROJECT_DATA_DIR
 from .mlp import swiglu_hidden_size
 from .modeling import LlamaForCausalLM, causal_lm_loss  # noqa: F401 (notebook 10 imports it from here)
 from .training.loop import (RUN_OUTPUTS, LoopConfig, NonFiniteLossError, Task, TrainingInterrupted,  # noqa: F401 (re-exported)
-                            _flag, add_training_arguments, check_device, check_loop_config, fit, interrupted_exit, lr_at,
+                            _flag, add_training_arguments, check_device, fit, interrupted_exit, lr_at,
                             make_optimizer, next_token_loss, prepare_out_dir, resolve_precision, train_step)
 
 DEFAULT_TOKENIZER = PROJECT_DATA_DIR / "tokenizer.model"

@@ -40,7 +40,7 @@ import sys
 import threading
 import time
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -57,7 +57,6 @@ from ..lora import load_lora_adapter, lora_layers, save_lora_adapter
 RUN_OUTPUTS = ("best", "last", "history.json", "train_config.json")
 
 Batch = Any
-LossOutput = "torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]"
 
 
 # ----------------------------------------------------------------------------- faults
@@ -576,6 +575,8 @@ def fit(
             saved_opt = torch.load(last / "optimizer.pt", weights_only=True, map_location=device)
             if par is None:
                 optimizer.load_state_dict(saved_opt["optimizer"])
+                if scaler is not None and saved_opt.get("scaler"):
+                    scaler.load_state_dict(saved_opt["scaler"])
             else:
                 distributed.load_one_process_optimizer_state(wrapped, optimizer, saved_opt["optimizer"])
         if scaler is not None and (last / "scaler.pt").is_file():
@@ -590,7 +591,7 @@ def fit(
         if task.evaluate is not None and (out_dir / "best").is_dir():
             best_on_disk = True
         say(f"resuming {out_dir} at step {start_step} of {config.steps}")
-        changed = [f"{k} {record[k]} (was {saved[k]})" for k in ("steps", "warmup_steps") if k in record and saved.get(k) != record[k]]
+        changed = [f"{k} {record[k]} (was {saved.get(k)})" for k in ("steps", "warmup_steps") if k in record and saved.get(k) != record[k]]
         if changed:
             say("the learning-rate schedule follows the new " + ", ".join(changed))
 
