@@ -185,7 +185,7 @@ class SFTTask(Task):
     batches of chat examples, drawn without replacement and reshuffled each epoch (the order
     comes from ``random.Random(seed)``, the loop's seed)."""
 
-    resume_keys = ("command", "model", "data", "batch_size", "max_length", "lr", "grad_clip", "seed",
+    resume_keys = ("command", "model", "data", "batch_size", "lr", "grad_clip", "seed",
                    "lora_r", "lora_alpha", "lora_targets")
 
     def __init__(self, model: nn.Module, tokenizer: Any, conversations: Sequence[Sequence[dict[str, str]]], batch_size: int = 16,
@@ -379,7 +379,7 @@ def load_for_finetuning(name_or_path: str | os.PathLike | None = None, device: s
 def finetuning_record(args: argparse.Namespace, command: str, **extra: Any) -> dict[str, Any]:
     """The settings of an sft or dpo run, saved as OUT/train_config.json and checked on --resume."""
     return {"command": command, "model": str(args.model or DEFAULT_MODEL_DIR), "data": str(args.data), "steps": args.steps,
-            "batch_size": args.batch_size, "max_length": None, "lr": args.lr, "warmup_steps": min(args.warmup_steps, args.steps),
+            "batch_size": args.batch_size, "lr": args.lr, "warmup_steps": min(args.warmup_steps, args.steps),
             "grad_clip": args.grad_clip, "precision": args.precision, "seed": args.seed, "lora_r": args.lora_r,
             "lora_alpha": args.lora_alpha, "lora_targets": args.lora_targets, "dtype": args.dtype, **extra}
 
