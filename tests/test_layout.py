@@ -123,3 +123,16 @@ def test_public_names_resolve(name):
     import llama_edu
 
     assert getattr(llama_edu, name) is not None and name in dir(llama_edu)
+
+
+def test_the_command_line_knows_the_parallel_strategies_without_importing_torch():
+    from llama_edu.cli.train import STRATEGIES
+    from llama_edu.training.distributed import STRATEGIES as REAL
+
+    assert STRATEGIES == REAL
+
+
+def test_help_imports_no_torch():
+    code = "import sys, llama_edu.cli as c; c.build_parser().format_help(); print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=PACKAGE.parent)
+    assert out.stdout.strip() == "False", out.stderr

@@ -122,8 +122,10 @@ def test_lora_linear_needs_a_linear_like_base():
         (dict(r=0), "rank r must be a positive integer"),
         (dict(r=-2), "rank r must be a positive integer"),
         (dict(r=2.5), "rank r must be a positive integer"),
-        (dict(lora_alpha=0), "lora_alpha must be a positive"),
-        (dict(lora_alpha=-1.0), "lora_alpha must be a positive"),
+        (dict(lora_alpha=0), "lora_alpha must be a positive finite"),
+        (dict(lora_alpha=-1.0), "lora_alpha must be a positive finite"),
+        (dict(lora_alpha=float("inf")), "lora_alpha must be a positive finite"),  # inf x (B = 0) is NaN
+        (dict(lora_alpha=float("nan")), "lora_alpha must be a positive finite"),
         (dict(lora_dropout=1.0), "lora_dropout"),
         (dict(target_modules=("q_proj", "query")), r"unknown LoRA target module\(s\) \['query'\]; valid choices are q_proj, k_proj"),
         (dict(target_modules=()), "target_modules is empty"),

@@ -1,1 +1,1 @@
-"""Training: the one training loop, and the objectives it runs (pretraining, classification, LoRA, SFT, DPO), distributed."""
+"""Training: the one loop (loop.py), and pretraining, classification, LoRA, SFT and DPO as the losses and data it runs."""

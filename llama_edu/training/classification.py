@@ -9,8 +9,9 @@ The pieces, in the order a fine-tuning run uses them:
   (``tokenizer.pad_token = tokenizer.unk_token``) and copies its id into
   ``model.config.pad_token_id``, which the classification head needs for batches.
 * :func:`batches` tokenizes, truncates and pads (to the longest row of each batch).
-* :func:`fine_tune` is the training loop: AdamW on the parameters that require grad (so LoRA,
-  which freezes the base, uses it unchanged), a linear warm-up and decay, gradient clipping.
+* :func:`fine_tune` runs the one training loop (:mod:`llama_edu.training.loop`) on a
+  :class:`ClassificationTask`: AdamW on the parameters that require grad (so LoRA, which freezes
+  the base, uses it unchanged), a linear warm-up and decay, gradient clipping.
 * :func:`predict` and :func:`classification_metrics` give accuracy, precision, recall and F1 of
   the spam class and the confusion matrix; :func:`majority_baseline` is the score to beat
   (always "ham": 86.6 % accuracy on the test split (965 of 1,114), F1 0).
@@ -39,6 +40,7 @@ import torch
 from torch import nn
 
 from ..io.files import find_data_file
+from .loop import LoopConfig, Task, fit
 
 #: Label ids as the model predicts them: 0 = ham (legitimate), 1 = spam.
 LABELS = ("ham", "spam")
@@ -180,6 +182,28 @@ def batches(
 
 
 # ----------------------------------------------------------------------------- training
+class ClassificationTask(Task):
+    """Sequence classification for :func:`llama_edu.training.loop.fit`: the cross-entropy of the
+    logits read at each row's last token, on shuffled batches of labelled texts (a fresh order
+    each time the training set runs out)."""
+
+    def __init__(self, model: nn.Module, tokenizer: Any, texts: Sequence[str], labels: Sequence[int],
+                 batch_size: int = 16, max_length: int = 64):
+        if len(texts) != len(labels) or not texts:
+            raise ValueError(f"texts and labels must be non-empty and of one length, got {len(texts)} and {len(labels)}")
+        self.model, self.tokenizer, self.texts, self.labels = model, tokenizer, texts, labels
+        self.batch_size, self.max_length = batch_size, max_length
+
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return model(**batch).loss
+
+    def batches(self, generator: torch.Generator) -> Iterator[dict[str, torch.Tensor]]:
+        device = next(self.model.parameters()).device
+        while True:  # epochs, each in a fresh shuffled order
+            yield from batches(self.tokenizer, self.texts, self.labels, self.batch_size, self.max_length, shuffle=True,
+                               generator=generator, device=device)
+
+
 def fine_tune(
     model: nn.Module,
     tokenizer: Any,
@@ -198,49 +222,23 @@ def fine_tune(
 ) -> list[float]:
     """Fine-tune a sequence classifier for ``steps`` optimizer steps of ``batch_size``
     examples (the training set is reshuffled each time it runs out) and return the loss of
-    every step.
+    every step: :class:`ClassificationTask` run by the one training loop.
 
     AdamW updates only the parameters with ``requires_grad`` (all of them for full
-    fine-tuning; the adapters alone after LoRA froze the rest). The learning rate rises
+    fine-tuning; the adapters alone after LoRA froze the rest), decaying the matrices only when
+    ``weight_decay`` > 0. The learning rate rises
     linearly over ``warmup_steps`` and falls linearly to 0 at ``steps``. ``grad_clip <= 0``
-    means no clipping. ``on_step(step, loss)`` is called after every step (live plots).
+    means no clipping. ``on_step(step, loss)`` is called after every step (live plots). A
+    non-finite loss stops with :class:`llama_edu.training.loop.NonFiniteLossError`.
     """
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}")
-    if len(texts) != len(labels) or not texts:
-        raise ValueError(f"texts and labels must be non-empty and of one length, got {len(texts)} and {len(labels)}")
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError("the model has no trainable parameters (requires_grad is False everywhere)")
-    device = next(model.parameters()).device
-    gen = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-
-    def batch_stream() -> Iterator[dict[str, torch.Tensor]]:
-        while True:  # epochs, each in a fresh shuffled order
-            yield from batches(tokenizer, texts, labels, batch_size, max_length, shuffle=True, generator=gen, device=device)
-
-    model.train()
-    losses = []
-    stream = batch_stream()
-    for step in range(steps):
-        lr_now = lr * min((step + 1) / max(1, warmup_steps), (steps - step) / max(1, steps - warmup_steps))
-        for group in optimizer.param_groups:
-            group["lr"] = lr_now
-        batch = next(stream)
-        loss = model(**batch).loss  # cross-entropy of the logits read at each row's last token
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"the loss became {loss.item()} at step {step}; lower lr (now {lr})")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, grad_clip)
-        optimizer.step()
-        losses.append(loss.item())
-        if on_step is not None:
-            on_step(step + 1, losses[-1])
-    model.eval()
-    return losses
+    task = ClassificationTask(model, tokenizer, texts, labels, batch_size, max_length)
+    config = LoopConfig(steps=steps, lr=lr, min_lr=0.0, warmup_steps=warmup_steps, schedule="linear",
+                        weight_decay=weight_decay, grad_clip=grad_clip, seed=seed, log_interval=steps, progress=False)
+    hook = None if on_step is None else (lambda step, history, model: on_step(step, history["train"][-1][1]))
+    history = fit(task, config, log=None, on_step=hook)
+    return [loss for _, loss in history["train"]]
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -300,5 +298,5 @@ def evaluate_classifier(model: nn.Module, tokenizer: Any, texts: Sequence[str], 
 
 __all__ = [
     "LABELS", "SpamSplits", "load_sms_spam", "stratified_split", "load_spam_splits", "subsample", "set_pad_token",
-    "batches", "fine_tune", "predict", "classification_metrics", "majority_baseline", "evaluate_classifier",
+    "batches", "ClassificationTask", "fine_tune", "predict", "classification_metrics", "majority_baseline", "evaluate_classifier",
 ]

@@ -498,7 +498,7 @@ class CollectiveCounter(TorchDispatchMode):
     all-gathers and reduce-scatters, DTensor's all-reduces all go through them)::
 
         with CollectiveCounter() as counter:
-            loss.backward()
+            train_step(model, optimizer, micro_batches)  # llama_edu.training.loop
         counter.bytes  # {"allreduce_": n, ...}
 
     For an all-gather the bytes are the gathered output, for a reduce-scatter the full input,

@@ -27,7 +27,7 @@ Data format (JSON Lines)::
 
 from __future__ import annotations
 
-import random
+import math
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Sequence
 
@@ -37,8 +37,8 @@ from torch import nn
 
 from ..io.files import PROJECT_DATA_DIR
 from .lora import lora_layers, set_lora_enabled
-from .sft import IGNORE_INDEX, collate, pad_id, tokenize_chat
-from .train import lr_at
+from .sft import IGNORE_INDEX, MODEL_FILES, _epochs, _rows_fingerprint, collate, pad_id, step_logger, tokenize_chat
+from .loop import RUN_OUTPUTS, LoopConfig, Task, check_trainable, fit
 
 DPO_DATA = PROJECT_DATA_DIR / "dpo_preferences.jsonl"
 
@@ -163,6 +163,80 @@ def evaluate_preferences(
 # -- training ----------------------------------------------------------------------------------
 
 
+class DPOTask(Task):
+    """DPO for :func:`llama_edu.training.loop.fit`: the loss of eq. 7 (plus ``sft_weight`` x the
+    chosen answers' NLL) on batches of preference pairs, each chosen and rejected answer scored
+    in one forward; the reference's log-probabilities are computed once, here, before the
+    policy moves. Each step also logs the margin, the rewards, the log-probs and the accuracy."""
+
+    resume_keys = ("command", "model", "data", "batch_size", "lr", "grad_clip", "seed",
+                   "lora_r", "lora_alpha", "lora_targets", "beta", "sft_weight")
+
+    def __init__(self, policy: nn.Module, tokenizer: Any, rows: Sequence[dict[str, Any]], reference: nn.Module | None = None,
+                 beta: float = 0.1, sft_weight: float = 0.0, batch_size: int = 16, record: dict[str, Any] | None = None,
+                 inputs: Sequence[Any] = ()):
+        if not (isinstance(beta, (int, float)) and math.isfinite(beta) and beta > 0):
+            raise ValueError(f"beta must be positive and finite (0.1 is usual; --beta), got {beta}")
+        if not (isinstance(sft_weight, (int, float)) and math.isfinite(sft_weight) and sft_weight >= 0):
+            raise ValueError(f"sft_weight must be a finite number >= 0 (0 is the paper's DPO), got {sft_weight}")
+        if not isinstance(batch_size, int) or batch_size <= 0:
+            raise ValueError(f"--batch-size must be a whole number >= 1, got {batch_size!r}")
+        check_trainable(policy)
+        if reference is not None:
+            if reference is policy:
+                raise ValueError("the reference must be a separate frozen model (copy.deepcopy(policy) before training), not the policy itself")
+            reference.eval().requires_grad_(False)
+        self.model, self.beta, self.sft_weight, self.batch_size = policy, beta, sft_weight, batch_size
+        self.pairs = [tokenize_pair(tokenizer, r) for r in rows]
+        if not self.pairs:
+            raise ValueError("there are no preference pairs to train on")
+        self.pad = pad_id(tokenizer)
+        # The reference is frozen: score every pair once, before the policy moves.
+        with _reference_mode(policy, reference) as ref:
+            was_training = ref.training
+            ref.eval()
+            self.ref_chosen = _logps(ref, [c for c, _ in self.pairs], self.pad)
+            self.ref_rejected = _logps(ref, [r for _, r in self.pairs], self.pad)
+            ref.train(was_training)
+        self._record, self.inputs = dict(record or {}), tuple(inputs)
+        self._fingerprint = _rows_fingerprint([dict(r) for r in rows])
+
+    def batches(self, generator: torch.Generator) -> Iterator[dict[str, torch.Tensor]]:
+        device = next(self.model.parameters()).device
+        for picked in _epochs(len(self.pairs), self.batch_size, generator.initial_seed()):
+            # One forward for chosen and rejected together: rows [0, n) chosen, [n, 2n) rejected.
+            batch = collate([self.pairs[i][0] for i in picked] + [self.pairs[i][1] for i in picked], self.pad)
+            batch.update(ref_chosen=self.ref_chosen[picked], ref_rejected=self.ref_rejected[picked])
+            yield {k: v.to(device) for k, v in batch.items()}
+
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        logps = sequence_logps(model, batch)
+        n = len(batch["ref_chosen"])
+        pc, pr = logps[:n], logps[n:]
+        rc_ref, rr_ref = batch["ref_chosen"], batch["ref_rejected"]
+        loss = dpo_loss(pc, pr, rc_ref, rr_ref, self.beta)
+        if self.sft_weight:  # RPO: keep the chosen answers likely (mean NLL per chosen token)
+            n_tokens = (batch["labels"][:n, 1:] != IGNORE_INDEX).sum()
+            loss = loss + self.sft_weight * (-pc.sum() / n_tokens)
+        with torch.no_grad():
+            rc, rr = implicit_reward(pc, rc_ref, self.beta), implicit_reward(pr, rr_ref, self.beta)
+            metrics = {"margin": (rc - rr).mean(), "chosen_reward": rc.mean(), "rejected_reward": rr.mean(),
+                       "chosen_logp": pc.mean(), "rejected_logp": pr.mean(), "accuracy": (rc > rr).float().mean()}
+        return loss, metrics
+
+    def record(self) -> dict[str, Any]:
+        return self._record
+
+    def fingerprint(self) -> dict[str, Any]:
+        return self._fingerprint
+
+    def owns(self, name: str) -> bool:
+        return name in RUN_OUTPUTS or bool(MODEL_FILES.fullmatch(name))
+
+    def tokens(self, batch: dict[str, torch.Tensor]) -> int:
+        return int(batch["attention_mask"].sum())
+
+
 def train_dpo(
     policy: nn.Module,
     tokenizer: Any,
@@ -177,8 +251,14 @@ def train_dpo(
     seed: int = 0,
     log_every: int = 10,
     log: Callable[[str], None] | None = print,
+    *,
+    grad_clip: float = 1.0,
+    precision: str = "auto",
 ) -> dict[str, list[float]]:
     """Train ``policy``'s trainable parameters with the DPO loss on preference ``rows``.
+
+    :class:`DPOTask` run by the one training loop (AdamW without weight decay, warm-up + cosine
+    LR to lr/10, gradient norm clipped at ``grad_clip``).
 
     ``reference``: a frozen model to compare with; ``None`` uses the policy with its LoRA
     adapters switched off. ``sft_weight`` > 0 adds that times the chosen answers' mean
@@ -187,64 +267,23 @@ def train_dpo(
     ones likely. 0 is the paper's DPO. Returns per-step histories: ``loss``, ``margin`` (mean chosen minus
     rejected implicit reward), ``chosen_reward``, ``rejected_reward``, ``chosen_logp``,
     ``rejected_logp``, ``accuracy`` (fraction of the batch with chosen reward > rejected).
+    A non-finite loss or non-finite weights stop with :class:`llama_edu.training.loop.NonFiniteLossError`.
     """
-    if beta <= 0:
+    if not (isinstance(beta, (int, float)) and beta > 0):
         raise ValueError(f"beta must be positive (0.1 is usual), got {beta}")
-    if steps <= 0 or batch_size <= 0:
+    if not isinstance(steps, int) or steps <= 0 or batch_size <= 0:
         raise ValueError(f"steps and batch_size must be positive, got {steps} and {batch_size}")
-    params = [p for p in policy.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError("the policy has no trainable parameters")
-    if reference is not None:
-        if reference is policy:
-            raise ValueError("the reference must be a separate frozen model (copy.deepcopy(policy) before training), not the policy itself")
-        reference.eval().requires_grad_(False)
-    pairs = [tokenize_pair(tokenizer, r) for r in rows]
-    pad, device = pad_id(tokenizer), next(policy.parameters()).device
-    # The reference is frozen: score every pair once, before the policy moves.
-    with _reference_mode(policy, reference) as ref:
-        was_training = ref.training
-        ref.eval()
-        ref_chosen = _logps(ref, [c for c, _ in pairs], pad)
-        ref_rejected = _logps(ref, [r for _, r in pairs], pad)
-        ref.train(was_training)
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    history: dict[str, list[float]] = {k: [] for k in ("loss", "margin", "chosen_reward", "rejected_reward", "chosen_logp", "rejected_logp", "accuracy")}
-    rng, order = random.Random(seed), []
-    policy.train()
-    for step in range(steps):
-        if len(order) < batch_size:
-            fresh = list(range(len(pairs)))
-            rng.shuffle(fresh)
-            order += fresh
-        picked, order = order[:batch_size], order[batch_size:]
-        # One forward for chosen and rejected together: rows [0, n) chosen, [n, 2n) rejected.
-        batch = collate([pairs[i][0] for i in picked] + [pairs[i][1] for i in picked], pad)
-        logps = sequence_logps(policy, {k: v.to(device) for k, v in batch.items()})
-        n = len(picked)
-        pc, pr = logps[:n], logps[n:]
-        rc_ref, rr_ref = ref_chosen[picked].to(device), ref_rejected[picked].to(device)
-        loss = dpo_loss(pc, pr, rc_ref, rr_ref, beta)
-        if sft_weight:  # RPO: keep the chosen answers likely (mean NLL per chosen token)
-            n_tokens = (batch["labels"][:n, 1:] != IGNORE_INDEX).sum().to(device)
-            loss = loss + sft_weight * (-pc.sum() / n_tokens)
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, lr, warmup_steps, steps, lr / 10)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        with torch.no_grad():
-            rc, rr = implicit_reward(pc, rc_ref, beta), implicit_reward(pr, rr_ref, beta)
-            for key, value in (("loss", loss), ("margin", (rc - rr).mean()), ("chosen_reward", rc.mean()),
-                               ("rejected_reward", rr.mean()), ("chosen_logp", pc.mean()), ("rejected_logp", pr.mean()),
-                               ("accuracy", (rc > rr).float().mean())):  # fmt: skip
-                history[key].append(value.item())
-        if log and (step % log_every == 0 or step == steps - 1):
-            log(f"step {step:4d}  loss {loss.item():.4f}  margin {history['margin'][-1]:+.3f}  "
-                f"logp chosen {history['chosen_logp'][-1]:.2f} rejected {history['rejected_logp'][-1]:.2f}")  # fmt: skip
-    policy.eval()
-    return history
+    task = DPOTask(policy, tokenizer, rows, reference, beta, sft_weight, batch_size)
+    config = LoopConfig(steps=steps, lr=lr, warmup_steps=warmup_steps, grad_clip=grad_clip, precision=precision, seed=seed,
+                        log_interval=steps, progress=False)
+
+    def line(s: int, h: dict[str, Any]) -> str:
+        m = h["metrics"]
+        return (f"step {s:4d}  loss {h['train'][-1][1]:.4f}  margin {m['margin'][-1]:+.3f}  "
+                f"logp chosen {m['chosen_logp'][-1]:.2f} rejected {m['rejected_logp'][-1]:.2f}")
+
+    history = fit(task, config, log=None, on_step=step_logger(log, log_every, steps, line))
+    return {"loss": [loss for _, loss in history["train"]], **history["metrics"]}
 
 
 # -- the command line --------------------------------------------------------------------------

@@ -33,20 +33,21 @@ Data format (JSON Lines, one example per line)::
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
 import re
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import nn
 
-from ..io.files import PROJECT_DATA_DIR
 from ..generation.chat import load_model_and_tokenizer
+from ..io.files import PROJECT_DATA_DIR
 from .lora import save_lora_adapter
-from .train import lr_at
+from .loop import RUN_OUTPUTS, LoopConfig, Task, fit
 
 IGNORE_INDEX = -100  # the label cross_entropy skips (transformers' convention)
 
@@ -183,6 +184,74 @@ def sft_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
 
 
+class SFTTask(Task):
+    """Instruction tuning for :func:`llama_edu.training.loop.fit`: :func:`sft_loss` on padded
+    batches of chat examples, drawn without replacement and reshuffled each epoch (the order
+    comes from ``random.Random(seed)``, the loop's seed)."""
+
+    resume_keys = ("command", "model", "data", "batch_size", "lr", "grad_clip", "seed",
+                   "lora_r", "lora_alpha", "lora_targets")
+
+    def __init__(self, model: nn.Module, tokenizer: Any, conversations: Sequence[Sequence[dict[str, str]]], batch_size: int = 16,
+                 max_length: int | None = None, record: dict[str, Any] | None = None, inputs: Sequence[Any] = ()):
+        if not isinstance(batch_size, int) or batch_size <= 0:
+            raise ValueError(f"--batch-size must be a whole number >= 1, got {batch_size!r}")
+        self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
+        self.examples = [tokenize_chat(tokenizer, c, max_length) for c in conversations]
+        if not self.examples:
+            raise ValueError("there are no conversations to train on")
+        self.pad = pad_id(tokenizer)
+        self._record, self.inputs = dict(record or {}), tuple(inputs)
+        self._fingerprint = _rows_fingerprint([list(c) for c in conversations])
+
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return sft_loss(model, batch)
+
+    def batches(self, generator: torch.Generator) -> Iterator[dict[str, torch.Tensor]]:
+        device = next(self.model.parameters()).device
+        for picked in _epochs(len(self.examples), self.batch_size, generator.initial_seed()):
+            yield {k: v.to(device) for k, v in collate([self.examples[i] for i in picked], self.pad).items()}
+
+    def record(self) -> dict[str, Any]:
+        return self._record
+
+    def fingerprint(self) -> dict[str, Any]:
+        return self._fingerprint
+
+    def owns(self, name: str) -> bool:
+        return name in RUN_OUTPUTS or bool(MODEL_FILES.fullmatch(name))
+
+    def tokens(self, batch: dict[str, torch.Tensor]) -> int:
+        return int(batch["attention_mask"].sum())
+
+
+def _epochs(n: int, batch_size: int, seed: int) -> Iterator[list[int]]:
+    """Endless batches of indices into ``n`` examples: without replacement, reshuffled each time
+    they run out (the leftovers of one shuffle start the next batch)."""
+    rng, order = random.Random(seed), []
+    while True:
+        if len(order) < batch_size:
+            fresh = list(range(n))
+            rng.shuffle(fresh)
+            order += fresh
+        picked, order = order[:batch_size], order[batch_size:]
+        yield picked
+
+
+def _rows_fingerprint(rows: Any) -> dict[str, Any]:
+    """Enough to tell whether a resumed run trains on the same examples."""
+    return {"examples": len(rows), "sha256": hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()[:16]}
+
+
+def step_logger(log: Callable[[str], None] | None, log_every: int, steps: int, line: Callable[[int, dict[str, Any]], str]):
+    """An ``on_step`` for :func:`fit` that prints ``line(step - 1, history)`` every ``log_every``
+    steps (counting from 0, as the notebooks show) and at the last step."""
+    def on_step(step: int, history: dict[str, Any], model: nn.Module) -> None:
+        if log and ((step - 1) % log_every == 0 or step == steps):
+            log(line(step - 1, history))
+    return on_step
+
+
 def train_sft(
     model: nn.Module,
     tokenizer: Any,
@@ -195,42 +264,27 @@ def train_sft(
     seed: int = 0,
     log_every: int = 10,
     log: Callable[[str], None] | None = print,
+    *,
+    grad_clip: float = 1.0,
+    precision: str = "auto",
 ) -> list[float]:
     """Fine-tune the trainable parameters of ``model`` (all of them, or only LoRA adapters after
-    :func:`llama_edu.lora.apply_lora`) on ``conversations`` with AdamW (warm-up + cosine LR).
+    :func:`llama_edu.lora.apply_lora`) on ``conversations``: :class:`SFTTask` run by the one
+    training loop (AdamW without weight decay, warm-up + cosine LR to lr/10, gradient norm
+    clipped at ``grad_clip``).
 
     Batches are drawn without replacement, reshuffled each epoch, on the model's device.
-    Returns the loss of every step. The model is left in eval mode.
+    Returns the loss of every step. The model is left in eval mode. A non-finite loss or
+    non-finite weights stop with :class:`llama_edu.training.loop.NonFiniteLossError`.
     """
-    if steps <= 0 or batch_size <= 0:
+    if not isinstance(steps, int) or steps <= 0:
         raise ValueError(f"steps and batch_size must be positive, got {steps} and {batch_size}")
-    examples = [tokenize_chat(tokenizer, c, max_length) for c in conversations]
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError("the model has no trainable parameters (did you freeze everything?)")
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    device, pad = next(model.parameters()).device, pad_id(tokenizer)
-    rng, order, losses = random.Random(seed), [], []
-    model.train()
-    for step in range(steps):
-        if len(order) < batch_size:
-            fresh = list(range(len(examples)))
-            rng.shuffle(fresh)
-            order += fresh
-        picked, order = order[:batch_size], order[batch_size:]
-        batch = {k: v.to(device) for k, v in collate([examples[i] for i in picked], pad).items()}
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, lr, warmup_steps, steps, lr / 10)
-        loss = sft_loss(model, batch)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        losses.append(loss.item())
-        if log and (step % log_every == 0 or step == steps - 1):
-            log(f"step {step:4d}  loss {loss.item():.4f}")
-    model.eval()
-    return losses
+    task = SFTTask(model, tokenizer, conversations, batch_size, max_length)
+    config = LoopConfig(steps=steps, lr=lr, warmup_steps=warmup_steps, grad_clip=grad_clip, precision=precision, seed=seed,
+                        log_interval=steps, progress=False)
+    on_step = step_logger(log, log_every, steps, lambda s, h: f"step {s:4d}  loss {h['train'][-1][1]:.4f}")
+    history = fit(task, config, log=None, on_step=on_step)
+    return [loss for _, loss in history["train"]]
 
 
 # -- measuring the format ----------------------------------------------------------------------
@@ -280,9 +334,15 @@ def evaluate_format(model: nn.Module, tokenizer: Any, rows: Sequence[dict[str, A
 # -- the command line and the big version --------------------------------------------------------
 
 
+#: The files a fine-tuning command writes into OUT itself (the model with its tokenizer, or
+#: the adapter); ``--overwrite`` removes these, last/ and the run's JSON files, nothing else.
+MODEL_FILES = re.compile(r"(config|generation_config|adapter_config|special_tokens_map|tokenizer_config)\.json|tokenizer\.(model|json)"
+                         r"|(model|adapter_model)(-\d+-of-\d+)?\.safetensors(\.index\.json)?")
+
+
 def save_finetuned(model, tokenizer, out: str | os.PathLike, adapter_only: bool) -> None:
     """What the sft and dpo commands keep: the LoRA adapter alone (PEFT layout), or the whole
-    model with its tokenizer."""
+    model with its tokenizer (each file group replaced whole)."""
     if adapter_only:
         save_lora_adapter(model, out)
     else:

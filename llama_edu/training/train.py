@@ -1,27 +1,25 @@
-"""Pretraining a Llama from scratch: a token stream, batches, the LR schedule, AdamW, evaluation,
-resumable checkpoints, and the loop that made the project's default model.
+"""Pretraining a Llama from scratch: a token stream, random windows, the next-token loss,
+evaluation in nats per token and per character, and the settings of the run that made the
+project's default model. The loop itself (accumulation, precision, clipping, the schedule,
+Ctrl-C, resume, checkpoints) is :mod:`llama_edu.training.loop`'s, shared with classification,
+LoRA, SFT and DPO: this module hands it a :class:`PretrainingTask`.
 
-The loop is nanoGPT's, for a Llama. Every optimizer step:
-
-1. set the learning rate (linear warm-up, then a half cosine down to ``min_lr``);
-2. draw ``batch_size * grad_accum`` random windows of ``block_size + 1`` tokens and cut them
-   into ``grad_accum`` micro-batches (gradient accumulation: the same update as one batch
-   ``grad_accum`` times larger, in the memory of one micro-batch);
-3. forward each micro-batch (under bf16/fp16 autocast on a GPU), add the gradient of its
-   next-token loss divided by ``grad_accum``;
-4. stop with an error if the loss is not finite; clip the gradient norm; step AdamW;
-5. every ``eval_interval`` steps measure the validation loss, keep the best weights in
-   ``OUT/best/`` (early stopping: tiny corpora overfit) and everything needed to continue in
-   ``OUT/last/``.
+Every optimizer step draws ``batch_size * grad_accum`` random windows of ``block_size + 1``
+tokens and cuts them into ``grad_accum`` micro-batches (the same update as one batch
+``grad_accum`` times larger); the learning rate rises linearly over ``warmup_steps`` and falls
+along a half cosine to ``min_lr``; AdamW decays the matrices only. Every ``eval_interval`` steps
+the validation loss is measured: the best weights go to ``OUT/best/`` (early stopping: tiny
+corpora overfit) and everything needed to continue to ``OUT/last/``.
 
 ``OUT/last/`` holds the model (``config.json`` + ``model.safetensors``, the Hugging Face layout),
-``optimizer.pt`` (AdamW's moments and the fp16 grad scaler), ``rng.pt`` (the batch sampler's
-generator, which is the position in the data, and torch's CPU/CUDA and Python's random states)
-and ``train_state.json`` (step, history, the run's settings). ``--resume`` continues from it and
-gives, on a CPU, bit-identical weights to a run that was never stopped. Each checkpoint folder is
-written beside its final place and swapped in by renames, so a crash or ``kill -9`` at any moment
-leaves either the previous folder or the new one, whole. Ctrl-C finishes the current step,
-saves ``OUT/last/`` and stops (exit status 130 from the command line); a second Ctrl-C stops at once.
+``optimizer.pt`` (AdamW's moments and the fp16 grad scaler), ``rng.pt`` (torch's CPU/CUDA and
+Python's random states) and ``train_state.json`` (step, history, the run's settings).
+``--resume`` continues from it (the windows are drawn again from the seed up to the saved step)
+and gives, on a CPU, bit-identical weights to a run that was never stopped. Each checkpoint
+folder is written beside its final place and swapped in by renames, so a crash or ``kill -9`` at
+any moment leaves either the previous folder or the new one, whole. Ctrl-C finishes the current
+step, saves ``OUT/last/`` and stops (exit status 130 from the command line); a second Ctrl-C
+stops at once.
 
 Losses are reported two ways:
 
@@ -53,29 +51,24 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
-import shutil
-import signal
-import sys
-import threading
-import time
-import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from . import distributed
-from ..io.atomic_save import recover_folder, replace_folder_files
 from ..config import LlamaConfig
-from ..io.files import PROJECT_DATA_DIR, atomic_write_bytes, find_input_file
-from ..modeling import LlamaForCausalLM, causal_lm_loss  # noqa: F401 (notebook 10 imports it from here)
+from ..io.atomic_save import replace_folder_files
+from ..io.files import PROJECT_DATA_DIR, find_input_file
+from ..modeling import LlamaForCausalLM
+from .loop import LoopConfig, Task, _flag, check_device, fit, next_token_loss, resolve_precision
+# Importable from here as before the loop moved to loop.py (notebook 10 imports causal_lm_loss and train_step):
+from ..modeling import causal_lm_loss  # noqa: F401
+from .loop import NonFiniteLossError, TrainingInterrupted, lr_at, make_optimizer, prepare_out_dir, train_step  # noqa: F401
 
 DEFAULT_TOKENIZER = PROJECT_DATA_DIR / "tokenizer.model"
-
 
 # ----------------------------------------------------------------------------- data
 class TokenDataset:
@@ -149,29 +142,6 @@ def get_batch(
     windows = torch.stack([tokens[s : s + block_size + 1] for s in starts.tolist()])  # (b, block+1)
     windows = windows.to(device)
     return windows[:, :-1], windows[:, 1:]
-
-
-# ----------------------------------------------------------------------------- the loss
-# ----------------------------------------------------------------------------- optimisation
-def lr_at(step: int, max_lr: float, warmup_steps: int, total_steps: int, min_lr: float) -> float:
-    """Linear warm-up from ~0 to ``max_lr`` over ``warmup_steps``, then a half cosine down to
-    ``min_lr`` at ``total_steps`` (and ``min_lr`` after). ``step`` counts from 0."""
-    if step < warmup_steps:
-        return max_lr * (step + 1) / warmup_steps
-    if step >= total_steps:
-        return min_lr
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)  # 0 -> 1
-    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (max_lr - min_lr)
-
-
-def make_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float] = (0.9, 0.95)) -> torch.optim.AdamW:
-    """AdamW with weight decay on the matrices (embeddings, projections) only: decaying the
-    RMSNorm gains would pull them towards 0 and shrink every activation for no benefit."""
-    params = {id(p): p for p in model.parameters() if p.requires_grad}.values()  # a tied head once
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=betas)
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -284,13 +254,6 @@ class TrainConfig:
 RESUME_MUST_MATCH = ("model", "batch_size", "grad_accum", "block_size", "lr", "min_lr", "weight_decay", "beta2",
                      "grad_clip", "seed")
 
-#: What ``--overwrite`` removes from OUT: what a run writes there, nothing else.
-RUN_OUTPUTS = ("best", "last", "history.json", "train_config.json")
-
-
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
 
 def check_config(config: TrainConfig) -> None:
     """Refuse settings that cannot train, with a message naming the flag and the fix."""
@@ -319,144 +282,6 @@ def check_config(config: TrainConfig) -> None:
     if config.max_minutes is not None and not config.max_minutes > 0:
         raise ValueError(f"--max-minutes must be > 0 (or left out), got {config.max_minutes}")
     resolve_precision(config.precision, check_device(config.device))
-
-
-def check_device(name: str) -> torch.device:
-    """The torch.device to train on, or a ValueError saying why ``name`` cannot train."""
-    try:
-        device = torch.device(name)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"--device {name!r} is not a device; use cpu, cuda, cuda:N or mps") from None
-    if device.type == "meta":
-        raise ValueError("--device meta holds shapes but no numbers, so nothing can train there; use cpu or cuda")
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"--device {name}: no CUDA GPU is available here; use --device cpu")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s); use cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
-    elif device.type == "mps":
-        if not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
-            raise ValueError(f"--device {name}: Apple's MPS is not available here; use --device cpu")
-    elif device.type != "cpu":
-        raise ValueError(f"--device {name!r}: training runs on cpu, cuda or mps, not {device.type}")
-    return device
-
-
-def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for ``precision`` on ``device`` (None: plain float32).
-
-    ``auto``: bfloat16 on a CUDA GPU that supports it, float16 (with a grad scaler) on an older
-    one, float32 elsewhere. ``bf16`` needs a GPU with bfloat16 or a CPU; ``fp16`` needs CUDA.
-    """
-    if precision not in ("auto", "fp32", "bf16", "fp16"):
-        raise ValueError(f"--precision must be auto, fp32, bf16 or fp16, got {precision!r}")
-    if precision == "auto":
-        if device.type != "cuda":
-            return None
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if precision == "fp32":
-        return None
-    if precision == "bf16":
-        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-            raise ValueError("--precision bf16: this GPU has no bfloat16; use --precision fp16 (with its grad scaler) or auto")
-        if device.type not in ("cuda", "cpu"):
-            raise ValueError(f"--precision bf16 runs on cuda or cpu, not {device.type}; use fp32")
-        return torch.bfloat16
-    if device.type != "cuda":
-        raise ValueError(f"--precision fp16 needs a CUDA GPU (its grad scaler runs there); on {device.type} use fp32 or bf16")
-    return torch.float16
-
-
-# ----------------------------------------------------------------------------- faults
-class NonFiniteLossError(FloatingPointError):
-    """The loss became NaN or infinite: training stopped before the step that would spread it."""
-
-
-class TrainingInterrupted(KeyboardInterrupt):
-    """Ctrl-C stopped training after a whole step; ``checkpoint`` is the resumable OUT/last/
-    (None when the run had no output folder) and ``step`` the last finished step."""
-
-    def __init__(self, step: int, checkpoint: Path | None):
-        super().__init__(f"interrupted after step {step}")
-        self.step, self.checkpoint = step, checkpoint
-
-
-class _StopOnSigint:
-    """While active (in the main thread), the first Ctrl-C only sets ``requested`` so the loop
-    can stop after the current step and save; a second Ctrl-C raises KeyboardInterrupt at once."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous: Any = None
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-
-    def __enter__(self) -> "_StopOnSigint":
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-
-
-# ----------------------------------------------------------------------------- one step
-def train_step(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    micro_batches: list[tuple[torch.Tensor, torch.Tensor]],
-    *,
-    autocast_dtype: torch.dtype | None = None,
-    scaler: torch.amp.GradScaler | None = None,
-    grad_clip: float = 1.0,
-    parallel: distributed.Parallel | None = None,
-) -> float:
-    """One optimizer step over ``micro_batches`` (each ``(x, y)``, (b, block) token ids, ``y``
-    the next tokens); returns the mean next-token loss.
-
-    This is the one place that runs backward and steps, so a distributed wrapper only has to
-    hand in a wrapped ``model``: for a DDP model, gradients are all-reduced once, after the last
-    micro-batch (``no_sync`` before it). Each micro-batch's loss is divided by their number, so
-    the summed gradient is the gradient of the mean loss over all of them: the same update as
-    one batch that many times larger. ``grad_clip <= 0`` means no clipping. With ``parallel``
-    (each rank holding its rows of the micro-batches) the returned loss is the mean over ranks,
-    the loss of the global batch, and the gradient norm is taken over the sharded gradients.
-    """
-    n = len(micro_batches)
-    device_type = micro_batches[0][0].device.type
-    total = torch.zeros((), device=micro_batches[0][0].device)
-    for i, (x, y) in enumerate(micro_batches):
-        last = i == n - 1
-        with distributed.no_sync(model, sync=last):
-            with torch.autocast(device_type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-                logits = model(input_ids=x, use_cache=False).logits  # (b, block, vocab)
-                loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1))
-            scaled = loss / n
-            (scaler.scale(scaled) if scaler is not None else scaled).backward()
-        total += loss.detach()
-    mean_loss = distributed.mean_over_ranks(total, parallel) / n  # one host sync a step
-    if not math.isfinite(mean_loss):
-        optimizer.zero_grad(set_to_none=True)
-        raise NonFiniteLossError(f"the training loss is {mean_loss}")
-    if grad_clip > 0:
-        if scaler is not None:
-            scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
-        if parallel is None:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        else:
-            distributed.clip_grad_norm_(model.parameters(), grad_clip)  # sharded gradients
-
-    if scaler is not None:
-        scaler.step(optimizer)  # skips the step when a gradient overflowed in float16
-        scaler.update()
-    else:
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return mean_loss
 
 
 def micro_batches(dataset: TokenDataset, config: TrainConfig, generator: torch.Generator, device: torch.device,
@@ -493,60 +318,43 @@ def _data_fingerprint(dataset: TokenDataset) -> dict[str, int]:
             "train_checksum": int((dataset.train.double() * weights).sum().item()) % (2**61 - 1)}
 
 
-def prepare_out_dir(out_dir: Path, resume: bool, overwrite: bool) -> None:
-    """Refuse to mix two runs in one folder: an existing non-empty ``out_dir`` needs
-    ``resume`` (continue its last/) or ``overwrite`` (remove what a previous run wrote there).
-    Checks that the folder can be written before any training starts."""
-    if resume and overwrite:
-        raise ValueError("--resume continues the run in --out and --overwrite deletes it; pass only one")
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ValueError(f"--out {out_dir} exists and is not a folder; choose another --out")
-    recover_folder(out_dir / "last")
-    recover_folder(out_dir / "best")
-    if resume:
-        if not (out_dir / "last" / "train_state.json").is_file():
-            raise ValueError(f"--resume: {out_dir} holds no resumable checkpoint (last/train_state.json); "
-                             f"drop --resume to start a new run there")
-    elif out_dir.is_dir() and any(out_dir.iterdir()):
-        if not overwrite:
-            raise ValueError(f"--out {out_dir} already holds files (a previous run?); pass --resume to continue "
-                             f"it, --overwrite to replace it, or choose another --out")
-        for name in RUN_OUTPUTS:
-            path = out_dir / name
-            if path.is_dir():
-                shutil.rmtree(path)
-            elif path.exists():
-                path.unlink()
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        probe = out_dir / f".write-test.{uuid.uuid4().hex[:8]}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise ValueError(f"--out {out_dir} cannot be written ({e.strerror or e}); choose a writable folder") from None
+class PretrainingTask(Task):
+    """Next-token prediction on a :class:`TokenDataset`, for :func:`llama_edu.training.loop.fit`."""
 
+    resume_keys = RESUME_MUST_MATCH
 
-def _rng_state(generator: torch.Generator) -> dict[str, Any]:
-    return {
-        "batches": generator.get_state(),  # the position in the data: which windows come next
-        "torch": torch.get_rng_state(),  # dropout, if the model has any
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "python": random.getstate(),
-    }
+    def __init__(self, model: LlamaForCausalLM, dataset: TokenDataset, config: TrainConfig, device: torch.device,
+                 parallel: distributed.Parallel | None = None):
+        self.model, self.dataset, self.config, self.device, self.parallel = model, dataset, config, device, parallel
+        self.tokens_per_step = config.batch_size * config.grad_accum * config.block_size
+        self.inputs = (config.data, config.tokenizer)
 
+    def loss(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        return next_token_loss(model, batch)
 
-def _set_rng_state(state: dict[str, Any], generator: torch.Generator) -> None:
-    generator.set_state(state["batches"])
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    random.setstate(state["python"])
+    def batches(self, generator: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        while True:
+            yield from micro_batches(self.dataset, self.config, generator, self.device, self.parallel)
 
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        c = self.config
+        res = evaluate(model, self.dataset.val, self.dataset.char_lengths, c.block_size, c.batch_size, c.eval_batches)
+        return {"loss": res["loss"], "nats_per_char": res["nats_per_char"]}
 
-def _resume_mismatches(saved: dict[str, Any], config: TrainConfig) -> list[str]:
-    now = asdict(config)
-    return [f"{_flag(k)}: {saved.get(k)!r} in the checkpoint, {now[k]!r} now" if k != "model" else
-            f"model: {saved.get(k)} in the checkpoint, {now[k]} now" for k in RESUME_MUST_MATCH if saved.get(k) != now[k]]
+    def describe(self, result: dict[str, float]) -> str:
+        return f"val {result['loss']:.4f} nats/token {result['nats_per_char']:.4f} nats/char"
+
+    def record(self) -> dict[str, Any]:
+        return asdict(self.config)
+
+    def fingerprint(self) -> dict[str, int]:
+        return _data_fingerprint(self.dataset)
+
+    def tokens(self, batch: tuple[torch.Tensor, torch.Tensor]) -> int:
+        return batch[0].numel() * (self.parallel.dp_size if self.parallel else 1)
+
+    def extra_history(self, step: int) -> dict[str, Any]:
+        return {"params": self.model.num_parameters(), "tokens_seen": step * self.tokens_per_step}
 
 
 def train(
@@ -584,197 +392,28 @@ def train(
     model_cfg = LlamaConfig(**{"vocab_size": dataset.vocab_size, "max_position_embeddings": config.block_size, **config.model})
     if model_cfg.max_position_embeddings < config.block_size:
         raise ValueError(f"--block-size {config.block_size} exceeds the model's max_position_embeddings {model_cfg.max_position_embeddings}; lower --block-size")
-    # Several processes (torchrun): join them; rank 0 alone logs, evaluates' output and writes.
+    # Several processes (torchrun): join them; rank 0 alone logs and writes.
     par = _join_parallel(config, model_cfg, device, amp_dtype)
     if par is not None:
         device = par.device
-        if not par.is_main:
-            log = lambda line: None  # noqa: E731
-    out_dir = Path(config.out_dir) if config.out_dir else None
-    if out_dir:
-        distributed.on_main(lambda: prepare_out_dir(out_dir, resume, overwrite), par)
-    elif resume:
-        raise ValueError("resume=True needs config.out_dir (the folder holding last/)")
-
-    # The model, its optimizer and the batch sampler, fresh ...
-    torch.manual_seed(config.seed)
-    gen = torch.Generator().manual_seed(config.seed)
+    torch.manual_seed(config.seed)  # a fresh model's weights
     if model is None:
         model = LlamaForCausalLM(model_cfg)
     elif model.config.to_dict() != model_cfg.to_dict():
         raise ValueError("the model passed to train() does not have the shape config.model describes; build it from the same settings")
-    model.to(device).train()
-    min_lr = config.lr / 10 if config.min_lr is None else config.min_lr
-    fingerprint = _data_fingerprint(dataset)
-    history: dict[str, Any] = {"train": [], "val": [], "best": None, "params": model.num_parameters()}
-    best_state: dict[str, torch.Tensor] | None = None
-    best_from_disk = False  # best_state read from OUT/best/ (whole tensors) rather than taken from the model
-    start_step, seconds_before = 0, 0.0
-
-    # ... or as the last checkpoint left them (the weights before the model is split up).
-    if resume:
-        last = out_dir / "last"
-        state = json.loads((last / "train_state.json").read_text())
-        problems = _resume_mismatches(state["train_config"], config)
-        if state.get("data") != fingerprint:
-            problems.append(f"the training data: {state.get('data')} in the checkpoint, {fingerprint} now")
-        if problems:
-            raise ValueError(f"--resume: {last} is a checkpoint of another configuration; use the settings it was "
-                             f"trained with (see {out_dir / 'train_config.json'}) or start a new run. Differences: " + "; ".join(problems))
-        model.load_state_dict(LlamaForCausalLM.from_pretrained(last).state_dict())
-    # DDP wraps the model (``step_model``); FSDP and TP shard it in place: ``model`` is the one to
-    # evaluate and save, and its parameters are the ones to optimize.
-    wrapped = distributed.parallelize(model, par) if par is not None else model
-    optimizer = make_optimizer(model, config.lr, config.weight_decay, (0.9, config.beta2))
-    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
-    if resume:
-        if (last / "dcp").is_dir():  # written by a distributed run, on any number of ranks
-            distributed.load_sharded(wrapped, optimizer, last / "dcp")
-        else:
-            saved = torch.load(last / "optimizer.pt", weights_only=True, map_location=device)
-            if par is None:
-                optimizer.load_state_dict(saved["optimizer"])
-            else:
-                distributed.load_one_process_optimizer_state(wrapped, optimizer, saved["optimizer"])
-        if scaler is not None and (last / "scaler.pt").is_file():
-            scaler.load_state_dict(torch.load(last / "scaler.pt", weights_only=True))
-        _set_rng_state(torch.load(last / "rng.pt", weights_only=True), gen)
-        history.update(state["history"])
-        history["train"] = [tuple(t) for t in history["train"]]
-        history["val"] = [tuple(v) for v in history["val"]]
-        start_step, seconds_before = state["step"], state["seconds"]
-        if (out_dir / "best").is_dir():
-            best_state = {k: v.to(device) for k, v in LlamaForCausalLM.from_pretrained(out_dir / "best").state_dict().items()}
-            best_from_disk = True
-        log(f"resuming {out_dir} at step {start_step} of {config.steps}")
-        changed = [f"{k} {getattr(config, k)} (was {state['train_config'][k]})" for k in ("steps", "warmup_steps")
-                   if state["train_config"].get(k) != getattr(config, k)]
-        if changed:
-            log("the learning-rate schedule follows the new " + ", ".join(changed))
-    if out_dir:
-        distributed.on_main(lambda: atomic_write_bytes(out_dir / "train_config.json", (json.dumps(asdict(config), indent=2) + "\n").encode()), par)
-
-    step_model: nn.Module = torch.compile(wrapped) if config.compile else wrapped  # saving and evaluation use `model`
-    tokens_per_step = config.batch_size * config.grad_accum * config.block_size
-    show_bar = (sys.stderr.isatty() if config.progress is None else config.progress) and (par is None or par.is_main)
-    bar = tqdm(total=config.steps, initial=start_step, disable=not show_bar, unit="step", dynamic_ncols=True)
-    say = bar.write if show_bar and log is print else log
-    say(f"model: {history['params']:,} parameters; train {len(dataset.train):,} tokens, val {len(dataset.val):,} tokens; "
-        f"{tokens_per_step:,} tokens a step; {config.device}, {'fp32' if amp_dtype is None else str(amp_dtype).split('.')[-1]}"
-        + (f"; --parallel {par.strategy} on {par.world_size} ranks ({par.dp_size} data-parallel x {par.tp_size} tensor-parallel)" if par else ""))
-    t0 = time.time() - seconds_before
-
-    def snapshot(step: int) -> dict[str, Any]:
-        kept = {k: v for k, v in history.items() if k in ("train", "val", "best", "params")}
-        kept.update(steps=step, seconds=time.time() - t0, tokens_seen=step * tokens_per_step)
-        return {"step": step, "seconds": time.time() - t0, "history": kept, "train_config": asdict(config), "data": fingerprint}
-
-    def save_last(step: int) -> Path | None:
-        if not out_dir:
-            return None
-        if par is None:
-            extra = {"optimizer.pt": {"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler else None},
-                     "rng.pt": _rng_state(gen)}
-            save_checkpoint(model, out_dir / "last", snapshot(step), extra)
-            atomic_write_bytes(out_dir / "history.json", (json.dumps(snapshot(step)["history"], indent=1) + "\n").encode())
-            return out_dir / "last"
-        # Distributed: every rank writes its shards of the model and optimizer (DCP) into a
-        # folder beside OUT, the weights are gathered to rank 0, and rank 0 swaps in a last/
-        # with both: the HF-layout model one process would write, and dcp/ inside it.
-        shards = out_dir / f".last-dcp.{distributed.broadcast_object(uuid.uuid4().hex[:8], par)}.tmp"
-        distributed.save_sharded(wrapped, optimizer, shards)
-        weights = distributed.full_state_dict(model)
-        extra = {"rng.pt": _rng_state(gen), **({"scaler.pt": scaler.state_dict()} if scaler else {})}
-
-        def write() -> None:
-            for stale in out_dir.glob(".last-dcp.*.tmp"):  # left by a run that died while saving
-                if stale != shards:
-                    shutil.rmtree(stale, ignore_errors=True)
-            save_checkpoint(distributed.hf_shell(model), out_dir / "last", snapshot(step), extra,
-                            state_dict=weights, folders={"dcp": shards})
-            atomic_write_bytes(out_dir / "history.json", (json.dumps(snapshot(step)["history"], indent=1) + "\n").encode())
-
-        distributed.on_main(write, par)
-        return out_dir / "last"
-
-    def save_best(meta: dict[str, Any]) -> None:
-        if par is None:
-            save_checkpoint(model, out_dir / "best", meta)
-            return
-        weights = distributed.full_state_dict(model)  # collective: every rank takes part
-        distributed.on_main(lambda: save_checkpoint(distributed.hf_shell(model), out_dir / "best", meta, state_dict=weights), par)
-
-    def run_eval(step: int) -> None:
-        nonlocal best_state, best_from_disk
-
-        def measure() -> dict[str, float]:
-            return evaluate(model, dataset.val, dataset.char_lengths, config.block_size, config.batch_size, config.eval_batches)
-
-        if par is not None and par.strategy == "ddp":  # every rank holds the whole model: rank 0 evaluates
-            res = distributed.broadcast_object(distributed.on_main(measure, par), par)
-        else:  # FSDP/TP: the weights are spread over the ranks, so all of them run the forward
-            res = measure()
-        if not math.isfinite(res["loss"]):
-            raise NonFiniteLossError(f"the validation loss is {res['loss']} at step {step}; training stopped and this model was "
-                                     f"not saved: best/ and last/ hold the last good checkpoints. Lower --lr, or check the data")
-        history["val"].append((step, res["loss"], res["nats_per_char"]))
-        improved = history["best"] is None or res["loss"] < history["best"]["val_loss"]
-        if improved:
-            history["best"] = {"step": step, "val_loss": res["loss"], "val_nats_per_char": res["nats_per_char"]}
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}  # this rank's shards
-            best_from_disk = False
-            if out_dir:
-                save_best({**history["best"], "seconds": time.time() - t0})
-        say(f"step {step:5d} | val {res['loss']:.4f} nats/token {res['nats_per_char']:.4f} nats/char"
-            f"{' *' if improved else ''} | {time.time() - t0:.0f}s")
-        save_last(step)
-
-    step = start_step
-    try:
-        with _StopOnSigint() as stop:
-            while step < config.steps:
-                lr = lr_at(step, config.lr, config.warmup_steps, config.steps, min_lr)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                t_step = time.time()
-                try:
-                    loss = train_step(step_model, optimizer, micro_batches(dataset, config, gen, device, par),
-                                      autocast_dtype=amp_dtype, scaler=scaler, grad_clip=config.grad_clip, parallel=par)
-                except NonFiniteLossError as e:
-                    raise NonFiniteLossError(f"{e} at step {step + 1} (lr {lr:.3g}); training stopped and nothing of this "
-                                             f"step was saved: best/ and last/ hold the last good checkpoints. Lower --lr "
-                                             f"or --grad-clip, or check the data") from None
-                step += 1
-                history["train"].append((step, loss))
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_step / max(time.time() - t_step, 1e-9):,.0f}", refresh=False)
-                if step % config.log_interval == 0:
-                    say(f"step {step:5d} | loss {loss:.4f} | lr {lr:.2e} | {time.time() - t0:.0f}s")
-                out_of_time = config.max_minutes is not None and time.time() - t0 > 60 * config.max_minutes
-                if step % config.eval_interval == 0 or step == config.steps or out_of_time:
-                    run_eval(step)
-                if on_step is not None:
-                    on_step(step, history, model)
-                if distributed.any_rank(stop.requested, par):  # all ranks stop after the same step
-                    raise TrainingInterrupted(step, save_last(step))
-                if out_of_time:
-                    say(f"stopping after {step} steps: the {config.max_minutes} minute budget is spent")
-                    break
-    finally:
-        bar.close()
-    if not history["val"] or history["val"][-1][0] != step:
-        run_eval(step)
-    history["seconds"] = time.time() - t0
-    history["steps"] = step
-    history["tokens_seen"] = step * tokens_per_step
-    if best_state is not None:
-        if par is not None and best_from_disk:
-            distributed.load_full_state(model, best_state)  # best/ read back on resume: whole tensors
-        else:
-            model.load_state_dict(best_state)
-    model.eval()
-    history["model"] = model
-    return history
-
+    model.to(device)
+    task = PretrainingTask(model, dataset, config, device, par)
+    tokens_per_step = task.tokens_per_step
+    if par is None or par.is_main:
+        log(f"model: {model.num_parameters():,} parameters; train {len(dataset.train):,} tokens, val {len(dataset.val):,} tokens; "
+            f"{tokens_per_step:,} tokens a step; {config.device}, {'fp32' if amp_dtype is None else str(amp_dtype).split('.')[-1]}"
+            + (f"; --parallel {par.strategy} on {par.world_size} ranks ({par.dp_size} data-parallel x {par.tp_size} tensor-parallel)" if par else ""))
+    loop = LoopConfig(
+        steps=config.steps, lr=config.lr, min_lr=config.min_lr, warmup_steps=config.warmup_steps, schedule="cosine",
+        weight_decay=config.weight_decay, betas=(0.9, config.beta2), grad_clip=config.grad_clip, grad_accum=config.grad_accum,
+        precision=config.precision, compile=config.compile, seed=config.seed, eval_interval=config.eval_interval,
+        log_interval=config.log_interval, max_minutes=config.max_minutes, progress=config.progress, out_dir=config.out_dir,
+    )
+    return fit(task, loop, log=log, resume=resume, overwrite=overwrite, on_step=on_step, parallel=par)
 
 # ----------------------------------------------------------------------------- command line
