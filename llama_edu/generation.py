@@ -16,6 +16,7 @@ preallocated :class:`~llama_edu.cache.StaticCache` keeps every shape fixed from 
 
 from __future__ import annotations
 
+import functools
 import warnings
 import weakref
 from dataclasses import dataclass
@@ -297,10 +298,14 @@ class DecodeState:
         return self.sequences[:, start:end], self.position_ids[:, start:end], self.slots[start:end], mask
 
 
-def forward_step(model, cache, input_ids, position_ids, cache_position, padding_mask) -> torch.Tensor:
+def forward_step(model, cache, input_ids, position_ids, cache_position, padding_mask, head_t=None) -> torch.Tensor:
     """Next-token logits (batch, vocab) after ``input_ids`` (batch, q): the model's one forward
-    and the LM head on the last position. No input checks: ``generate`` did them once."""
+    and the LM head on the last position. No input checks: ``generate`` did them once.
+    ``head_t``: the column-major copy of the LM head (see :func:`lm_head`), which the compiled
+    step receives as an argument (it cannot look it up inside the graph)."""
     hidden = LlamaDecoder.forward(model.model, input_ids, position_ids, cache_position, padding_mask, cache)[0]
+    if head_t is not None:
+        return F.linear(hidden[:, -1], head_t.t()).float()
     return lm_head(model, hidden[:, -1]).float()
 
 
@@ -365,23 +370,27 @@ _HEAD_COPIES: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDic
 def lm_head(model, hidden: torch.Tensor) -> torch.Tensor:
     """``model.lm_head(hidden)`` for hidden (batch, hidden_size), through the column-major copy
     when it pays (CPU, one row, no gradients, a plain head under the size bound)."""
+    head_t = None if torch.compiler.is_compiling() else column_major_head(model, hidden.shape[0], hidden.device)
+    return model.lm_head(hidden) if head_t is None else F.linear(hidden, head_t.t())
+
+
+def column_major_head(model, rows: int, device: torch.device) -> torch.Tensor | None:
+    """The LM head's weight as a (hidden, vocab) contiguous copy, made once and kept while the
+    weight is unchanged, or None where it does not pay (not a CPU, more than one row, gradients,
+    a head over the size bound or not a plain ``nn.Linear``, e.g. a quantized one)."""
     head = model.lm_head
     if type(head) is not nn.Linear:  # e.g. a quantized head (llama_edu.quantize): no float weight to copy
-        return head(hidden)
+        return None
     w = head.weight
-    if (
-        hidden.shape[0] == 1 and hidden.device.type == "cpu"
-        and not torch.is_grad_enabled() and w.numel() * w.element_size() <= COLUMN_MAJOR_HEAD_MAX_BYTES
-        and not torch.compiler.is_compiling()
-    ):
-        key = (w.data_ptr(), w._version, w.dtype, w.shape)  # rebuilt when the weight changes
-        cached = _HEAD_COPIES.get(head)
-        if cached is None or cached[0] != key:
-            with torch.inference_mode(False):
-                cached = (key, w.detach().t().contiguous())  # (hidden, vocab)
-            _HEAD_COPIES[head] = cached
-        return F.linear(hidden, cached[1].t())
-    return head(hidden)
+    if rows != 1 or device.type != "cpu" or torch.is_grad_enabled() or w.numel() * w.element_size() > COLUMN_MAJOR_HEAD_MAX_BYTES:
+        return None
+    key = (w.data_ptr(), w._version, w.dtype, w.shape)  # rebuilt when the weight changes
+    cached = _HEAD_COPIES.get(head)
+    if cached is None or cached[0] != key:
+        with torch.inference_mode(False):
+            cached = (key, w.detach().t().contiguous())  # (hidden, vocab)
+        _HEAD_COPIES[head] = cached
+    return cached[1]
 
 
 _COMPILED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -405,4 +414,7 @@ def _compiled_step(model, batch_size: int, max_length: int, device: torch.device
         per_model[key] = (cache, torch.compile(forward_step, dynamic=False, fullgraph=True, **options))
     cache, step = per_model[key]
     cache.reset()
-    return cache, step
+    # The column-major head goes in as an argument: a tensor argument is guarded by its shape,
+    # not its identity, so a rebuilt copy (new weights) does not recompile.
+    head_t = column_major_head(model, batch_size, device)
+    return cache, step if head_t is None else functools.partial(step, head_t=head_t)
