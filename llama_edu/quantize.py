@@ -291,6 +291,9 @@ _CPU_INT8 = _has_kernel("_weight_int8pack_mm", "CPU")
 _CPU_INT4 = _has_kernel("_weight_int4pack_mm_for_cpu", "CPU") and _has_kernel("_convert_weight_to_int4pack_for_cpu", "CPU")
 _CUDA_INT4 = _has_kernel("_weight_int4pack_mm", "CUDA") and _has_kernel("_convert_weight_to_int4pack", "CUDA")
 _SM80: dict[int, bool] = {}  # CUDA device index -> has bfloat16 tensor cores (sm80+)
+# The CPU kernels are fast only in their AVX2 / AVX-512 versions; without them (ATEN_CPU_CAPABILITY=
+# default, or another architecture) they run scalar loops, 10x slower than dequantize-then-multiply.
+_CPU_SIMD = torch.backends.cpu.get_cpu_capability().startswith("AVX")
 
 
 def _is_sm80(device: torch.device) -> bool:
@@ -303,16 +306,19 @@ def _is_sm80(device: torch.device) -> bool:
 def _kernel_dtype(x: torch.Tensor, compute_dtype: torch.dtype | None) -> torch.dtype | None:
     """The activation dtype for a packed kernel on a CPU, or None for the reference path.
 
-    PyTorch's CPU kernels are vectorized for bfloat16 activations only (float32 runs a scalar
-    loop, ~10x slower than dequantize-then-multiply). So by default (``compute_dtype=None``)
+    PyTorch's CPU kernels are vectorized for bfloat16 activations only (in float32 they run a
+    scalar loop, several times slower than dequantize-then-multiply). So by default (``compute_dtype=None``)
     only bfloat16 inputs take the kernel, and a float32 model stays exact to float32. An explicit
     ``compute_dtype`` runs the kernel in that dtype: bfloat16 for speed (float32 activations are
     rounded to bfloat16, as bitsandbytes' ``bnb_4bit_compute_dtype`` does), float32 to check the
-    packing exactly."""
+    packing exactly. Without AVX2 / AVX-512 the kernels are scalar and slow, so bfloat16 takes
+    the reference path there."""
     if torch.is_grad_enabled() and x.requires_grad:
         return None  # the kernels have no backward; training goes through the reference path
     dtype = compute_dtype or x.dtype
-    if dtype not in _KERNEL_DTYPES or (compute_dtype is None and dtype != torch.bfloat16):
+    if compute_dtype == torch.float32:
+        return dtype  # asked for explicitly: the exact (slow) kernel, to check the packing
+    if dtype != torch.bfloat16 or not _CPU_SIMD:
         return None
     return dtype
 
@@ -416,8 +422,9 @@ def int4_packed_mm(x: torch.Tensor, weight: torch.Tensor, scales_and_zeros: torc
 
 def set_compute_dtype(model: nn.Module, dtype: torch.dtype | None) -> nn.Module:
     """Run ``model``'s int8 and int4 layers' packed kernels with activations in ``dtype``
-    (``torch.bfloat16``: the fast CPU kernels, for a float32 model too; None: the input's dtype,
-    exact). Nothing stored changes; returns the model."""
+    (``torch.bfloat16``: the fast CPU kernels, for a float32 model too; ``torch.float32``: the
+    kernels in float32, exact but slow on a CPU, to check them; None: the input's dtype, where
+    float32 inputs take the exact reference path). Nothing stored changes; returns the model."""
     if dtype is not None and dtype not in _KERNEL_DTYPES:
         raise ValueError(f"compute_dtype must be None or one of {_KERNEL_DTYPES}, got {dtype!r}")
     for module in model.modules():
