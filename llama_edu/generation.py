@@ -17,6 +17,7 @@ preallocated :class:`~llama_edu.cache.StaticCache` keeps every shape fixed from 
 from __future__ import annotations
 
 import functools
+import types
 import warnings
 import weakref
 from dataclasses import dataclass
@@ -411,7 +412,13 @@ def _compiled_step(model, batch_size: int, max_length: int, device: torch.device
         else:
             # On CPU the generated C++ wrapper saves the Python glue around each kernel.
             options = dict(options={"cpp_wrapper": True})
-        per_model[key] = (cache, torch.compile(forward_step, dynamic=False, fullgraph=True, **options))
+        # Dynamo keeps its compiled graphs on the function's code object, at most
+        # torch._dynamo.config.recompile_limit (8) of them, and past that runs eager. A copy of the
+        # code per model and shape keeps one process's models (fp32, int8, int4, thread counts...)
+        # from crowding each other out.
+        step = types.FunctionType(forward_step.__code__.replace(), forward_step.__globals__, forward_step.__name__,
+                                  forward_step.__defaults__)
+        per_model[key] = (cache, torch.compile(step, dynamic=False, fullgraph=True, **options))
     cache, step = per_model[key]
     cache.reset()
     # The column-major head goes in as an argument: a tensor argument is guarded by its shape,

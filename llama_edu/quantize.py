@@ -488,7 +488,11 @@ class QuantizedLinear(nn.Module):
         key = (device, dtype) + tuple((b.data_ptr(), b._version) for b in self._buffers.values() if b is not None)
         if self._kernel is None or self._kernel[0] != key:
             with torch.inference_mode(False):  # usable outside inference mode too
-                self._kernel = (key, self._pack_for_kernel(device, dtype))
+                tensors = self._pack_for_kernel(device, dtype)
+            if device.type == "cuda":  # a CUDA graph may keep their addresses instead of copying them in
+                for t in tensors:
+                    torch._dynamo.mark_static_address(t)
+            self._kernel = (key, tensors)
         return self._kernel[1]
 
     def _apply(self, fn, recurse=True):
