@@ -25,6 +25,24 @@ Cases (random weights: speed does not depend on what the weights say):
 
 Each number is the median of --repeats runs after a warm-up, with ours and theirs interleaved
 so that other load on the machine hits both alike. Ratios > 1 mean llama_edu is faster/smaller.
+
+    python benchmarks/bench_generation.py --targets          # the speed targets table (CPU)
+    python benchmarks/bench_generation.py --targets --device cuda --shape 7b
+
+--targets: batch 1, greedy decoding of --new-tokens tokens after an 8-token prompt, at 1 and 2
+threads (--target-threads), on the shipped Shakespeare model (data/shakespeare-llama) and the
+stories15M shape (random weights, dim 288, 6 layers, 6 heads, vocab 32000, untied LM head): tok/s
+of transformers, llama_edu eager and compile=True in float32, int8 and int4 (weight-only, the
+packed PyTorch kernels with bfloat16 activations: quantize.set_compute_dtype; the LM head quantized
+too where it is untied), and llama.cpp F32 and Q8_0 through llama-cpp-python in the same run
+(skipped when it is not installed). The GGUF files are written by a minimal writer inside this
+script (gguf's GGUFWriter, Q/K permuted back to Meta's interleaved rotary layout). Each row also
+says how much of the memory bandwidth it uses: weight bytes read per token x tok/s against the
+bandwidth of a large tensor copy measured in the same run (small models live in the CPU caches,
+so their fraction can pass 100%). Then eager against transformers on the real stories260K, and
+the targets, each marked met or not. On CUDA (--device cuda --shape 7b): a 7B-shaped model in
+bfloat16, eager and compiled (CUDA graphs), int8 and int4, tok/s and the fraction of the GPU's
+peak HBM bandwidth.
 """
 
 from __future__ import annotations
@@ -210,11 +228,330 @@ def measure_memory(which: str, args, shape: str, batch: int) -> float:
     return json.loads(out.strip().splitlines()[-1])["peak"] / 2**20
 
 
+# ---------------------------------------------------------------------------------------------
+# --targets: the speed table against llama.cpp
+# ---------------------------------------------------------------------------------------------
+def copy_bandwidth(device: str, mib: int = 256) -> float:
+    """GB/s of a large tensor copy (bytes read + bytes written), the best of 5: the memory
+    bandwidth ceiling that decoding, which reads every weight once per token, runs against."""
+    a = torch.ones(mib * 2**20 // 4, device=device)
+    b = torch.empty_like(a)
+    best = float("inf")
+    for _ in range(5):
+        sync(device)
+        t = time.perf_counter()
+        b.copy_(a)
+        sync(device)
+        best = min(best, time.perf_counter() - t)
+    return 2 * a.numel() * 4 / best / 1e9
+
+
+def bytes_read_per_token(model) -> int:
+    """Bytes of weights one decoded token reads: every tensor of the state dict once (a tied
+    tensor once), except the input embedding table, of which one row is read, unless it is
+    also the LM head (tied), which reads all of it."""
+    emb = model.model.embed_tokens.weight
+    head = getattr(model.lm_head, "weight", None)
+    seen, total = set(), 0
+    for t in model.state_dict().values():
+        if t.data_ptr() in seen and t.numel():
+            continue
+        seen.add(t.data_ptr())
+        n = t.numel() * t.element_size()
+        if t.data_ptr() == emb.data_ptr() and (head is None or head.data_ptr() != emb.data_ptr()):
+            n = t.shape[1] * t.element_size()
+        total += n
+    return total
+
+
+# --- a minimal GGUF writer, for this benchmark only (the package's exporter lives in llama_edu/io/gguf.py)
+def write_gguf(model, path: Path, qtype: str) -> int:
+    """Write ``model`` (a llama_edu LlamaForCausalLM, float32) as a llama.cpp GGUF file with
+    matrices in ``qtype`` ("F32" or "Q8_0"; a matrix whose rows are not a multiple of Q8_0's
+    blocks of 32 is stored in F16, as llama.cpp's converter falls back) and a placeholder vocabulary
+    (speed does not depend on the tokens' text; we feed ids). Returns the bytes of weights one
+    token reads, counted as :func:`bytes_read_per_token` counts them."""
+    import gguf
+    import numpy as np
+
+    cfg = model.config
+    sd = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
+    tied = cfg.tie_word_embeddings or "lm_head.weight" not in sd
+
+    def permute(w: torch.Tensor, heads: int) -> torch.Tensor:
+        # transformers' rotate_half layout -> Meta's interleaved pairs, which llama.cpp expects
+        return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+    tensors = {"token_embd.weight": sd["model.embed_tokens.weight"], "output_norm.weight": sd["model.norm.weight"]}
+    if not tied:
+        tensors["output.weight"] = sd["lm_head.weight"]
+    names = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
+             "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+             "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+    for i in range(cfg.num_hidden_layers):
+        for ours, theirs in names.items():
+            w = sd[f"model.layers.{i}.{ours}.weight"]
+            if ours == "self_attn.q_proj":
+                w = permute(w, cfg.num_attention_heads)
+            elif ours == "self_attn.k_proj":
+                w = permute(w, cfg.num_key_value_heads)
+            tensors[f"blk.{i}.{theirs}.weight"] = w
+
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_head_count(cfg.num_attention_heads)
+    writer.add_head_count_kv(cfg.num_key_value_heads)
+    writer.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
+    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    writer.add_rope_freq_base(cfg.rope_theta)
+    writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0 if qtype == "Q8_0" else gguf.LlamaFileType.ALL_F32)
+    # placeholder SentencePiece-style vocabulary: <unk> <s> </s>, the 256 byte tokens, then fillers
+    tokens, types = ["<unk>", "<s>", "</s>"], [2, 3, 3]
+    tokens += [f"<0x{b:02X}>" for b in range(256)]
+    types += [6] * 256
+    tokens += [f"tok{i}" for i in range(len(tokens), cfg.vocab_size)]
+    types += [1] * (cfg.vocab_size - len(types))
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(tokens[: cfg.vocab_size])
+    writer.add_token_scores([0.0] * cfg.vocab_size)
+    writer.add_token_types(types[: cfg.vocab_size])
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_unk_token_id(0)
+    read = 0
+    for name, w in tensors.items():
+        arr = w.numpy().astype(np.float32)
+        if w.dim() == 2 and qtype == "Q8_0":
+            kind = gguf.GGMLQuantizationType.Q8_0 if w.shape[1] % 32 == 0 else gguf.GGMLQuantizationType.F16
+            data = gguf.quants.quantize(arr, kind)
+            writer.add_tensor(name, data, raw_shape=data.shape, raw_dtype=kind)
+        else:
+            data = arr
+            writer.add_tensor(name, data)
+        n = data.nbytes
+        if name == "token_embd.weight" and not tied:
+            n //= w.shape[0]  # one row read per token
+        read += n
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return read
+
+
+def llama_cpp_decoder(path: Path, threads: int, n_ctx: int):
+    """A function n -> seconds to greedily decode n tokens after an 8-token prompt with
+    llama-cpp-python (the prompt's evaluation included, as in generate)."""
+    import numpy as np
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, n_batch=64,
+                verbose=False, logits_all=False)
+    prompt = list(range(3, 11))
+
+    def next_token() -> int:  # argmax of the last position's logits, read in place
+        return int(np.argmax(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),))))
+
+    def decode(n: int) -> float:
+        t = time.perf_counter()
+        llm.reset()
+        llm.eval(prompt)
+        for _ in range(n - 1):
+            llm.eval([next_token()])
+        next_token()
+        return time.perf_counter() - t
+
+    return decode
+
+
+def target_models(device: str, dtype: torch.dtype, shape: str | None):
+    """(label, our model, transformers' model or None) for the targets table."""
+    import transformers
+
+    from llama_edu import LlamaConfig, LlamaForCausalLM
+
+    def hf_twin(ours):
+        hf_cfg = transformers.LlamaConfig(**{k: v for k, v in ours.config.to_dict().items() if k != "attn_implementation"})
+        hf_cfg._attn_implementation = "sdpa"
+        with torch.device(device):
+            theirs = transformers.LlamaForCausalLM(hf_cfg).eval().to(dtype)
+        theirs.load_state_dict(ours.state_dict(), strict=False)
+        if hf_cfg.tie_word_embeddings:
+            theirs.tie_weights()
+        return theirs
+
+    if device.startswith("cuda"):
+        cfg = LlamaConfig.from_preset("llama2-7b")
+        torch.manual_seed(0)
+        old = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)
+        try:
+            with torch.device(device):
+                ours = LlamaForCausalLM(cfg).eval()
+        finally:
+            torch.set_default_dtype(old)
+        return [("llama2-7b shape (random)", ours, None)]
+    models = []
+    if shape in (None, "shakespeare"):
+        ours = LlamaForCausalLM.from_pretrained(Path(__file__).resolve().parent.parent / "data" / "shakespeare-llama").eval()
+        models.append(("shakespeare-llama", ours, hf_twin(ours)))
+    if shape in (None, "15m"):
+        cfg = LlamaConfig.from_preset("stories15m", max_position_embeddings=1024, tie_word_embeddings=False)
+        torch.manual_seed(0)
+        ours = LlamaForCausalLM(cfg).eval()
+        models.append(("stories15M shape (random)", ours, hf_twin(ours)))
+    return models
+
+
+def quantized_copy(model, scheme: str, device: str):
+    """A quantized deep copy: int8, or int4 in groups of 32 (one group per row where 32 does not
+    divide every layer); the LM head too when it is untied; packed kernels in bfloat16."""
+    import copy
+
+    from llama_edu import quantize as Q
+
+    m = copy.deepcopy(model)
+    head = not m.config.tie_word_embeddings
+    if scheme == "int8":
+        Q.quantize(m, "int8", include_lm_head=head)
+    else:
+        fits = all(lin.in_features % 32 == 0 for _, lin in Q.linear_layers_to_quantize(m, head))
+        Q.quantize(m, "int4", group_size=32 if fits else -1, include_lm_head=head)
+    return Q.set_compute_dtype(m, torch.bfloat16).to(device)
+
+
+def run_targets(args) -> None:
+    import tempfile
+
+    from llama_edu import LlamaForCausalLM
+
+    device = args.device
+    dtype = getattr(torch, args.dtype)
+    cuda = device.startswith("cuda")
+    try:
+        import llama_cpp  # noqa: F401
+        have_llama_cpp = not cuda
+    except ImportError:
+        have_llama_cpp = False
+    threads_list = [1] if cuda else args.target_threads
+    prompt = torch.arange(3, 11)[None].to(device)
+    n = args.new_tokens
+    results = {}  # (model label, threads) -> {variant: (tok/s, bytes per token)}
+    tmp = Path(tempfile.mkdtemp(prefix="bench_gguf_"))
+    for label, ours, theirs in target_models(device, dtype, None if args.shape in (None, "all", "7b") else args.shape):
+        int8, int4 = quantized_copy(ours, "int8", device), quantized_copy(ours, "int4", device)
+        ours_variants = {"eager": (ours, {}), "compiled": (ours, {"compile": True}),
+                         "int8 eager": (int8, {}), "int8 compiled": (int8, {"compile": True}),
+                         "int4 eager": (int4, {}), "int4 compiled": (int4, {"compile": True})}
+        bytes_of = {"eager": bytes_read_per_token(ours), "int8": bytes_read_per_token(int8), "int4": bytes_read_per_token(int4)}
+        ggufs = {}
+        if have_llama_cpp:
+            for q in ("F32", "Q8_0"):
+                path = tmp / f"{label.split()[0]}-{q}.gguf"
+                ggufs[q] = (path, write_gguf(ours, path, q))
+        for threads in threads_list:
+            torch.set_num_threads(threads)
+            decoders = {}
+            if theirs is not None:
+                decoders["transformers"] = lambda k, m=theirs: run_generate(m, prompt, k, device)
+            for name, (model, kw) in ours_variants.items():
+                decoders[name] = lambda k, m=model, kw=kw: run_generate(m, prompt, k, device, **kw)
+            for q, (path, _) in ggufs.items():
+                decoders[f"llama.cpp {q}"] = llama_cpp_decoder(path, threads, n_ctx=prompt.shape[1] + n + 8)
+            for name, decode in decoders.items():  # warm-up (and compile)
+                t0 = time.perf_counter()
+                decode(n)
+                if "compiled" in name:
+                    print(f"  {label}, {threads} thread(s): {name} first call (compiling) {time.perf_counter() - t0:.1f} s", flush=True)
+            times = {name: [] for name in decoders}
+            for _ in range(args.repeats):
+                for name, decode in decoders.items():
+                    times[name].append(decode(n))
+            row = {}
+            for name, ts in times.items():
+                key = name.split()[0] if name.split()[0] in ("int8", "int4") else "eager"
+                b = ggufs[name.split()[1]][1] if name.startswith("llama.cpp") else bytes_of[key]
+                row[name] = (n / statistics.median(ts), b)
+            results[(label, threads)] = row
+            print(f"  {label}, {threads} thread(s): " + ", ".join(f"{k} {v[0]:.0f}" for k, v in row.items()), flush=True)
+        del int8, int4
+    bandwidth = {}
+    for threads in threads_list:
+        torch.set_num_threads(threads)
+        bandwidth[threads] = copy_bandwidth(device)
+    if cuda:
+        peak = peak_gbps(args.peak_gbps)
+        bandwidth = {1: peak} if peak else bandwidth
+
+    print()
+    print(f"torch {torch.__version__}, device {device}, batch 1, greedy, {n} new tokens after 8, median of {args.repeats}")
+    for threads in threads_list:
+        what = "peak HBM bandwidth" if cuda and peak_gbps(args.peak_gbps) else "copy bandwidth (read + write)"
+        print(f"{what} at {threads} thread(s): {bandwidth[threads]:.1f} GB/s")
+    print()
+    print("| model | threads | variant | tok/s | MB read / token | % of bandwidth |")
+    print("|---|---:|---|---:|---:|---:|")
+    for (label, threads), row in results.items():
+        for name, (tps, b) in row.items():
+            print(f"| {label} | {threads} | {name} | {tps:.0f} | {b / 1e6:.2f} | {100 * b * tps / (bandwidth[threads] * 1e9):.0f}% |")
+
+    if cuda:
+        print("\n(7B on CUDA: numbers from this run; llama.cpp is not compared on CUDA here.)")
+        return
+    # eager against transformers on the real stories260K
+    print()
+    data = None
+    for base in (Path(__file__).resolve().parent.parent.parent / "shared" / "data", Path("/work/shared/data")):
+        if (base / "stories260K" / "hf" / "config.json").exists():
+            data = base / "stories260K" / "hf"
+            break
+    s260 = {}
+    if data is None:
+        print("stories260K not found (../shared/data/stories260K/hf): skipped its row")
+    else:
+        import transformers
+
+        ours = LlamaForCausalLM.from_pretrained(data).eval()
+        theirs = transformers.LlamaForCausalLM.from_pretrained(data, attn_implementation="sdpa").eval()
+        ids = torch.tensor([[1]])
+        for threads in threads_list:
+            torch.set_num_threads(threads)
+            speed = time_case({"ours": (ours, {}), "theirs": (theirs, {})}, ids, min(n, 200), args.repeats, device)
+            s260[threads] = speed
+            print(f"stories260K (real weights), {threads} thread(s): eager {speed['ours']:.0f} tok/s, "
+                  f"transformers {speed['theirs']:.0f} tok/s, {speed['ours'] / speed['theirs']:.2f}x")
+
+    print()
+    print("| target | model | threads | measured | met |")
+    print("|---|---|---:|---|---|")
+    for (label, threads), row in results.items():
+        tps = {k: v[0] for k, v in row.items()}
+        checks = [("compile=True >= llama.cpp F32", "compiled", "llama.cpp F32", 1.0),
+                  ("int8 compiled >= llama.cpp Q8_0", "int8 compiled", "llama.cpp Q8_0", 1.0),
+                  ("int8 eager >= 1.2x fp32 eager", "int8 eager", "eager", 1.2),
+                  ("compiled faster than eager", "compiled", "eager", 1.0)]
+        for target, a, b, factor in checks:
+            if a in tps and b in tps:
+                ratio = tps[a] / tps[b]
+                print(f"| {target} | {label} | {threads} | {tps[a]:.0f} vs {tps[b]:.0f} = {ratio:.2f}x | "
+                      f"{'yes' if ratio >= factor else 'NO'} |")
+            else:
+                print(f"| {target} | {label} | {threads} | skipped ({b if b not in tps else a} not measured) | - |")
+    for threads, speed in s260.items():
+        ratio = speed["ours"] / speed["theirs"]
+        print(f"| eager >= 2x transformers | stories260K | {threads} | {speed['ours']:.0f} vs {speed['theirs']:.0f} = "
+              f"{ratio:.2f}x | {'yes' if ratio >= 2 else 'NO'} |")
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default=None, help="float32 (CPU default) or bfloat16 (CUDA default)")
-    p.add_argument("--shape", default=None, choices=[*SHAPES, "all"], help="default: tiny and 15m on CPU, 7b on CUDA")
+    p.add_argument("--shape", default=None, choices=[*SHAPES, "all", "shakespeare"],
+                   help="default: tiny and 15m on CPU, 7b on CUDA (--targets: shakespeare and 15m on CPU)")
     p.add_argument("--layers", type=int, default=None, help="fewer layers (e.g. 4 for a 7B-shaped slice)")
     p.add_argument("--new-tokens", type=int, default=256)
     p.add_argument("--prefill-tokens", type=int, default=512)
@@ -226,10 +563,21 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--quick", action="store_true", help="3 repeats, 64 new tokens")
     p.add_argument("--peak-gbps", type=float, default=None, help="the GPU's peak memory bandwidth in GB/s")
     p.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--targets", action="store_true", help="the speed-targets table (see the docstring)")
+    p.add_argument("--target-threads", type=int, nargs="+", default=[1, 2], help="thread counts of --targets")
     args = p.parse_args(argv)
     args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
+    if args.targets:
+        if args.quick:
+            args.repeats, args.new_tokens = 3, 64
+        elif "--new-tokens" not in (argv if argv is not None else sys.argv):
+            args.new_tokens = 128  # the Shakespeare model's context is 256
+        run_targets(args)
+        return
+    if args.shape == "shakespeare":
+        p.error("--shape shakespeare is for --targets (the other cases use random weights)")
     if args.memory_child:
         memory_child(args.memory_child, args.shape, args.batch, args.new_tokens, args.device, args.dtype, args.layers)
         return

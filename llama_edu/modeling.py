@@ -373,41 +373,52 @@ class LlamaForCausalLM(LlamaPreTrainedModel):
         cache_position: torch.LongTensor,
         attention_mask: torch.Tensor | None = None,
         cache: Cache | None = None,
+        head_t: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """One step of generation: float32 logits (batch, vocab) for the token after
         ``input_ids`` (batch, q), written to ``cache``. The core's forward (arguments as
         :meth:`llama_edu.model.LlamaDecoder.forward` takes them) and :meth:`logits` on the last
         position. It checks nothing: it runs once per decoded token, and ``generate`` checked
-        its inputs once at the entry."""
+        its inputs once at the entry. ``head_t``: see :meth:`logits`."""
         hidden = LlamaDecoder.forward(self.model, input_ids, position_ids, cache_position, attention_mask, cache)[0]
-        return self.logits(hidden[:, -1])
+        return self.logits(hidden[:, -1], head_t=head_t)
 
-    def logits(self, hidden_states: torch.Tensor, logits_to_keep: int = 0) -> torch.Tensor:
+    def logits(self, hidden_states: torch.Tensor, logits_to_keep: int = 0, head_t: torch.Tensor | None = None) -> torch.Tensor:
         """The LM head on final hidden states (..., hidden) -> float32 logits (..., vocab): the
         one place the head is applied, by :meth:`forward` and :meth:`next_token_logits`.
         ``logits_to_keep=n`` keeps the last n positions of (batch, seq, hidden) states only.
 
         A single row on the CPU without gradients (one sequence decoding) goes through a
-        column-major copy of a plain head up to :data:`COLUMN_MAJOR_HEAD_MAX_BYTES`: CPU BLAS
-        runs that matrix-vector product about 2x faster on that layout.
+        column-major copy of the head (:meth:`column_major_head`): CPU BLAS runs that
+        matrix-vector product about 2x faster on that layout. Compiled code cannot look the
+        copy up inside its graph, so the compiled decode step receives it as ``head_t``.
         """
         if logits_to_keep:
             hidden_states = hidden_states[:, -logits_to_keep:]
+        if head_t is None and not torch.compiler.is_compiling():
+            head_t = self.column_major_head(hidden_states.shape[:-1].numel(), hidden_states.device)
+        if head_t is not None:
+            return F.linear(hidden_states, head_t.t()).float()
+        return self.lm_head(hidden_states).float()  # float32 whatever the model dtype, as transformers 4.37
+
+    def column_major_head(self, rows: int, device: torch.device) -> torch.Tensor | None:
+        """The LM head's weight as a (hidden, vocab) contiguous copy, made once and kept while the
+        weight is unchanged; None where it does not pay: more than one row, not a CPU, gradients
+        on, a head over :data:`COLUMN_MAJOR_HEAD_MAX_BYTES`, or not a plain ``nn.Linear`` (a
+        quantized head has no float weight to copy)."""
         head = self.lm_head
-        w = head.weight if type(head) is nn.Linear else None  # a quantized head has no float weight to copy
-        if (
-            w is not None and not torch.compiler.is_compiling() and hidden_states.shape[:-1].numel() == 1
-            and hidden_states.device.type == "cpu" and not torch.is_grad_enabled()
-            and w.numel() * w.element_size() <= COLUMN_MAJOR_HEAD_MAX_BYTES
-        ):
-            key = (w.data_ptr(), w._version, w.dtype, w.shape)  # rebuilt when the weight changes
-            cached = _HEAD_COPIES.get(head)
-            if cached is None or cached[0] != key:
-                with torch.inference_mode(False):
-                    cached = (key, w.detach().t().contiguous())  # (hidden, vocab)
-                _HEAD_COPIES[head] = cached
-            return F.linear(hidden_states, cached[1].t()).float()
-        return head(hidden_states).float()  # float32 whatever the model dtype, as transformers 4.37
+        if type(head) is not nn.Linear or rows != 1 or device.type != "cpu" or torch.is_grad_enabled():
+            return None
+        w = head.weight
+        if w.numel() * w.element_size() > COLUMN_MAJOR_HEAD_MAX_BYTES:
+            return None
+        key = (w.data_ptr(), w._version, w.dtype, w.shape)  # rebuilt when the weight changes
+        cached = _HEAD_COPIES.get(head)
+        if cached is None or cached[0] != key:
+            with torch.inference_mode(False):
+                cached = (key, w.detach().t().contiguous())  # (hidden, vocab)
+            _HEAD_COPIES[head] = cached
+        return cached[1]
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

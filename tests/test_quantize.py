@@ -541,3 +541,126 @@ def test_int8_fused_cpu_kernel_in_bfloat16_matches_dequantize():
     reference = x.float() @ layer.dequantize().T
     assert layer(x).dtype == torch.bfloat16 and layer(x).shape == (2, 5, 96)
     assert torch.allclose(layer(x).float(), reference, atol=2e-2 * reference.abs().max().item())
+
+
+# ----------------------------------------------------------------------------- packed kernels (the fast path)
+def _reference(layer: QuantizedLinear, x: torch.Tensor) -> torch.Tensor:
+    """The written-out path: dequantize the whole weight, then an ordinary product (float32)."""
+    return x.float() @ layer.dequantize().T + (0 if layer.bias is None else layer.bias)
+
+
+def _layers(out_f: int, in_f: int, group_size: int, bias: bool = False):
+    torch.manual_seed(out_f * 1000 + in_f)
+    lin = nn.Linear(in_f, out_f, bias=bias)
+    return Int8Linear.from_linear(lin), IntLinear.from_linear(lin, 4, group_size)
+
+
+@pytest.mark.parametrize("out_f, in_f, group_size, rows", [
+    (96, 256, 32, 1), (96, 256, 64, 3), (768, 288, 32, 1), (288, 768, 256, 5),
+    (2048, 256, 128, 1), (64, 512, 128, 17), (48, 96, 32, 2),
+])
+def test_packed_kernels_equal_the_reference(out_f, in_f, group_size, rows):
+    """int8 (aten._weight_int8pack_mm) and int4 (aten._weight_int4pack_mm_for_cpu) give the
+    dequantize-then-multiply answer: exactly (to float32 rounding) when run in float32, which
+    checks the packing, scales and zero points; to bfloat16 rounding in bfloat16, the fast case."""
+    x = torch.randn(rows, in_f, generator=torch.Generator().manual_seed(1))
+    for layer in _layers(out_f, in_f, group_size, bias=rows == 3):
+        reference = _reference(layer, x)
+        with torch.no_grad():
+            layer.compute_dtype = torch.float32  # the kernel in float32: slow, exact
+            exact = layer(x)
+            assert layer._kernel is not None, type(layer).__name__  # the kernel ran, not the reference path
+            assert torch.allclose(exact, reference, atol=1e-5, rtol=1e-5), (exact - reference).abs().max()
+            layer.compute_dtype = torch.bfloat16  # float32 activations rounded to bfloat16: the fast case
+            fast = layer(x)
+            assert fast.dtype == torch.float32
+            # bfloat16 keeps 8 significant bits: x, the scales and the output each round by <= 2^-9
+            assert (fast - reference).abs().max() <= 1e-2 * reference.abs().max(), (fast - reference).abs().max()
+            layer.compute_dtype = None
+            assert torch.equal(layer(x), F_linear_reference(layer, x))  # float32 input: the reference path
+            bf16 = layer(x.bfloat16().reshape(1, rows, in_f))  # bfloat16 input: the kernel by default
+            assert bf16.dtype == torch.bfloat16 and bf16.shape == (1, rows, out_f)
+            assert (bf16.float()[0] - reference).abs().max() <= 1e-2 * reference.abs().max()
+
+
+def F_linear_reference(layer: QuantizedLinear, x: torch.Tensor) -> torch.Tensor:
+    """The reference path in the input's dtype, as QuantizedLinear.forward writes it."""
+    bias = None if layer.bias is None else layer.bias.to(x.dtype)
+    return torch.nn.functional.linear(x, layer.dequantize().to(x.dtype), bias)
+
+
+@pytest.mark.parametrize("out_f, in_f, group_size, why", [
+    (40, 256, 32, "out_features not a multiple of 16"),
+    (96, 256, 16, "group size 16: the kernels take 32, 64, 128, 256"),
+    (96, 688, -1, "one group of 688 per row"),
+])
+def test_int4_odd_shapes_fall_back_to_the_reference(out_f, in_f, group_size, why):
+    _, layer = _layers(out_f, in_f, group_size)
+    x = torch.randn(2, in_f)
+    layer.compute_dtype = torch.bfloat16
+    with torch.no_grad():
+        out = layer(x)
+    assert layer._kernel is None, why
+    assert torch.equal(out, F_linear_reference(layer, x)), why
+
+
+def test_int8_odd_shape_and_other_bits():
+    torch.manual_seed(0)
+    int8 = Int8Linear.from_linear(nn.Linear(13, 7, bias=False))  # 7 x 13: no multiple of anything
+    int8.compute_dtype = torch.bfloat16
+    x = torch.randn(2, 13)
+    with torch.no_grad():  # in_features not a multiple of 16: the CPU kernel would crash, so no kernel
+        assert torch.equal(int8(x), F_linear_reference(int8, x)) and int8._kernel is None
+        assert torch.equal(int8(x.bfloat16()), F_linear_reference(int8, x.bfloat16()))
+    three_bits = IntLinear.from_linear(nn.Linear(64, 32), 3, 32)  # only 4-bit codes have a kernel
+    three_bits.compute_dtype = torch.bfloat16
+    with torch.no_grad():
+        assert torch.equal(three_bits(x.new_ones(1, 64)), F_linear_reference(three_bits, x.new_ones(1, 64)))
+    assert three_bits._kernel is None
+
+
+def test_packed_kernels_follow_new_weights_and_leave_gradients_to_the_reference():
+    int8, int4 = _layers(96, 256, 64)
+    x = torch.randn(1, 256)
+    for layer in (int8, int4):
+        layer.compute_dtype = torch.float32
+        with torch.no_grad():
+            before = layer(x)
+        # a checkpoint loaded into the layer (in place, as load_state_dict does) is repacked
+        torch.manual_seed(7)
+        lin = nn.Linear(256, 96, bias=False)
+        other = Int8Linear.from_linear(lin) if layer is int8 else IntLinear.from_linear(lin, 4, 64)
+        layer.load_state_dict(other.state_dict())
+        with torch.no_grad():
+            after = layer(x)
+        assert not torch.allclose(before, after)
+        assert torch.allclose(after, _reference(other, x), atol=1e-5)
+        assert not any(k.startswith("_kernel") for k in layer.state_dict())  # the kernel layout is never saved
+        # gradients flow through the reference path (the kernels have no backward)
+        xg = x.clone().requires_grad_()
+        layer(xg).sum().backward()
+        assert torch.allclose(xg.grad, layer.dequantize().sum(0)[None], atol=1e-4)
+
+
+def test_quantized_model_decodes_the_same_through_the_kernels():
+    """The Shakespeare model quantized to int8 decodes the same greedy tokens with the packed
+    kernel in float32 as through the reference path, and its logits stay within bfloat16
+    rounding when the kernels run in bfloat16 (the fast setting)."""
+    from llama_edu.quantize import set_compute_dtype
+
+    model = quantize(fresh(), "int8")
+    ids = torch.tensor([[1, 40, 41, 42, 43]])
+    with torch.no_grad():
+        reference = model(ids).logits
+        set_compute_dtype(model, torch.float32)
+        exact = model(ids).logits
+        set_compute_dtype(model, torch.bfloat16)
+        fast = model(ids).logits
+    assert torch.allclose(exact, reference, atol=1e-4)
+    assert (fast - reference).abs().max() < 0.05 * reference.abs().max()
+    set_compute_dtype(model, None)
+    greedy = model.generate(ids, max_new_tokens=8, do_sample=False)
+    set_compute_dtype(model, torch.float32)
+    assert torch.equal(model.generate(ids, max_new_tokens=8, do_sample=False), greedy)
+    with pytest.raises(ValueError, match="compute_dtype"):
+        set_compute_dtype(model, torch.int8)

@@ -16,6 +16,8 @@ preallocated :class:`~llama_edu.cache.StaticCache` keeps every shape fixed from 
 
 from __future__ import annotations
 
+import functools
+import types
 import warnings
 import weakref
 from dataclasses import dataclass
@@ -300,11 +302,12 @@ class DecodeState:
         return self.sequences[:, start:end], self.position_ids[:, start:end], self.slots[start:end], mask
 
 
-def forward_step(model, cache, input_ids, position_ids, cache_position, padding_mask) -> torch.Tensor:
+def forward_step(model, cache, input_ids, position_ids, cache_position, padding_mask, head_t=None) -> torch.Tensor:
     """Next-token logits (batch, vocab) after ``input_ids`` (batch, q), from the model's own
     decode step (:meth:`llama_edu.LlamaForCausalLM.next_token_logits`). No input checks:
-    ``generate`` did them once."""
-    return model.next_token_logits(input_ids, position_ids, cache_position, padding_mask, cache)
+    ``generate`` did them once. ``head_t``: the column-major copy of the LM head, which the
+    compiled step receives as an argument (it cannot look it up inside the graph)."""
+    return model.next_token_logits(input_ids, position_ids, cache_position, padding_mask, cache, head_t=head_t)
 
 
 def prefill(model, state: DecodeState) -> torch.Tensor:
@@ -376,7 +379,16 @@ def _compiled_step(model, batch_size: int, max_length: int, device: torch.device
         else:
             # On CPU the generated C++ wrapper saves the Python glue around each kernel.
             options = dict(options={"cpp_wrapper": True})
-        per_model[key] = (cache, torch.compile(forward_step, dynamic=False, fullgraph=True, **options))
+        # Dynamo keeps its compiled graphs on the function's code object, at most
+        # torch._dynamo.config.recompile_limit (8) of them, and past that runs eager. A copy of the
+        # code per model and shape keeps one process's models (fp32, int8, int4, thread counts...)
+        # from crowding each other out.
+        step = types.FunctionType(forward_step.__code__.replace(), forward_step.__globals__, forward_step.__name__,
+                                  forward_step.__defaults__)
+        per_model[key] = (cache, torch.compile(step, dynamic=False, fullgraph=True, **options))
     cache, step = per_model[key]
     cache.reset()
-    return cache, step
+    # The column-major head goes in as an argument: a tensor argument is guarded by its shape,
+    # not its identity, so a rebuilt copy (new weights) does not recompile.
+    head_t = model.column_major_head(batch_size, device)
+    return cache, step if head_t is None else functools.partial(step, head_t=head_t)

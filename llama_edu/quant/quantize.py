@@ -35,6 +35,12 @@ asked) in place for :class:`Int8Linear`, :class:`IntLinear` or :class:`NF4Linear
 ``save_pretrained`` and ``.to(device)`` work as for any module; the scheme goes into
 ``config.quantization_config`` so ``from_pretrained`` rebuilds the quantized model.
 GPTQ (:mod:`llama_edu.gptq`) chooses the codes more cleverly and stores them as :class:`IntLinear`.
+
+Each layer's ``forward`` has two paths. The *reference* path is the one to read: dequantize the
+whole weight to floats, then an ordinary matrix product. It is exact but slow, because it writes
+and re-reads a float copy of the weight on every call. Where PyTorch has a fused kernel for the
+device and dtype (int8 and int4, see "Packed kernels" below), the layer calls it instead: the
+kernel reads the packed bytes and multiplies in one pass, and a test checks that both paths agree.
 """
 
 from __future__ import annotations
@@ -266,6 +272,168 @@ def nf4_dequantize(
 
 
 # ---------------------------------------------------------------------------------------------
+# Packed kernels: the fast path of Int8Linear and IntLinear (4 bits)
+# ---------------------------------------------------------------------------------------------
+#: Group sizes PyTorch's int4 kernels accept (CPU and CUDA).
+INT4_KERNEL_GROUP_SIZES = (32, 64, 128, 256)
+#: CUDA's int4 layout tiles the input dimension in 16 * innerKTiles columns (gpt-fast's choice: 8).
+INT4_CUDA_INNER_K_TILES = 8
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _has_kernel(op: str, device_type: str) -> bool:
+    """Whether this PyTorch build registers aten::``op`` for the device ("CPU", "CUDA")."""
+    return hasattr(torch.ops.aten, op) and torch._C._dispatch_has_kernel_for_dispatch_key(f"aten::{op}", device_type)
+
+
+# Looked up once: a compiled decode step reads these constants instead of asking the dispatcher.
+_CPU_INT8 = _has_kernel("_weight_int8pack_mm", "CPU")
+_CPU_INT4 = _has_kernel("_weight_int4pack_mm_for_cpu", "CPU") and _has_kernel("_convert_weight_to_int4pack_for_cpu", "CPU")
+_CUDA_INT4 = _has_kernel("_weight_int4pack_mm", "CUDA") and _has_kernel("_convert_weight_to_int4pack", "CUDA")
+_SM80: dict[int, bool] = {}  # CUDA device index -> has bfloat16 tensor cores (sm80+)
+# The CPU kernels are fast only in their AVX2 / AVX-512 versions; without them (ATEN_CPU_CAPABILITY=
+# default, or another architecture) they run scalar loops, 10x slower than dequantize-then-multiply.
+_CPU_SIMD = torch.backends.cpu.get_cpu_capability().startswith("AVX")
+
+
+def _is_sm80(device: torch.device) -> bool:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SM80:
+        _SM80[index] = torch.cuda.get_device_capability(index) >= (8, 0)
+    return _SM80[index]
+
+
+def _kernel_dtype(x: torch.Tensor, compute_dtype: torch.dtype | None) -> torch.dtype | None:
+    """The activation dtype for a packed kernel on a CPU, or None for the reference path.
+
+    PyTorch's CPU kernels are vectorized for bfloat16 activations only (in float32 they run a
+    scalar loop, several times slower than dequantize-then-multiply). So by default (``compute_dtype=None``)
+    only bfloat16 inputs take the kernel, and a float32 model stays exact to float32. An explicit
+    ``compute_dtype`` runs the kernel in that dtype: bfloat16 for speed (float32 activations are
+    rounded to bfloat16, as bitsandbytes' ``bnb_4bit_compute_dtype`` does), float32 to check the
+    packing exactly. Without AVX2 / AVX-512 the kernels are scalar and slow, so bfloat16 takes
+    the reference path there."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        return None  # the kernels have no backward; training goes through the reference path
+    dtype = compute_dtype or x.dtype
+    if compute_dtype == torch.float32:
+        return dtype  # asked for explicitly: the exact (slow) kernel, to check the packing
+    if dtype != torch.bfloat16 or not _CPU_SIMD:
+        return None
+    return dtype
+
+
+def int8_kernel_dtype(x: torch.Tensor, compute_dtype: torch.dtype | None) -> torch.dtype | None:
+    """The dtype :func:`int8_packed_mm` runs in for input ``x``, or None where it does not apply."""
+    if x.device.type == "cuda":  # gpt-fast's form: any float dtype, fused by torch.compile
+        dtype = compute_dtype or x.dtype
+        return dtype if dtype in _KERNEL_DTYPES and not (torch.is_grad_enabled() and x.requires_grad) else None
+    # The CPU kernel's AVX2/AVX-512 loops read the input dimension 16 values at a time and
+    # crash (torch 2.13) when in_features is not a multiple of 16: those layers take the reference path.
+    if x.device.type == "cpu" and _CPU_INT8 and x.shape[-1] % 16 == 0:
+        return _kernel_dtype(x, compute_dtype)
+    return None
+
+
+def int8_packed_mm(x: torch.Tensor, weight_int8: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``x @ (weight_int8 * scale[:, None]).T`` without the float weight: x (rows, in) in the
+    compute dtype, weight_int8 (out, in) int8 as stored, scale (out,) in x's dtype.
+
+    The int8 layout is the stored one: the kernel wants the codes row-major (out, in), one byte
+    each, and a scale per output row. It computes ``(x @ q.T) * s``, which equals the reference
+    because the scale of row r only multiplies output r. On a CPU this is
+    ``aten._weight_int8pack_mm``; on CUDA it is gpt-fast's ``F.linear(x, q.to(x.dtype)) * s``,
+    which ``torch.compile`` fuses into one kernel that reads the int8 bytes (eager CUDA still
+    materializes the float weight).
+    """
+    if x.device.type == "cpu":
+        return torch.ops.aten._weight_int8pack_mm(x, weight_int8, scale)
+    return F.linear(x, weight_int8.to(x.dtype)) * scale
+
+
+def int4_kernel_dtype(x: torch.Tensor, compute_dtype: torch.dtype | None, out_features: int, in_features: int,
+                      group_size: int) -> torch.dtype | None:
+    """The dtype :func:`int4_packed_mm` runs in for input ``x`` and this layer's shape, or None
+    where PyTorch's int4 kernels do not apply (then the layer takes the reference path)."""
+    if group_size not in INT4_KERNEL_GROUP_SIZES or in_features % group_size:
+        return None
+    if x.device.type == "cpu":
+        if out_features % 16 or not _CPU_INT4:
+            return None  # the CPU packing works on blocks of 16 output rows
+        return _kernel_dtype(x, compute_dtype)
+    if x.device.type == "cuda":
+        # The CUDA kernel: tensor cores of sm80+, bfloat16 activations, tiles of 8 output rows
+        # and 16 * innerKTiles input columns.
+        dtype = compute_dtype or x.dtype
+        if (dtype != torch.bfloat16 or out_features % 8 or in_features % (16 * INT4_CUDA_INNER_K_TILES)
+                or not _CUDA_INT4 or not _is_sm80(x.device)
+                or (torch.is_grad_enabled() and x.requires_grad)):
+            return None
+        return dtype
+    return None
+
+
+def int4_pack(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Our stored int4 format -> the layout of PyTorch's int4 kernels, on ``packed``'s device.
+
+    In: packed (out, in / 2) uint8, two codes per byte, the first (even column) in the high
+    nibble (:func:`pack_codes`); scales (out, groups) float16; zeros (out, groups) uint8.
+    Out: the packed weight and ``scales_and_zeros`` (groups, out, 2) in ``dtype``.
+
+    *Scales and zeros.* The kernels dequantize ``w = (q - 8) * scale + zero`` with a float zero,
+    where we store ``w = s * (q - z)`` with an integer z. Both are affine in q, and they agree
+    for ``scale = s`` and ``zero = s * (8 - z)`` (exact in float32: an 11-bit fp16 times a
+    4-bit integer); in bfloat16 both round to 8 significant bits.
+
+    *The CPU layout* (``_convert_weight_to_int4pack_for_cpu``, which takes the codes one per
+    int32) depends on the vector width PyTorch picked at start-up: output rows are cut into
+    blocks of BLOCK_N rows (64 with AVX-512, 32 with AVX2 or no SIMD); within a block, for every
+    input column k, BLOCK_N / 2 bytes follow each other, and byte j holds row j in its low nibble
+    and row j + BLOCK_N / 2 in its high nibble (AVX-512, AVX2; without SIMD: rows 2j and 2j + 1).
+    So one vector load gets a column's codes for a whole block of outputs, and the kernel walks k
+    broadcasting x[k]: a (out / BLOCK_N, in, BLOCK_N / 2) tensor, transposed and interleaved.
+
+    *The CUDA layout* (``_convert_weight_to_int4pack``) tiles the codes for tensor-core mma
+    instructions (tiles of 8 output rows by 16 * innerKTiles input columns); its input is our
+    stored bytes exactly, (out, in / 2) uint8 with the first code in the high nibble, as gpt-fast
+    packs them.
+
+    Because the CPU layout depends on the machine, checkpoints keep the portable format above
+    and layers pack at first use.
+    """
+    out_f = packed.shape[0]
+    s = scales.float()
+    scales_and_zeros = torch.stack([s, s * (8 - zeros.float())], dim=-1).transpose(0, 1).contiguous().to(dtype)
+    if packed.device.type == "cpu":
+        codes = torch.stack([packed >> 4, packed & 0xF], dim=-1).reshape(out_f, -1).to(torch.int32)  # (out, in)
+        weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)  # innerKTiles: unused on CPU
+    else:
+        weight = torch.ops.aten._convert_weight_to_int4pack(packed.contiguous(), INT4_CUDA_INNER_K_TILES)
+    return weight, scales_and_zeros
+
+
+def int4_packed_mm(x: torch.Tensor, weight: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int) -> torch.Tensor:
+    """``x`` (rows, in) times the int4 weight packed by :func:`int4_pack` -> (rows, out), one pass
+    over the 4-bit codes (4x fewer bytes than bfloat16, 8x fewer than float32)."""
+    if x.device.type == "cpu":
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x, weight, group_size, scales_and_zeros)
+    return torch.ops.aten._weight_int4pack_mm(x, weight, group_size, scales_and_zeros)
+
+
+def set_compute_dtype(model: nn.Module, dtype: torch.dtype | None) -> nn.Module:
+    """Run ``model``'s int8 and int4 layers' packed kernels with activations in ``dtype``
+    (``torch.bfloat16``: the fast CPU kernels, for a float32 model too; ``torch.float32``: the
+    kernels in float32, exact but slow on a CPU, to check them; None: the input's dtype, where
+    float32 inputs take the exact reference path). Nothing stored changes; returns the model."""
+    if dtype is not None and dtype not in _KERNEL_DTYPES:
+        raise ValueError(f"compute_dtype must be None or one of {_KERNEL_DTYPES}, got {dtype!r}")
+    for module in model.modules():
+        if isinstance(module, QuantizedLinear):
+            module.compute_dtype = dtype
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
 # Quantized linear layers
 # ---------------------------------------------------------------------------------------------
 class QuantizedLinear(nn.Module):
@@ -276,6 +444,9 @@ class QuantizedLinear(nn.Module):
 
     in_features: int
     out_features: int
+    #: The activations' dtype inside a packed kernel (see :func:`set_compute_dtype`); None: the input's.
+    compute_dtype: torch.dtype | None = None
+    _kernel: tuple | None = None  # (key, tensors): the weight in the kernel's layout, packed at first use
 
     def _init_bias(self, bias: bool, device: Any) -> None:
         self.bias = nn.Parameter(torch.zeros(self.out_features, device=device), requires_grad=False) if bias else None
@@ -290,7 +461,39 @@ class QuantizedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(..., in_features) -> (..., out_features)."""
+        kernel_dtype = self._kernel_dtype(x)
+        if kernel_dtype is not None:  # a fused kernel reads the packed codes directly (same result)
+            out = self._packed_matmul(x.reshape(-1, self.in_features).to(kernel_dtype), self._kernel_tensors(x.device, kernel_dtype))
+            out = out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+            return out if self.bias is None else out + self.bias.to(x.dtype)
+        # The reference path: rebuild the float weight, then an ordinary matrix product.
         return F.linear(x, self.dequantize().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+    # -- the packed-kernel path (overridden by Int8Linear and IntLinear) ------------------------
+    def _kernel_dtype(self, x: torch.Tensor) -> torch.dtype | None:
+        """The dtype to run a packed kernel in for input ``x``, or None for the reference path."""
+        return None
+
+    def _pack_for_kernel(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+        raise NotImplementedError
+
+    def _packed_matmul(self, x: torch.Tensor, packed: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _kernel_tensors(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+        """The weight in the kernel's layout, packed once and kept (not saved: checkpoints keep the
+        portable layout, which a kernel's layout is not). Repacked when a buffer changes."""
+        if torch.compiler.is_compiling():  # the eager prefill packed it; a compiled step must not branch on it
+            return self._kernel[1] if self._kernel is not None else self._pack_for_kernel(device, dtype)
+        key = (device, dtype) + tuple((b.data_ptr(), b._version) for b in self._buffers.values() if b is not None)
+        if self._kernel is None or self._kernel[0] != key:
+            with torch.inference_mode(False):  # usable outside inference mode too
+                tensors = self._pack_for_kernel(device, dtype)
+            if device.type == "cuda":  # a CUDA graph may keep their addresses instead of copying them in
+                for t in tensors:
+                    torch._dynamo.mark_static_address(t)
+            self._kernel = (key, tensors)
+        return self._kernel[1]
 
     def _apply(self, fn, recurse=True):
         saved = dict(self._buffers)
@@ -299,6 +502,7 @@ class QuantizedLinear(nn.Module):
             new = self._buffers[name]
             if old is not None and new is not None and new.dtype != old.dtype:
                 self._buffers[name] = old.to(new.device)  # moved, not converted
+        self._kernel = None  # another device may need another layout
         return self
 
     def extra_repr(self) -> str:
@@ -326,14 +530,15 @@ class Int8Linear(QuantizedLinear):
     def dequantize(self) -> torch.Tensor:
         return absmax_dequantize(self.weight_int8, self.weight_scale)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.bfloat16 and x.device.type == "cpu" and self.bias is None and hasattr(torch, "_weight_int8pack_mm"):
-            # PyTorch's fused CPU kernel multiplies by the int8 codes directly and scales the
-            # result: it reads 1 byte per weight instead of writing and re-reading a float copy.
-            # (x @ (q * s[:, None]).T == (x @ q.T) * s: the scale of row r multiplies output r.)
-            out = torch._weight_int8pack_mm(x.reshape(-1, self.in_features), self.weight_int8, self.weight_scale.to(x.dtype))
-            return out.reshape(*x.shape[:-1], self.out_features)
-        return super().forward(x)
+    def _kernel_dtype(self, x: torch.Tensor) -> torch.dtype | None:
+        return int8_kernel_dtype(x, self.compute_dtype)
+
+    def _pack_for_kernel(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+        # The codes are used as they are stored, (out, in) int8; only the scales change dtype.
+        return self.weight_int8, self.weight_scale.to(dtype)
+
+    def _packed_matmul(self, x: torch.Tensor, packed: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        return int8_packed_mm(x, *packed)
 
 
 class IntLinear(QuantizedLinear):
@@ -374,6 +579,17 @@ class IntLinear(QuantizedLinear):
 
     def dequantize(self) -> torch.Tensor:
         return group_dequantize(self.codes(), self.scales, self.zeros)
+
+    def _kernel_dtype(self, x: torch.Tensor) -> torch.dtype | None:
+        if self.bits != 4:
+            return None
+        return int4_kernel_dtype(x, self.compute_dtype, self.out_features, self.in_features, self.group_size)
+
+    def _pack_for_kernel(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+        return int4_pack(self.weight_packed.reshape(self.out_features, -1), self.scales, self.zeros, dtype)
+
+    def _packed_matmul(self, x: torch.Tensor, packed: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        return int4_packed_mm(x, *packed, self.group_size)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", bits={self.bits}, group_size={self.group_size}"
