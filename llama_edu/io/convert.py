@@ -440,6 +440,8 @@ def check_against_reference(shards: list[dict[str, torch.Tensor]], params: dict[
     cfg = LlamaConfig(**{**config.to_dict(), "num_hidden_layers": len(keep), "torch_dtype": "float32"})
     with torch.device("meta"), _skip_init(LlamaForCausalLM):  # no memory: the tensors above are assigned
         model = LlamaForCausalLM(cfg).eval()
+    if cfg.tie_word_embeddings:  # Llama 3.2's small models: no output.weight, the head is the embedding
+        hf.setdefault("lm_head.weight", hf["model.embed_tokens.weight"])
     model.load_state_dict(hf, strict=True, assign=True)
     vocab = cfg.vocab_size
     tokens = torch.tensor([[min(cfg.bos_token_id or 1, vocab - 1)] + [(i * 7919) % vocab for i in range(1, n_tokens)]])
