@@ -9,6 +9,8 @@ Commands:
   sft                 instruction-tune on chat examples      (llama_edu.sft)
   dpo                 preference-tune with DPO               (llama_edu.dpo)
   quantize            int8 / int4 / nf4 / gptq weights       (llama_edu.gptq)
+  export-gguf         HF layout -> GGUF for llama.cpp        (llama_edu.io.gguf)
+  describe-gguf       print a GGUF file's structure          (llama_edu.io.gguf)
   student-notebooks   the notebooks without their solutions  (llama_edu.handout)
 
 Each module that drives a command defines its arguments in ``add_cli_commands(subparsers)``;
@@ -34,6 +36,7 @@ import torch
 from . import convert, dpo, gptq, handout, sft, train
 from .chat import chat_loop, load_model_and_tokenizer
 from .generation import context_limit, generate
+from .io import gguf
 from .streaming import TextStreamer
 
 
@@ -91,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     sft.add_cli_commands(sub)
     dpo.add_cli_commands(sub)
     gptq.add_cli_commands(sub)
+    gguf.add_cli_commands(sub)
     handout.add_cli_commands(sub)
     return parser
 

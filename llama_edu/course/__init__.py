@@ -1,0 +1,1 @@
+"""Course tooling: exercises (one module per notebook), checkers, handouts, plotting helpers."""
