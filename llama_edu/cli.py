@@ -11,6 +11,7 @@ Commands:
   quantize            int8 / int4 / nf4 / gptq weights       (llama_edu.gptq)
   export-gguf         HF layout -> GGUF for llama.cpp        (llama_edu.io.gguf)
   describe-gguf       print a GGUF file's structure          (llama_edu.io.gguf)
+  serve               OpenAI-compatible HTTP server          (llama_edu.generation.server)
   student-notebooks   the notebooks without their solutions  (llama_edu.handout)
 
 Each module that drives a command defines its arguments in ``add_cli_commands(subparsers)``;
@@ -36,6 +37,7 @@ import torch
 from . import convert, dpo, gptq, handout, sft, train
 from .chat import chat_loop, load_model_and_tokenizer
 from .generation import context_limit, generate
+from .generation import server as serving
 from .io import gguf
 from .streaming import TextStreamer
 
@@ -95,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     dpo.add_cli_commands(sub)
     gptq.add_cli_commands(sub)
     gguf.add_cli_commands(sub)
+    serving.add_cli_commands(sub)
     handout.add_cli_commands(sub)
     return parser
 
