@@ -22,11 +22,11 @@ from llama_edu.convert import unpermute_qk
 from llama_edu.files import DEFAULT_MODEL_DIR, find_data_file
 from llama_edu.io import gguf as G
 
-PROMPT = [1, 450, 1005, 310, 263]  # a few ids of the Shakespeare vocabulary after BOS
+PROMPT = "ROMEO:\nBut soft"
 N_NEW = 24  # greedy tokens compared
 # Measured (tests below print them): top-1 agreement with our float32 model over 192 positions of
 # Shakespeare text. The floors leave margin for other CPUs and llama.cpp builds.
-TOP1_FLOOR = {"f16": 0.97, "q8_0": 0.93}
+TOP1_FLOOR = {"f16": 0.97, "q8_0": 0.94}  # measured: f16 1.000, q8_0 0.984 (3 of 192 differ)
 
 
 def shared(name: str):
@@ -66,16 +66,23 @@ def stories(tmp_path_factory):
 
 
 def shakespeare_ids(model, n: int = 192) -> list[int]:
+    """``n`` tokens of Shakespeare's text (from the corpus the model was trained on)."""
     from llama_edu import LlamaTokenizer
 
     tok = LlamaTokenizer.from_pretrained(DEFAULT_MODEL_DIR)
     return tok(shared("tinyshakespeare.txt").read_text()[5000:8000])["input_ids"][:n]
 
 
+# llama.cpp keeps its KV cache in float16 by default (float32 logits then differ by ~1e-2);
+# GGML_TYPE_F32 = 0 makes it float32, so the comparison is of the file, not of the cache.
+F32_CACHE = dict(type_k=0, type_v=0)
+
+
 def cpp_logits(path, ids: list[int]) -> np.ndarray:
     """llama.cpp's logits for every position of ``ids`` (n, vocab)."""
     llama_cpp = llama_cpp_or_skip()
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=256, n_batch=256, logits_all=True, n_threads=1, verbose=False)
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=256, n_batch=256, logits_all=True, n_threads=1, verbose=False,
+                          **F32_CACHE)
     llm.eval(ids)
     return np.array(llm.scores[: len(ids)], dtype=np.float32)
 
@@ -83,7 +90,7 @@ def cpp_logits(path, ids: list[int]) -> np.ndarray:
 def cpp_greedy(path, prompt: list[int], n: int) -> list[int]:
     """llama.cpp's greedy continuation: argmax of its last logits, fed back, ``n`` times."""
     llama_cpp = llama_cpp_or_skip()
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, logits_all=True, n_threads=1, verbose=False)
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, logits_all=True, n_threads=1, verbose=False, **F32_CACHE)
     llm.eval(prompt)
     out = []
     for _ in range(n):
@@ -93,7 +100,7 @@ def cpp_greedy(path, prompt: list[int], n: int) -> list[int]:
 
 
 def our_greedy(model, prompt: list[int], n: int) -> list[int]:
-    ids = model.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False)
+    ids = model.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=2)
     return ids[0, len(prompt):].tolist()
 
 
@@ -220,8 +227,11 @@ def test_llama_cpp_same_greedy_tokens_f32_shakespeare(exported, shakespeare):
     ids = shakespeare_ids(shakespeare, 64)
     diff = np.abs(cpp_logits(exported["f32"], ids) - our_logits(shakespeare, ids)).max()
     print(f"f32 max |logit diff| vs llama.cpp: {diff:.2e}")
-    assert diff < 1e-3
-    ours, theirs = our_greedy(shakespeare, PROMPT, N_NEW), cpp_greedy(exported["f32"], PROMPT, N_NEW)
+    assert diff < 1e-4
+    from llama_edu import LlamaTokenizer
+
+    prompt = LlamaTokenizer.from_pretrained(DEFAULT_MODEL_DIR)(PROMPT)["input_ids"]
+    ours, theirs = our_greedy(shakespeare, prompt, N_NEW), cpp_greedy(exported["f32"], prompt, N_NEW)
     assert ours == theirs
 
 
@@ -230,7 +240,7 @@ def test_llama_cpp_same_greedy_tokens_f32_stories260k(stories):
     ids = [1, 403, 407, 261, 378, 418, 266]
     diff = np.abs(cpp_logits(path, ids) - our_logits(model, ids)).max()
     print(f"stories260K f32 max |logit diff| vs llama.cpp: {diff:.2e}")
-    assert diff < 1e-3
+    assert diff < 1e-4
     assert our_greedy(model, [1], 40) == cpp_greedy(path, [1], 40)
 
 
@@ -251,7 +261,7 @@ def test_without_the_qk_permutation_llama_cpp_disagrees(shakespeare, tmp_path, m
     theirs, ours = cpp_logits(path, ids), our_logits(shakespeare, ids)
     diff, changed = np.abs(theirs - ours).max(), (theirs.argmax(-1) != ours.argmax(-1)).mean()
     print(f"without the permutation: max |logit diff| {diff:.2f}, next token changed at {changed:.0%} of positions")
-    assert diff > 1.0 and changed > 0.05
+    assert diff > 5.0 and changed > 0.3  # measured: 15 and 60%
 
 
 # --------------------------------------------------------------------------------------------
