@@ -90,7 +90,12 @@ class IncrementalText:
 
     def __init__(self, tokenizer, prompt_ids: list[int], stop: list[str] = (), strip_leading: bool = False):
         self.tokenizer = tokenizer
-        self.context = list(prompt_ids[-1:])  # decoded in front of the new ids, then cut off again
+        # The prompt's last tokens are decoded in front of the new ids, then cut off again, so the
+        # first new word keeps its space. SentencePiece drops the leading spaces of a decoded
+        # text, so the context starts with an anchor ("a"), else a context that is only a space
+        # would vanish. A prompt without text (just <s>) has no context: the text starts there.
+        context = list(prompt_ids[-4:])
+        self.context = tokenizer.encode("a", add_special_tokens=False) + context if self._decode(context) else []
         self.context_text = self._decode(self.context)
         self.stop = [s for s in stop if s]
         self.strip_leading = strip_leading
@@ -117,9 +122,7 @@ class IncrementalText:
         if cut >= 0:
             self.stopped = True
             return self._send(full, cut)
-        end = len(full)
-        if full.endswith("\ufffd"):  # the bytes of a character are still arriving
-            end -= 1
+        end = len(full.rstrip("\ufffd"))  # the bytes of a character may still be arriving
         end -= max((n for s in self.stop for n in range(len(s) - 1, 0, -1) if full.endswith(s[:n])), default=0)
         return self._send(full, end)
 
