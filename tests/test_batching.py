@@ -12,7 +12,7 @@ import torch
 from llama_edu.chat import load_model_and_tokenizer
 from llama_edu.files import DEFAULT_MODEL_DIR
 from llama_edu.generation import generate
-from llama_edu.generation.batching import ContinuousBatcher, SlotView
+from llama_edu.generation.batching import ContinuousBatcher, SlotView, occupancy
 
 PROMPTS = [
     "ROMEO:",
@@ -62,6 +62,15 @@ def test_requests_arriving_at_different_steps_equal_generate_alone(shipped):
     first = {h.request_id: min(e.step for e in batcher.timeline if e.request_id == h.request_id) for h in handles.values()}
     last = {h.request_id: max(e.step for e in batcher.timeline if e.request_id == h.request_id) for h in handles.values()}
     assert any(first[b] > first[a] and first[b] <= last[a] for a in first for b in first)  # joined while a ran
+    grid = occupancy(batcher.timeline, batcher.slots)  # (slots, steps): who held each slot when
+    assert grid.shape == (3, max(last.values()) + 1)
+    for h in handles.values():
+        # One slot, consecutive steps: the prefill (first token) and a decode step in the step it
+        # was admitted, then one decode step per further token.
+        held = (grid == h.request_id).nonzero()  # (cells, 2): slot, step
+        steps = held[:, 1]
+        assert held[:, 0].unique().numel() == 1 and len(held) == len(h.tokens) - 1
+        assert torch.equal(steps, torch.arange(int(steps[0]), int(steps[0]) + len(steps)))
 
 
 def test_end_of_sequence_frees_the_slot_and_is_not_returned(shipped):

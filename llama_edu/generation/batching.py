@@ -40,6 +40,7 @@ Use it directly (a notebook, a test) by stepping it::
     b = batcher.submit(tokenizer.encode("JULIET:"), max_new_tokens=20)   # joins mid-flight
     batcher.run_until_idle()
     a.tokens, a.finish_reason, batcher.timeline    # (step, slot, request_id, kind) events
+    occupancy(batcher.timeline, batcher.slots)     # (slots, steps) request ids, -1 = free: imshow it
 
 or in a background thread (what :mod:`llama_edu.generation.server` does): ``batcher.start()``,
 ``submit`` from any thread, read ``handle.stream()`` (blocking) or pass ``listener=``,
@@ -407,3 +408,16 @@ class ContinuousBatcher:
         handle.finish_reason = reason
         handle.done.set()
         handle._emit(None)
+
+
+def occupancy(timeline: "list[Event] | deque[Event]", slots: int) -> torch.Tensor:
+    """The timeline as a picture: (slots, steps) request ids, -1 where a slot is free, for
+    ``plt.imshow``. Steps count from the first event recorded."""
+    events = list(timeline)
+    if not events:
+        return torch.full((slots, 0), -1, dtype=torch.long)
+    first = events[0].step
+    grid = torch.full((slots, events[-1].step - first + 1), -1, dtype=torch.long)
+    for e in events:
+        grid[e.slot, e.step - first] = e.request_id
+    return grid

@@ -57,10 +57,12 @@ INSTALL_HINT = 'serving needs fastapi and uvicorn: pip install "llama_edu[serve]
 #: Request bodies above this many bytes are refused (413) before they are read whole.
 MAX_BODY_BYTES = 1 << 20
 MAX_STOP_SEQUENCES = 4
-_UNSUPPORTED = {  # field: its neutral value; anything else is refused rather than ignored
-    "n": 1, "best_of": 1, "echo": False, "logprobs": None, "top_logprobs": None, "suffix": None,
-    "presence_penalty": 0, "frequency_penalty": 0, "logit_bias": None, "tools": None, "functions": None,
-}
+#: Fields of OpenAI's API this server does not implement: refused (400) unless neutral (absent,
+#: null, 1 for the counts, otherwise false / 0 / empty), rather than silently ignored.
+_UNSUPPORTED = ("n", "best_of", "echo", "logprobs", "top_logprobs", "suffix", "presence_penalty",
+                "frequency_penalty", "logit_bias", "tools", "functions", "response_format")
+#: Requests waiting for a slot beyond this many are refused (503) instead of queued without end.
+MAX_WAITING = 256
 
 
 class APIError(Exception):
@@ -152,9 +154,10 @@ def _is_number(v: Any) -> bool:
 def _sampling(body: dict, room: int, default_max_tokens: int | None, prompt_len: int,
               context: int) -> tuple[dict, list[str]]:
     """max_tokens / temperature / top_p / seed / stop, checked: the batcher's arguments, the stop strings."""
-    for name, neutral in _UNSUPPORTED.items():
-        if body.get(name, neutral) not in (neutral, None):
-            raise APIError(400, f"'{name}' = {body[name]!r} is not supported by this server; leave it out", name)
+    for name in _UNSUPPORTED:
+        value = body.get(name)
+        if value and not (name in ("n", "best_of") and value == 1):
+            raise APIError(400, f"'{name}' = {value!r} is not supported by this server; leave it out"[:300], name)
     max_tokens = body.get("max_tokens", body.get("max_completion_tokens"))
     if max_tokens is None:
         max_tokens = room if default_max_tokens is None else min(default_max_tokens, room)
@@ -251,11 +254,14 @@ def create_app(
     slots: int = 8,
     max_len: int | None = None,
     max_body_bytes: int = MAX_BODY_BYTES,
+    max_waiting: int = MAX_WAITING,
     batcher: ContinuousBatcher | None = None,
 ):
     """A FastAPI app serving ``model`` under the name ``model_name``, with a
-    :class:`ContinuousBatcher` of ``slots`` rows (``app.state.batcher``; its thread starts and
-    stops with the app). Bodies over ``max_body_bytes`` are refused with 413."""
+    :class:`ContinuousBatcher` of ``slots`` rows of ``max_len`` positions (default: the model's
+    context) as ``app.state.batcher``; its thread starts and stops with the app, which serves
+    once. Bodies over ``max_body_bytes`` are refused with 413; a request that finds
+    ``max_waiting`` others waiting for a slot, with 503."""
     _require_serving()
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
@@ -334,6 +340,9 @@ def create_app(
         def listener(token):  # called in the decode thread
             loop.call_soon_threadsafe(tokens.put_nowait, token)
 
+        if len(batcher.waiting) >= max_waiting:
+            raise APIError(503, f"the server is overloaded ({max_waiting} requests waiting); retry later",
+                           kind="server_error", code="overloaded")
         try:
             handle = batcher.submit(prompt_ids, listener=listener, **params)
         except ValueError as e:
@@ -379,7 +388,7 @@ def create_app(
     async def list_models():
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created, "owned_by": "llama_edu"}]}
 
-    @app.get("/v1/models/{name}")
+    @app.get("/v1/models/{name:path}")
     async def get_model(name: str):
         if name != model_name:
             raise APIError(404, f"The model {name!r} does not exist; this server serves {model_name!r}", "model", "model_not_found")
