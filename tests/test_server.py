@@ -311,3 +311,26 @@ def test_serve_on_a_port_in_use_is_one_line(capsys):
         assert main(["serve", "--port", str(taken.getsockname()[1])]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and "in use" in err[0].lower(), err
+
+
+def test_in_process_server_for_notebooks(shipped):
+    """create_app + serve_in_thread (what notebook 17 uses): a free port, the batcher's timeline,
+    and a stop() that ends the server and its decode loop."""
+    from llama_edu.generation.server import create_app, serve_in_thread
+
+    model, tok = shipped
+    app = create_app(model, tok, model_name=NAME, slots=2)
+    base_url, stop = serve_in_thread(app)
+    try:
+        c = openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=60)
+        parts = [{"type": "text", "text": "Who art "}, {"type": "text", "text": "thou?"}]  # content as parts
+        r = c.chat.completions.create(model=NAME, messages=[{"role": "user", "content": parts}], max_tokens=8, temperature=0)
+        assert r.choices[0].message.content.strip() == chat(model, tok, [{"role": "user", "content": "Who art thou?"}], max_new_tokens=8)
+    finally:
+        stop()
+    with pytest.raises(httpx.TransportError):
+        httpx.get(base_url + "/models", timeout=5)
+    with pytest.raises(RuntimeError, match="closed"):
+        app.state.batcher.submit([1], max_new_tokens=1)
+    kinds = [e.kind for e in app.state.batcher.timeline]  # the prefill gives the first token
+    assert kinds == ["prefill"] + ["decode"] * (r.usage.completion_tokens - 1)

@@ -16,7 +16,7 @@ side (an asyncio event loop) only tokenizes, validates and turns token ids into 
 
 Text. A token decoded alone loses the space SentencePiece writes in front of a word, and a
 multi-byte character can be spread over several byte tokens; so the text so far is decoded as a
-whole after each token (behind the prompt's last token, which carries the context a first word
+whole after each token (behind the prompt's last tokens, which carry the space a first word
 needs) and the newly decoded suffix is what gets sent (as :mod:`llama_edu.streaming` does).
 A suffix that might be the start of a ``stop`` sequence, or half a character, waits for the next
 token. So the streamed pieces joined are exactly the text a non-streamed request returns.
@@ -109,7 +109,7 @@ class IncrementalText:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def text(self) -> str:
-        """All the text generated so far (before any stop string)."""
+        """All the text the new ids decode to so far (stop strings not cut out)."""
         full = self._decode(self.context + self.ids)
         if full.startswith(self.context_text):
             full = full[len(self.context_text):]
@@ -124,9 +124,9 @@ class IncrementalText:
         if cut >= 0:
             self.stopped = True
             return self._send(full, cut)
-        end = len(full.rstrip("\ufffd"))  # the bytes of a character may still be arriving
-        end -= max((n for s in self.stop for n in range(len(s) - 1, 0, -1) if full.endswith(s[:n])), default=0)
-        return self._send(full, end)
+        safe = full.rstrip("\ufffd")  # the bytes of a character may still be arriving
+        held = max((n for s in self.stop for n in range(len(s) - 1, 0, -1) if safe.endswith(s[:n])), default=0)
+        return self._send(full, len(safe) - held)  # ... and the start of a stop string
 
     def flush(self) -> str:
         return "" if self.stopped else self._send(self.text(), None)
@@ -151,9 +151,10 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
-def _sampling(body: dict, room: int, default_max_tokens: int | None, prompt_len: int,
-              context: int) -> tuple[dict, list[str]]:
-    """max_tokens / temperature / top_p / seed / stop, checked: the batcher's arguments, the stop strings."""
+def _sampling(body: dict, prompt_len: int, context: int, default_max_tokens: int | None) -> tuple[dict, list[str]]:
+    """max_tokens (default: ``default_max_tokens``, None = the rest of the ``context``) /
+    temperature / top_p / seed / stop, checked: the batcher's arguments, and the stop strings."""
+    room = context - prompt_len
     for name in _UNSUPPORTED:
         value = body.get(name)
         if value and not (name in ("n", "best_of") and value == 1):
@@ -324,31 +325,35 @@ def create_app(
                            "model", "model_not_found")
         return body
 
-    def context_room(prompt_ids: list[int]) -> int:
-        room = batcher.max_len - len(prompt_ids)
-        if room <= 0:
+    def sampling(body: dict, prompt_ids: list[int], default_max_tokens: int | None) -> tuple[dict, list[str]]:
+        if len(prompt_ids) >= batcher.max_len:
             raise APIError(400, f"This model's maximum context length is {batcher.max_len} tokens; the prompt has "
                            f"{len(prompt_ids)}. Please shorten it.", "prompt", "context_length_exceeded")
-        return room
+        return _sampling(body, len(prompt_ids), batcher.max_len, default_max_tokens)
 
-    async def pieces(prompt_ids: list[int], params: dict, text: IncrementalText, result: dict) -> AsyncIterator[str]:
-        """Submit to the batcher and yield text pieces as tokens arrive (from its thread, through
-        the event loop); ``result`` gets finish_reason and completion_tokens."""
+    def submit(prompt_ids: list[int], params: dict):
+        """Queue the request in the batcher (before any answer is sent, so that a refusal is still
+        a status code); its tokens arrive from the decode thread in an asyncio queue."""
+        if len(batcher.waiting) >= max_waiting:
+            raise APIError(503, f"the server is overloaded ({max_waiting} requests waiting); retry later",
+                           kind="server_error", code="overloaded")
         loop = asyncio.get_running_loop()
         tokens: asyncio.Queue = asyncio.Queue()
 
         def listener(token):  # called in the decode thread
             loop.call_soon_threadsafe(tokens.put_nowait, token)
 
-        if len(batcher.waiting) >= max_waiting:
-            raise APIError(503, f"the server is overloaded ({max_waiting} requests waiting); retry later",
-                           kind="server_error", code="overloaded")
         try:
-            handle = batcher.submit(prompt_ids, listener=listener, **params)
+            return batcher.submit(prompt_ids, listener=listener, **params), tokens
         except ValueError as e:
             raise APIError(400, str(e)) from None
         except RuntimeError as e:  # closed: the server is shutting down
             raise APIError(503, str(e), kind="server_error") from None
+
+    async def pieces(submitted, text: IncrementalText, result: dict) -> AsyncIterator[str]:
+        """Text pieces of a submitted request as its tokens arrive; then ``result`` holds its
+        finish_reason and completion_tokens."""
+        handle, tokens = submitted
         try:
             while (token := await tokens.get()) is not None:
                 piece = text.add(token)
@@ -398,20 +403,21 @@ def create_app(
     async def completions(request: Request):
         body = await read_body(request)
         prompt_ids = tokenizer.encode(_prompt(body))
-        params, stop = _sampling(body, context_room(prompt_ids), 16, len(prompt_ids), batcher.max_len)
+        params, stop = sampling(body, prompt_ids, 16)  # OpenAI's default max_tokens for completions
         stream, include_usage = _stream_flags(body)
         text, result = IncrementalText(tokenizer, prompt_ids, stop), {}
+        submitted = submit(prompt_ids, params)
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()), "model": model_name}
 
         def choice(piece: str, finish: str | None) -> dict:
             return {"text": piece, "index": 0, "logprobs": None, "finish_reason": finish}
 
         if not stream:
-            answer = "".join([p async for p in pieces(prompt_ids, params, text, result)])
+            answer = "".join([p async for p in pieces(submitted, text, result)])
             return {**head, "choices": [choice(answer, result["finish_reason"])], "usage": usage(prompt_ids, result)}
 
         async def chunks():
-            async for piece in pieces(prompt_ids, params, text, result):
+            async for piece in pieces(submitted, text, result):
                 yield {**head, "choices": [choice(piece, None)]}
             yield {**head, "choices": [choice("", result["finish_reason"])]}
             if include_usage:
@@ -427,13 +433,14 @@ def create_app(
             prompt_ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
         except ValueError as e:  # roles that do not alternate, ...
             raise APIError(400, str(e), "messages") from None
-        params, stop = _sampling(body, context_room(prompt_ids), None, len(prompt_ids), batcher.max_len)
+        params, stop = sampling(body, prompt_ids, None)  # by default, answer until the context is full
         stream, include_usage = _stream_flags(body)
         text, result = IncrementalText(tokenizer, prompt_ids, stop, strip_leading=True), {}
+        submitted = submit(prompt_ids, params)
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()), "model": model_name}
 
         if not stream:
-            answer = "".join([p async for p in pieces(prompt_ids, params, text, result)])
+            answer = "".join([p async for p in pieces(submitted, text, result)])
             message = {"role": "assistant", "content": answer}
             return {**head, "choices": [{"index": 0, "message": message, "finish_reason": result["finish_reason"]}],
                     "usage": usage(prompt_ids, result)}
@@ -445,7 +452,7 @@ def create_app(
 
         async def chunks():
             yield chunk({"role": "assistant", "content": ""}, None)
-            async for piece in pieces(prompt_ids, params, text, result):
+            async for piece in pieces(submitted, text, result):
                 yield chunk({"content": piece}, None)
             yield chunk({}, result["finish_reason"])
             if include_usage:
