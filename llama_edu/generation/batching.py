@@ -168,7 +168,9 @@ class _Active:
         self.handle = handle
         self.ids = list(handle.prompt_ids)
         self.sample = handle.temperature > 0
-        self.processors = build_logits_processors(True, float(handle.temperature), None, handle.top_p) if self.sample else None
+        self.processors = None
+        if self.sample:  # temperature, then top-p (top-k off: OpenAI's API has none)
+            self.processors = build_logits_processors(True, handle.temperature, None, handle.top_p)
         self.generator = None
         if self.sample:
             self.generator = torch.Generator(device=device)
@@ -248,7 +250,8 @@ class ContinuousBatcher:
             raise ValueError(f"prompt token ids must be in [0, {vocab}): encode the text with this model's tokenizer")
         room = self.max_len - len(prompt_ids)
         if room <= 0:
-            raise ValueError(f"the prompt is {len(prompt_ids)} tokens but the context holds {self.max_len}: shorten the prompt")
+            raise ValueError(f"the prompt is {len(prompt_ids)} tokens but the context holds {self.max_len}: "
+                             "shorten the prompt")
         if max_new_tokens is None:
             max_new_tokens = room
         if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or not 1 <= max_new_tokens <= room:
@@ -340,10 +343,11 @@ class ContinuousBatcher:
             row = _Active(handle, self.device)
             self.rows[free] = row
             n = len(row.ids)
-            ids = torch.tensor([row.ids], device=self.device)
+            ids = torch.tensor([row.ids], device=self.device)  # (1, n): the prompt alone, as generate prefills it
             positions = torch.arange(n, device=self.device)
+            view = SlotView(self.buffers, slice(free, free + 1))  # its row, a StaticCache written at 0..n-1
             try:
-                logits = forward_step(self.model, SlotView(self.buffers, slice(free, free + 1)), ids, positions[None], positions, None)
+                logits = forward_step(self.model, view, ids, positions[None], positions, None)
             except Exception as e:  # noqa: BLE001 - e.g. out of memory: this request fails, the others go on
                 handle.error = f"{type(e).__name__}: {e}"
                 self._finish(free, "error")

@@ -51,6 +51,8 @@ import uuid
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable
 
+from ..chat import load_model_and_tokenizer
+from ..files import looks_like_repo_id
 from .batching import ContinuousBatcher
 
 INSTALL_HINT = 'serving needs fastapi and uvicorn: pip install "llama_edu[serve]"'
@@ -271,7 +273,12 @@ def create_app(
 
     if batcher is None:
         batcher = ContinuousBatcher(model, slots=slots, max_len=max_len, eos_token_id=tokenizer.eos_token_id)
-    created = int(time.time())
+    card = {"id": model_name, "object": "model", "created": int(time.time()), "owned_by": "llama_edu"}
+
+    def check_model(name: str) -> None:
+        if name != model_name:
+            raise APIError(404, f"The model {name!r} does not exist; this server serves {model_name!r}",
+                           "model", "model_not_found")
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -320,9 +327,7 @@ def create_app(
         name = body.get("model")
         if not isinstance(name, str):
             raise APIError(400, f"'model' is required: a string, the id listed by GET /v1/models ({model_name!r})", "model")
-        if name != model_name:
-            raise APIError(404, f"The model {name!r} does not exist; this server serves {model_name!r}",
-                           "model", "model_not_found")
+        check_model(name)
         return body
 
     def sampling(body: dict, prompt_ids: list[int], default_max_tokens: int | None) -> tuple[dict, list[str]]:
@@ -391,13 +396,12 @@ def create_app(
 
     @app.get("/v1/models")
     async def list_models():
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created, "owned_by": "llama_edu"}]}
+        return {"object": "list", "data": [card]}
 
     @app.get("/v1/models/{name:path}")
     async def get_model(name: str):
-        if name != model_name:
-            raise APIError(404, f"The model {name!r} does not exist; this server serves {model_name!r}", "model", "model_not_found")
-        return {"id": model_name, "object": "model", "created": created, "owned_by": "llama_edu"}
+        check_model(name)
+        return card
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -407,7 +411,8 @@ def create_app(
         stream, include_usage = _stream_flags(body)
         text, result = IncrementalText(tokenizer, prompt_ids, stop), {}
         submitted = submit(prompt_ids, params)
-        head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()), "model": model_name}
+        head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+                "model": model_name}
 
         def choice(piece: str, finish: str | None) -> dict:
             return {"text": piece, "index": 0, "logprobs": None, "finish_reason": finish}
@@ -437,7 +442,8 @@ def create_app(
         stream, include_usage = _stream_flags(body)
         text, result = IncrementalText(tokenizer, prompt_ids, stop, strip_leading=True), {}
         submitted = submit(prompt_ids, params)
-        head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()), "model": model_name}
+        head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
+                "model": model_name}
 
         if not stream:
             answer = "".join([p async for p in pieces(submitted, text, result)])
@@ -472,7 +478,7 @@ def bind(host: str, port: int) -> socket.socket:
     """A listening TCP socket on ``host``:``port`` (0: a free port the system picks), bound
     before uvicorn starts, so the port is known at once and cannot be taken in between."""
     if not isinstance(port, int) or not 0 <= port <= 65535:
-        raise ValueError(f"port must be an integer in [0, 65535], got {port!r}")
+        raise ValueError(f"the port must be an integer in [0, 65535] (0: any free port), got {port!r}")
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -524,9 +530,17 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     except ImportError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    from ..chat import load_model_and_tokenizer  # today's module; generation/chat.py after the move
 
-    sock = bind(args.host, args.port)  # first: a port in use fails before the model loads
+    if args.slots < 1:
+        raise ValueError(f"--slots must be a positive integer (requests decoded together), got {args.slots}")
+    if args.model_dir is not None and not Path(args.model_dir).is_dir() and not looks_like_repo_id(args.model_dir):
+        raise ValueError(f"MODEL_DIR {args.model_dir} is not a folder: give a Hugging Face-layout folder "
+                         "(config.json, model.safetensors, tokenizer.model) or a hub repo id")
+    try:  # first: a port in use fails before the model loads
+        sock = bind(args.host, args.port)
+    except OSError as e:
+        raise OSError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e} "
+                      "(check --host; choose another --port, or 0 for any free port)") from None
     try:
         model, tokenizer = load_model_and_tokenizer(args.model_dir, args.device, args.dtype)
         name = Path(args.model_dir).name if args.model_dir else "shakespeare-llama"
