@@ -342,3 +342,29 @@ def test_q8_0_exercise(capsys):
         capsys.readouterr()
         assert not check("q8_0_quantize", wrong)
         assert says in capsys.readouterr().out
+
+
+def test_linear_rope_scaling_and_padding_id_reach_llama_cpp(tmp_path, shakespeare):
+    """rope_scaling {"type": "linear"} becomes llama.rope.scaling.*; llama.cpp then matches our
+    scaled model. Dynamic NTK, which llama.cpp lacks, is refused."""
+    import json
+    import shutil
+
+    folder = tmp_path / "scaled"
+    folder.mkdir()
+    for name in ("model.safetensors", "tokenizer.model", "tokenizer_config.json"):
+        shutil.copy(DEFAULT_MODEL_DIR / name, folder / name)
+    cfg = json.loads((DEFAULT_MODEL_DIR / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(dict(cfg, rope_scaling={"type": "linear", "factor": 2.0}, pad_token_id=0)))
+    path = G.export_gguf(folder, tmp_path / "scaled.gguf", log=None)
+    md = G.read_gguf(path).metadata
+    assert md["llama.rope.scaling.type"] == "linear" and md["llama.rope.scaling.factor"] == 2.0
+    assert md["tokenizer.ggml.padding_token_id"] == 0
+    model = LlamaForCausalLM.from_pretrained(folder).eval()
+    ids = shakespeare_ids(model, 96)
+    diff = np.abs(cpp_logits(path, ids) - our_logits(model, ids)).max()
+    assert diff < 1e-4, diff
+    assert np.abs(our_logits(model, ids) - our_logits(shakespeare, ids)).max() > 0.1  # the scaling does change the model
+    (folder / "config.json").write_text(json.dumps(dict(cfg, rope_scaling={"type": "dynamic", "factor": 2.0})))
+    with pytest.raises(ValueError, match="no 'dynamic' scaling"):
+        G.export_gguf(folder, tmp_path / "dynamic.gguf", log=None)
