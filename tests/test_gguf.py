@@ -289,6 +289,10 @@ def test_bad_input(tmp_path):
     (q / "config.json").write_text((DEFAULT_MODEL_DIR / "config.json").read_text())
     with pytest.raises(FileNotFoundError, match="no tokenizer.model.*--tokenizer"):
         G.export_gguf(q, tmp_path / "x.gguf")
+    with pytest.raises(FileNotFoundError, match="tokenizer .*nothing.model does not exist"):
+        G.export_gguf(DEFAULT_MODEL_DIR, tmp_path / "x.gguf", tokenizer=tmp_path / "nothing.model")
+    with pytest.raises(ValueError, match="32000 pieces but the model's vocab_size is 2048"):
+        G.export_gguf(DEFAULT_MODEL_DIR, tmp_path / "x.gguf", tokenizer=shared("llama2-tokenizer.model"))
     with pytest.raises(ValueError, match="not a GGUF file"):
         G.read_gguf(DEFAULT_MODEL_DIR / "config.json")
     assert not list(tmp_path.glob("*.gguf")) and not list(tmp_path.glob(".*tmp"))

@@ -48,7 +48,7 @@ import tempfile
 from dataclasses import dataclass, field
 from enum import IntEnum
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Iterable, Iterator
+from typing import Any, BinaryIO, Callable
 
 import numpy as np
 import torch
@@ -411,6 +411,8 @@ def export_gguf(model_dir: str | os.PathLike, out_path: str | os.PathLike, dtype
     if cfg.get("quantization_config"):
         raise ValueError(f"{model_dir} holds quantized weights (quantization_config in config.json): export the "
                          "unquantized model and let GGUF quantize it (--dtype q8_0)")
+    if tokenizer is not None and not tok_path.is_file():
+        raise FileNotFoundError(f"tokenizer {tok_path} does not exist: give the model's SentencePiece tokenizer.model")
     if not tok_path.is_file():
         raise FileNotFoundError(f"no tokenizer.model in {model_dir}: GGUF files carry their vocabulary; "
                                 "give the model's SentencePiece tokenizer.model with --tokenizer PATH")
