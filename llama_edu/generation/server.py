@@ -35,6 +35,9 @@ In a notebook or a test, serve in-process::
     ...                                        # OpenAI(base_url=base_url, api_key="unused")
     stop()                                     # shuts the server and the decode loop down
     app.state.batcher.timeline                 # [(step, slot, request_id, kind), ...]
+    occupancy(app.state.batcher.timeline, app.state.batcher.slots)   # (slots, steps) ids, -1 free
+
+(``occupancy`` is in :mod:`llama_edu.generation.batching`.)
 """
 
 # No `from __future__ import annotations`: FastAPI reads the handlers' annotations (Request) at runtime.
