@@ -345,11 +345,22 @@ def test_in_process_server_for_notebooks(shipped):
         r = c.chat.completions.create(model=NAME, messages=[{"role": "user", "content": parts}], max_tokens=8, temperature=0)
         expected = chat(model, tok, [{"role": "user", "content": "Who art thou?"}], max_new_tokens=8)
         assert r.choices[0].message.content.strip() == expected
+
+        # A client that leaves in the middle of a stream frees its slot at once.
+        body = {"model": NAME, "prompt": "ROMEO:", "max_tokens": 200, "temperature": 0, "stream": True}
+        with httpx.stream("POST", base_url + "/completions", json=body, timeout=60) as stream:
+            data = (line for line in stream.iter_lines() if line.startswith("data: "))
+            assert len([next(data) for _ in range(3)]) == 3  # three pieces of text came, then we hang up
+        deadline = time.monotonic() + 20
+        while any(app.state.batcher.rows) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        left = [e for e in app.state.batcher.timeline if e.request_id == 1]
+        assert not any(app.state.batcher.rows) and 3 <= len(left) < 150  # 200 had it run on
     finally:
         stop()
     with pytest.raises(httpx.TransportError):
         httpx.get(base_url + "/models", timeout=5)
     with pytest.raises(RuntimeError, match="closed"):
         app.state.batcher.submit([1], max_new_tokens=1)
-    kinds = [e.kind for e in app.state.batcher.timeline]  # the prefill gives the first token
+    kinds = [e.kind for e in app.state.batcher.timeline if e.request_id == 0]  # the prefill gives the first token
     assert kinds == ["prefill"] + ["decode"] * (r.usage.completion_tokens - 1)
