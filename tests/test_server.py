@@ -229,6 +229,9 @@ BAD = [  # (path, JSON body or raw bytes, status, the param or a word of the mes
     ("/completions", {"prompt": "x"}, 400, "model"),
     ("/completions", b"{not json", 400, "JSON"),
     ("/completions", b"[1, 2]", 400, "object"),
+    ("/completions", b'{"model": "' + NAME.encode() + b'", "prompt": "\\ud800"}', 400, "surrogate"),
+    ("/completions", b'{"model": "m", "prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", 400, "JSON"),
+    ("/completions", b'{"model": "' + NAME.encode() + b'", "prompt": "x", "temperature": NaN}', 400, "JSON"),
     ("/completions", b'{"model": "' + b"x" * (2 << 20) + b'"}', 413, "larger"),
     ("/nowhere", {}, 404, "Not Found"),
 ]

@@ -148,6 +148,10 @@ class IncrementalText:
 # --------------------------------------------------------------------------------------------
 
 
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a JSON number")
+
+
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
@@ -322,11 +326,15 @@ def create_app(
                 raise APIError(413, f"the request body is larger than {max_body_bytes} bytes", code="request_too_large")
             chunks.append(chunk)
         try:
-            body = json.loads(b"".join(chunks))
-        except ValueError as e:
-            raise APIError(400, f"the request body is not valid JSON: {e}") from None
+            body = json.loads(b"".join(chunks), parse_constant=_no_constant)
+        except (ValueError, RecursionError) as e:  # RecursionError: arrays nested thousands deep
+            raise APIError(400, f"the request body is not valid JSON: {e}"[:300]) from None
         if not isinstance(body, dict):
             raise APIError(400, "the request body must be a JSON object")
+        try:  # "\ud800" is valid JSON but no text: the tokenizer could not take it
+            json.dumps(body, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise APIError(400, "the request contains a lone UTF-16 surrogate (\\ud800-\\udfff), which is not text") from None
         name = body.get("model")
         if not isinstance(name, str):
             raise APIError(400, f"'model' is required: a string, the id listed by GET /v1/models ({model_name!r})", "model")
