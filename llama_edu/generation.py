@@ -32,7 +32,7 @@ from .sampling import LogitsProcessorList, build_logits_processors, next_tokens
 # Until the "One shell" move turns this module into the package llama_edu/generation/, the new
 # modules of that package (batching, server) live in the folder beside this file: this module is
 # their package. (Drop this line when generation.py becomes generation/decode.py.)
-__path__ = [__file__[: -len(".py")]]
+__path__ = [__file__.rsplit(".", 1)[0]]
 
 
 def context_limit(config) -> int:
