@@ -94,6 +94,8 @@ class SlotView(StaticCache):
         """key/value (rows, kv_heads, 1, head_dim) -> the whole rows (rows, kv_heads, max_len, head_dim)."""
         if self.positions is None:
             return super().update(key, value, layer_idx, cache_position)
+        if key.shape[2] != 1:
+            raise ValueError(f"a per-row decode step writes one token per row, got {key.shape[2]}")
         rows = torch.arange(key.shape[0], device=key.device)
         # Advanced indexing on dims 0 and 2: element [r, :, positions[r]] for each row r.
         self.key_cache[layer_idx][rows, :, self.positions] = key[:, :, -1]
