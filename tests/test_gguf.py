@@ -306,6 +306,8 @@ def test_bad_input(tmp_path):
         G.export_gguf(DEFAULT_MODEL_DIR, tmp_path / "x.gguf", tokenizer=tmp_path / "nothing.model")
     with pytest.raises(ValueError, match="32000 pieces but the model's vocab_size is 2048"):
         G.export_gguf(DEFAULT_MODEL_DIR, tmp_path / "x.gguf", tokenizer=shared("llama2-tokenizer.model"))
+    with pytest.raises(ValueError, match="tokenizer.model: not a SentencePiece model.*SentencePiece vocabulary"):
+        G.export_gguf(DEFAULT_MODEL_DIR, tmp_path / "x.gguf", tokenizer=shared("llama3/tokenizer.model"))
     with pytest.raises(ValueError, match="not a GGUF file"):
         G.read_gguf(DEFAULT_MODEL_DIR / "config.json")
     assert not list(tmp_path.glob("*.gguf")) and not list(tmp_path.glob(".*tmp"))

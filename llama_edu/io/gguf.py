@@ -416,7 +416,11 @@ def export_gguf(model_dir: str | os.PathLike, out_path: str | os.PathLike, dtype
     if not tok_path.is_file():
         raise FileNotFoundError(f"no tokenizer.model in {model_dir}: GGUF files carry their vocabulary; "
                                 "give the model's SentencePiece tokenizer.model with --tokenizer PATH")
-    sp = SentencePieceModel.from_file(tok_path)
+    try:
+        sp = SentencePieceModel.from_file(tok_path)
+    except ValueError as e:  # e.g. Llama 3's tiktoken file, which this exporter does not write
+        raise ValueError(f"{tok_path}: {e}; export-gguf writes Llama 2's SentencePiece vocabulary "
+                         "(give a SentencePiece tokenizer.model with --tokenizer)") from None
     tok_cfg_path = model_dir / "tokenizer_config.json"
     tok_cfg = read_json_object(tok_cfg_path, "it should be a tokenizer_config.json") if tok_cfg_path.is_file() else {}
     model = LlamaForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32)
