@@ -221,6 +221,8 @@ BAD = [  # (path, JSON body or raw bytes, status, the param or a word of the mes
     ("/completions", {"model": NAME, "prompt": "x", "stop": [1]}, 400, "stop"),
     ("/completions", {"model": NAME, "prompt": "x", "stream": "yes"}, 400, "stream"),
     ("/completions", {"model": NAME, "prompt": "x", "n": 2}, 400, "n"),
+    ("/completions", {"model": NAME, "prompt": "x", "max_token": 5}, 400, "max_token"),  # a typo is not ignored
+    ("/completions", {"model": NAME, "messages": [{"role": "user", "content": "x"}]}, 400, "messages"),
     ("/chat/completions", {"model": NAME, "messages": [{"role": "user", "content": "x"}], "logprobs": True}, 400,
      "logprobs"),
     ("/completions", {"model": NAME, "prompt": "x", "seed": 1.5}, 400, "seed"),
@@ -254,7 +256,7 @@ def test_malformed_requests_get_openai_errors_and_the_server_goes_on(client, ser
         client.completions.create(model="gpt-4", prompt="x")
     with pytest.raises(openai.BadRequestError, match="context length"):
         client.completions.create(model=NAME, prompt="x", max_tokens=100_000)
-    r = client.completions.create(model=NAME, prompt="O", max_tokens=3, temperature=0, n=1, logit_bias={})
+    r = client.completions.create(model=NAME, prompt="O", max_tokens=3, temperature=0, n=1, logit_bias={}, user="me")
     assert r.usage.completion_tokens == 3  # still serving (and neutral values of unsupported fields pass)
 
 

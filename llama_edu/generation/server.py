@@ -68,6 +68,16 @@ _UNSUPPORTED = ("n", "best_of", "echo", "logprobs", "top_logprobs", "suffix", "p
                 "frequency_penalty", "logit_bias", "tools", "functions", "response_format")
 #: Requests waiting for a slot beyond this many are refused (503) instead of queued without end.
 MAX_WAITING = 256
+#: The fields each endpoint reads (or accepts and ignores: user, metadata, ...); any other field is
+#: refused as OpenAI refuses it ("Unrecognized request argument"), so that a typo such as
+#: "max_token" is an error rather than a silently different answer.
+_COMMON_FIELDS = {"model", "max_tokens", "temperature", "top_p", "seed", "stop", "stream", "stream_options", "user",
+                  *_UNSUPPORTED}
+_FIELDS = {
+    "completions": _COMMON_FIELDS | {"prompt"},
+    "chat": _COMMON_FIELDS | {"messages", "max_completion_tokens", "tool_choice", "function_call",
+                              "parallel_tool_calls", "metadata", "store", "service_tier"},
+}
 
 
 class APIError(Exception):
@@ -314,7 +324,7 @@ def create_app(
         error = APIError(500, f"internal error: {type(e).__name__}: {e}"[:500], kind="server_error")
         return JSONResponse(error.body(), status_code=500)
 
-    async def read_body(request: Request) -> dict:
+    async def read_body(request: Request, endpoint: str) -> dict:
         """The JSON object of the request, read at most ``max_body_bytes`` far."""
         declared = request.headers.get("content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > max_body_bytes):
@@ -339,6 +349,9 @@ def create_app(
         if not isinstance(name, str):
             raise APIError(400, f"'model' is required: a string, the id listed by GET /v1/models ({model_name!r})", "model")
         check_model(name)
+        unknown = sorted(set(body) - _FIELDS[endpoint])
+        if unknown:
+            raise APIError(400, f"Unrecognized request argument supplied: {', '.join(unknown)}"[:300], unknown[0])
         return body
 
     def sampling(body: dict, prompt_ids: list[int], default_max_tokens: int | None) -> tuple[dict, list[str]]:
@@ -416,7 +429,7 @@ def create_app(
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        body = await read_body(request)
+        body = await read_body(request, "completions")
         prompt_ids = tokenizer.encode(_prompt(body))
         params, stop = sampling(body, prompt_ids, 16)  # OpenAI's default max_tokens for completions
         stream, include_usage = _stream_flags(body)
@@ -443,7 +456,7 @@ def create_app(
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        body = await read_body(request)
+        body = await read_body(request, "chat")
         messages = _messages(body)
         try:
             prompt_ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
