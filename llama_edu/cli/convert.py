@@ -1,4 +1,5 @@
-"""``convert-meta`` and ``convert-llama2c``: other checkpoint formats -> the Hugging Face layout."""
+"""``convert-meta`` and ``convert-llama2c``: other checkpoint formats -> the Hugging Face layout;
+``export-gguf`` and ``describe-gguf``: the Hugging Face layout -> llama.cpp's GGUF."""
 
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ def _cmd_convert_llama2c(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_commands(subparsers: argparse._SubParsersAction) -> None:
+def _add_convert(subparsers: argparse._SubParsersAction) -> None:
     """Register ``convert-meta`` and ``convert-llama2c`` with ``python -m llama_edu``."""
     p = subparsers.add_parser("convert-meta", help="Meta consolidated.*.pth checkpoint -> Hugging Face layout")
     p.add_argument("--input-dir", "--input_dir", dest="input_dir", required=True, help="folder with params.json and consolidated.NN.pth")
@@ -54,3 +55,39 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--tokenizer-path", "--tokenizer_path", dest="tokenizer_path", default=None, help="a SentencePiece tokenizer.model to include")
     p.add_argument("--overwrite", action="store_true", help="replace what --output-dir holds (by default a non-empty one is refused)")
     p.set_defaults(func=_cmd_convert_llama2c)
+
+
+def _cmd_export_gguf(args: argparse.Namespace) -> int:
+    from ..io.gguf import export_gguf, parse_gguf_dtype, read_gguf
+
+    path = export_gguf(args.model_dir, args.out, dtype=args.dtype, tokenizer=args.tokenizer)
+    g = read_gguf(path)
+    print(f"wrote {path}: {len(g.tensors)} tensors, {len(g.metadata)} metadata entries, "
+          f"{g.file_size / 1e6:.1f} MB ({parse_gguf_dtype(args.dtype)})")
+    return 0
+
+
+def _cmd_describe_gguf(args: argparse.Namespace) -> int:
+    from ..io.gguf import describe_gguf
+
+    describe_gguf(args.path, max_tensors=args.max_tensors)
+    return 0
+
+
+def _add_gguf(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("export-gguf", help="Hugging Face-layout model -> GGUF (llama.cpp, Ollama)")
+    p.add_argument("model_dir", help="model folder (config.json, safetensors, tokenizer.model)")
+    p.add_argument("out", help="the .gguf file to write")
+    p.add_argument("--dtype", default="f32", type=str.lower, help="f32, f16 or q8_0 (default f32)")
+    p.add_argument("--tokenizer", default=None, help="a SentencePiece tokenizer.model (default: the model folder's)")
+    p.set_defaults(func=_cmd_export_gguf)
+    p = subparsers.add_parser("describe-gguf", help="print the structure of a GGUF file")
+    p.add_argument("path", help="a .gguf file")
+    p.add_argument("--max-tensors", type=int, default=12, help="tensor infos to list (default 12)")
+    p.set_defaults(func=_cmd_describe_gguf)
+
+
+def add_commands(subparsers: argparse._SubParsersAction) -> None:
+    """``convert-meta``, ``convert-llama2c``, ``export-gguf``, ``describe-gguf``."""
+    _add_convert(subparsers)
+    _add_gguf(subparsers)

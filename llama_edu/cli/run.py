@@ -77,8 +77,33 @@ def _add_common(p: argparse.ArgumentParser, temperature: float) -> None:
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: as stored)")
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from ..generation import server
+
+    try:
+        server.require_serving()
+    except ImportError as e:  # fastapi / uvicorn missing: it says what to install
+        raise ValueError(str(e)) from None
+    server.serve(args.model_dir, args.host, args.port, args.slots, args.device, args.dtype)
+    return 0
+
+
+def _add_serve(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("serve", help="an OpenAI-compatible HTTP server (continuous batching)",
+                              description="Serve a model with an OpenAI-compatible API: /v1/models, /v1/completions, "
+                                          "/v1/chat/completions. Needs pip install \"llama_edu[serve]\".")
+    p.add_argument("model_dir", metavar="MODEL_DIR", nargs="?", default=None,
+                   help="model folder (HF layout) or hub repo id; default: data/shakespeare-llama")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: any free port)")
+    p.add_argument("--slots", type=int, default=8, help="requests decoded together at most (rows of KV cache, default 8)")
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: as stored)")
+    p.set_defaults(func=_cmd_serve)
+
+
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
-    """``generate`` and ``chat``."""
+    """``generate``, ``chat`` and ``serve``."""
     p = subparsers.add_parser("generate", help="stream a continuation of a prompt",
                               description="Continue a prompt with a Llama model, streaming the text.")
     p.add_argument("--prompt", required=True, help="the text to continue")
@@ -90,3 +115,4 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--system", default=None, help="a system prompt")
     _add_common(p, temperature=0.8)
     p.set_defaults(func=_cmd_chat)
+    _add_serve(subparsers)

@@ -28,6 +28,10 @@ import torch
 from ..cache import Cache, DynamicCache, StaticCache
 from .sampling import LogitsProcessorList, build_logits_processors, next_tokens
 
+# Until the "One shell" move turns this module into the package llama_edu/generation/, the new
+# modules of that package (batching, server) live in the folder beside this file: this module is
+# their package. (Drop this line when generation.py becomes generation/decode.py.)
+
 
 def context_limit(config) -> int:
     """The longest sequence the model is meant for: ``max_position_embeddings``, stretched by the

@@ -51,6 +51,6 @@ the seeds, so graded answers meet values the notebook never showed. In a noteboo
 from .checking import DEFAULT_TIMEOUT, EXERCISES, Exercise, Raised, TimedOut, Verdict, check, check_function, difference, held_out, list_exercises, register
 
 # Each notebook's module registers its exercises when imported.
-from . import nb00_course_map, nb01_tokenizer, nb02_embeddings_and_rmsnorm, nb03_rope, nb04_attention, nb05_feedforward_and_block, nb06_full_model, nb07_loading_real_weights, nb08_generation, nb09_chat, nb10_pretraining, nb11_classification, nb12_lora, nb13_instruction_tuning_and_dpo, nb14_quantization, nb16_beyond_one_machine, nb18_llama2_to_llama3  # noqa: F401  (registration)
+from . import nb00_course_map, nb01_tokenizer, nb02_embeddings_and_rmsnorm, nb03_rope, nb04_attention, nb05_feedforward_and_block, nb06_full_model, nb07_loading_real_weights, nb08_generation, nb09_chat, nb10_pretraining, nb11_classification, nb12_lora, nb13_instruction_tuning_and_dpo, nb14_quantization, nb16_beyond_one_machine, nb17_shipping_it, nb18_llama2_to_llama3  # noqa: F401  (registration)
 
 __all__ = ["DEFAULT_TIMEOUT", "EXERCISES", "Exercise", "Raised", "TimedOut", "Verdict", "held_out", "check", "check_function", "difference", "list_exercises", "register"]
