@@ -37,8 +37,8 @@ from torch import nn
 
 from ..io.files import PROJECT_DATA_DIR
 from .lora import lora_layers, set_lora_enabled
-from .sft import IGNORE_INDEX, MODEL_FILES, _epochs, _rows_fingerprint, collate, pad_id, step_logger, tokenize_chat
-from .loop import RUN_OUTPUTS, LoopConfig, Task, check_trainable, fit
+from .sft import IGNORE_INDEX, ChatDataTask, _epochs, _rows_fingerprint, collate, pad_id, step_logger, tokenize_chat
+from .loop import LoopConfig, check_trainable, fit
 
 DPO_DATA = PROJECT_DATA_DIR / "dpo_preferences.jsonl"
 
@@ -163,7 +163,7 @@ def evaluate_preferences(
 # -- training ----------------------------------------------------------------------------------
 
 
-class DPOTask(Task):
+class DPOTask(ChatDataTask):
     """DPO for :func:`llama_edu.training.loop.fit`: the loss of eq. 7 (plus ``sft_weight`` x the
     chosen answers' NLL) on batches of preference pairs, each chosen and rejected answer scored
     in one forward; the reference's log-probabilities are computed once, here, before the
@@ -224,17 +224,6 @@ class DPOTask(Task):
                        "chosen_logp": pc.mean(), "rejected_logp": pr.mean(), "accuracy": (rc > rr).float().mean()}
         return loss, metrics
 
-    def record(self) -> dict[str, Any]:
-        return self._record
-
-    def fingerprint(self) -> dict[str, Any]:
-        return self._fingerprint
-
-    def owns(self, name: str) -> bool:
-        return name in RUN_OUTPUTS or bool(MODEL_FILES.fullmatch(name))
-
-    def tokens(self, batch: dict[str, torch.Tensor]) -> int:
-        return int(batch["attention_mask"].sum())
 
 
 def train_dpo(

@@ -184,7 +184,28 @@ def sft_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
 
 
-class SFTTask(Task):
+class ChatDataTask(Task):
+    """What the fine-tuning tasks on chat data (SFT, DPO) share: the settings they record for
+    ``--resume``, a fingerprint of their rows, the files they own in OUT, and tokens counted by
+    the attention mask. Subclasses set ``_record`` and ``_fingerprint``."""
+
+    _record: dict[str, Any]
+    _fingerprint: dict[str, Any]
+
+    def record(self) -> dict[str, Any]:
+        return self._record
+
+    def fingerprint(self) -> dict[str, Any]:
+        return self._fingerprint
+
+    def owns(self, name: str) -> bool:
+        return name in RUN_OUTPUTS or bool(MODEL_FILES.fullmatch(name))
+
+    def tokens(self, batch: dict[str, torch.Tensor]) -> int:
+        return int(batch["attention_mask"].sum())
+
+
+class SFTTask(ChatDataTask):
     """Instruction tuning for :func:`llama_edu.training.loop.fit`: :func:`sft_loss` on padded
     batches of chat examples, drawn without replacement and reshuffled each epoch (the order
     comes from ``random.Random(seed)``, the loop's seed)."""
@@ -212,17 +233,6 @@ class SFTTask(Task):
         for picked in _epochs(len(self.examples), self.batch_size, generator.initial_seed()):
             yield {k: v.to(device) for k, v in collate([self.examples[i] for i in picked], self.pad).items()}
 
-    def record(self) -> dict[str, Any]:
-        return self._record
-
-    def fingerprint(self) -> dict[str, Any]:
-        return self._fingerprint
-
-    def owns(self, name: str) -> bool:
-        return name in RUN_OUTPUTS or bool(MODEL_FILES.fullmatch(name))
-
-    def tokens(self, batch: dict[str, torch.Tensor]) -> int:
-        return int(batch["attention_mask"].sum())
 
 
 def _epochs(n: int, batch_size: int, seed: int) -> Iterator[list[int]]:
