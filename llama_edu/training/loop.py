@@ -600,7 +600,6 @@ def fit(
     if show_bar and log is print:
         say = bar.write
     t0 = time.time() - seconds_before
-    steps_done = {"n": start_step, "tokens": 0}
 
     def snapshot(step: int) -> dict[str, Any]:
         kept = {k: v for k, v in history.items() if k not in ("model", "seconds", "steps")}
