@@ -38,7 +38,9 @@ def _teacher_forced_logits(model, ids, mask, cache_implementation, compile=False
     """Logits (batch, TOTAL - PROMPT + 1, vocab) from prefill then one decode step per token."""
     with torch.inference_mode():
         state = DecodeState.start(model, ids[:, :PROMPT], mask[:, :PROMPT], TOTAL, cache_implementation, True, compile)
-        state.padding_mask = None if bool(mask.all()) else mask  # later tokens may be padding too
+        # later tokens may be padding too; compile=True's static cache has slots past TOTAL (keys, unpadded)
+        extra = state.cache.max_cache_len - TOTAL if isinstance(state.cache, StaticCache) else 0
+        state.padding_mask = None if bool(mask.all()) else torch.nn.functional.pad(mask, (0, extra), value=1)
         steps = [prefill(model, state)]
         for t in range(PROMPT, TOTAL):
             state.sequences[:, t] = ids[:, t]

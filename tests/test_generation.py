@@ -124,8 +124,8 @@ def test_fixed_shape_decode_path_matches_transformers(gqa_twins, hf_greedy_batch
     """generate(compile=True)'s fixed-shape cache, mask and step, run eagerly (torch.compile
     replaced by the identity so the test takes a second): same tokens as transformers."""
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
-    monkeypatch.setattr(G, "_COMPILED", __import__("weakref").WeakKeyDictionary())
     _, ours = gqa_twins
+    ours.__dict__.pop("_compiled_decode_steps", None)  # steps compiled by an earlier test
     ids, mask, eos, expected = hf_greedy_batch
     for _ in range(2):  # the second call reuses the cache (stale slots must not leak)
         got = ours.generate(ids, attention_mask=mask, max_new_tokens=30, pad_token_id=PAD, eos_token_id=eos, compile=True)
@@ -137,6 +137,48 @@ def test_compiled_generate_matches_eager(stories260k):
     _, ours = stories260k
     prompt = torch.tensor([[1]])
     assert torch.equal(ours.generate(prompt, max_new_tokens=100, compile=True), ours.generate(prompt, max_new_tokens=100))
+
+
+def _frozen_step_warnings(record) -> list[str]:
+    return [str(w.message) for w in record if "frozen-weight" in str(w.message)]
+
+
+def test_compiled_step_follows_the_weights(stories260k):
+    """On a CPU, compile=True freezes the weights into the compiled code. A second model of the
+    same shape gets a step of its own, and weights changed in place are compiled again: the
+    compiled tokens are always the eager tokens of the weights as they are now."""
+    import copy
+
+    _, ours = stories260k
+    prompt = torch.tensor([[1]])
+    other = copy.deepcopy(ours)  # a copy starts without compiled steps
+    assert "_compiled_decode_steps" not in other.__dict__ or not other.__dict__["_compiled_decode_steps"]
+    with torch.no_grad():
+        other.model.layers[0].mlp.down_proj.weight.mul_(-1)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        mine = ours.generate(prompt, max_new_tokens=100, compile=True)
+        theirs = other.generate(prompt, max_new_tokens=100, compile=True)
+        assert torch.equal(mine, ours.generate(prompt, max_new_tokens=100))
+        assert torch.equal(theirs, other.generate(prompt, max_new_tokens=100))
+        assert not torch.equal(mine, theirs)  # the two models really differ
+        with torch.no_grad():
+            other.model.layers[0].mlp.down_proj.weight.mul_(-1)  # in place: back to ours
+        assert torch.equal(other.generate(prompt, max_new_tokens=100, compile=True), mine)
+    assert not _frozen_step_warnings(record)  # the frozen path itself ran (no fallback)
+
+
+def test_compiled_step_falls_back_when_inductor_cannot_freeze(gqa_twins, monkeypatch):
+    """Where inductor cannot build the frozen step (here: its C++ compiler is missing, caches
+    off), generate warns and decodes with the plain compiled step: the same tokens."""
+    _, ours = gqa_twins
+    ours.__dict__.pop("_compiled_decode_steps", None)
+    monkeypatch.setattr(G, "_frozen_cpu_options", lambda model: {"freezing": True, "force_disable_caches": True, "cpp.cxx": (None, "/nonexistent/c++")})
+    prompt = torch.tensor([[3, 4, 5]])
+    with pytest.warns(UserWarning, match="frozen-weight CPU step did not compile"):
+        got = ours.generate(prompt, max_new_tokens=12, pad_token_id=PAD, compile=True)
+    assert torch.equal(got, ours.generate(prompt, max_new_tokens=12, pad_token_id=PAD))
+    ours.__dict__.pop("_compiled_decode_steps", None)
 
 
 # -- sampling --------------------------------------------------------------------------------
