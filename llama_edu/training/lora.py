@@ -1,7 +1,8 @@
 """Low-rank adapters (LoRA, Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models").
 
 Fine-tuning changes a pretrained weight W0 (out, in) by some ΔW. LoRA's bet is that ΔW has low
-rank, so it learns it as a product of two thin matrices and leaves W0 frozen (paper, eq. 3):
+rank, so it learns it as a product of two thin matrices and leaves W0 frozen (paper, eq. 3, with
+the alpha / r scale of its section 4.1):
 
     h = W0 x + (alpha / r) · B A x          A: (r, in), B: (out, r), r << min(in, out)
 
@@ -78,7 +79,7 @@ def lora_update(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, alp
 def lora_forward(
     x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, alpha: float, r: int
 ) -> torch.Tensor:
-    """A LoRA-adapted linear layer without bias (Hu et al. 2021, eq. 3), for row vectors:
+    """A LoRA-adapted linear layer without bias (Hu et al. 2021: eq. 3, scaled by alpha / r as in section 4.1):
 
         x W^T + (alpha / r) · x A^T B^T
 
