@@ -40,7 +40,8 @@ script (gguf's GGUFWriter, Q/K permuted back to Meta's interleaved rotary layout
 says how much of the memory bandwidth it uses: weight bytes read per token x tok/s against the
 bandwidth of a large tensor copy measured in the same run (small models live in the CPU caches,
 so their fraction can pass 100%). Then eager against transformers on the real stories260K, and
-the targets, each marked met or not. On CUDA (--device cuda --shape 7b): a 7B-shaped model in
+the targets, each marked met or not. ``--targets --shape 42m``: the same on a stories42M shape (dim
+512, 8 layers, vocab 32000, random weights), held out: none of the speed work was tuned on it. On CUDA (--device cuda --shape 7b): a 7B-shaped model in
 bfloat16, eager and compiled (CUDA graphs), int8 and int4, tok/s and the fraction of the GPU's
 peak HBM bandwidth.
 """
@@ -66,6 +67,9 @@ SHAPES = {
     "tiny": ("stories260k", dict(max_position_embeddings=1024)),
     "15m": ("stories15m", dict(max_position_embeddings=1024)),
     "7b": ("llama2-7b", dict()),
+    # held out for --targets: a stories42M-like shape none of the speed work was tuned on
+    "42m": ("stories15m", dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8,
+                               num_key_value_heads=8, max_position_embeddings=1024, tie_word_embeddings=False)),
     # the project's shipped model (data/shakespeare-llama): its shape, random weights, a longer context
     "shipped": (Path(__file__).resolve().parent.parent / "data" / "shakespeare-llama", dict(max_position_embeddings=1024)),
 }
@@ -403,6 +407,11 @@ def target_models(device: str, dtype: torch.dtype, shape: str | None):
         torch.manual_seed(0)
         ours = LlamaForCausalLM(cfg).eval()
         models.append(("stories15M shape (random)", ours, hf_twin(ours)))
+    if shape == "42m":  # held out: nothing in the speed work was tuned on this shape
+        cfg = make_config("42m", None)
+        torch.manual_seed(0)
+        ours = LlamaForCausalLM(cfg).eval()
+        models.append(("stories42M shape (random, held out)", ours, hf_twin(ours)))
     return models
 
 
