@@ -381,7 +381,7 @@ def _frozen_cpu_options(model) -> dict:
     kernel there and keeps the faster of the two (which makes compiling slower)."""
     float_only = all(type(m) is torch.nn.Linear for m in model.modules() if hasattr(m, "in_features"))
     return {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP" if float_only else "CPP,ATEN",
-            "autotune_num_choices_displayed": 0, "cpp_wrapper": True}
+            "autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False, "cpp_wrapper": True}
 
 
 class _DecodeStep(torch.nn.Module):
@@ -481,7 +481,9 @@ class _FrozenFirstCall:
 
         self.first = False
         try:
-            with inductor_config.patch(self.options):
+            with inductor_config.patch(self.options), warnings.catch_warnings():
+                # inductor's autotuner (not our code) still calls Tensor.storage()
+                warnings.filterwarnings("ignore", message="TypedStorage is deprecated")
                 return self.compiled(cache, *inputs)
         except Exception as error:  # noqa: BLE001 (a compiler failure: fall back, and say so)
             warnings.warn(f"compile=True: the frozen-weight CPU step did not compile ({type(error).__name__}: {error}); "
