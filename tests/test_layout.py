@@ -136,3 +136,19 @@ def test_help_imports_no_torch():
     code = "import sys, llama_edu.cli as c; c.build_parser().format_help(); print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=PACKAGE.parent)
     assert out.stdout.strip() == "False", out.stderr
+
+
+def test_every_module_path_the_course_and_readme_name_exists():
+    """A learner follows `llama_edu/...py` paths from the notebooks' text and the README: after the
+    layout move each must still be a file (a moved module keeps its import name, not its path)."""
+    import json
+    import re
+
+    root = Path(__file__).resolve().parent.parent
+    texts = {"README.md": (root / "README.md").read_text()}
+    for nb in sorted((root / "notebooks").glob("*.ipynb")):
+        cells = json.loads(nb.read_text())["cells"]
+        texts[nb.name] = "\n".join("".join(c["source"]) for c in cells)
+    missing = [(name, path) for name, text in texts.items()
+               for path in sorted(set(re.findall(r"llama_edu/[\w/]+\.py", text))) if not (root / path).is_file()]
+    assert not missing, missing
