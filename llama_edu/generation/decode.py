@@ -295,6 +295,10 @@ class DecodeState:
             cache = StaticCache(model.config, batch_size, max_length, device=device, dtype=model.dtype)
         else:
             cache = DynamicCache()
+        if not compile:
+            # The column-major LM head (see LlamaForCausalLM.logits), looked up once, not per token.
+            head_t = model.column_major_head(batch_size, device)
+            step = step if head_t is None else functools.partial(forward_step, head_t=head_t)
         slots = torch.arange(max_length, device=device)
         return cls(sequences, prompt_len, position_ids, slots, padding_mask, cache, step)
 
@@ -344,7 +348,7 @@ def decode_n_tokens(
     eos = torch.tensor(eos_ids, dtype=torch.long, device=logits.device) if eos_ids else None
     unfinished = torch.ones(logits.shape[0], dtype=torch.bool, device=logits.device)
     while True:
-        scores = processors(state.sequences[:, : state.length], logits)
+        scores = processors(state.sequences[:, : state.length], logits) if processors else logits
         tokens = next_tokens(scores, do_sample, generator)
         if eos is not None:
             tokens = torch.where(unfinished, tokens, pad_token_id)
