@@ -113,7 +113,14 @@ def apply_rotary_pos_emb(
         q' = q * cos + rotate_half(q) * sin
 
     cos/sin are unsqueezed at ``unsqueeze_dim`` to broadcast over heads, as in transformers;
-    ``None`` when the caller already did it once for all layers."""
+    ``None`` when the caller already did it once for all layers.
+
+    Queries and keys get the same rotation, so they are rotated together, stacked along the
+    heads: the same numbers, with half the operations (on a small model each operation costs
+    its dispatch, not its arithmetic)."""
     if unsqueeze_dim is not None:
         cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
-    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+    heads = 1 if unsqueeze_dim is None else unsqueeze_dim  # the heads axis of q and k
+    qk = torch.cat((q, k), dim=heads)  # (batch, heads + kv_heads, seq, dim)
+    qk = qk * cos + rotate_half(qk) * sin
+    return qk.split((q.shape[heads], k.shape[heads]), dim=heads)
