@@ -123,4 +123,4 @@ def apply_rotary_pos_emb(
     heads = 1 if unsqueeze_dim is None else unsqueeze_dim  # the heads axis of q and k
     qk = torch.cat((q, k), dim=heads)  # (batch, heads + kv_heads, seq, dim)
     qk = qk * cos + rotate_half(qk) * sin
-    return qk.split((q.shape[heads], k.shape[heads]), dim=heads)
+    return qk.tensor_split((q.shape[heads],), dim=heads)  # (q, k) again

@@ -357,7 +357,7 @@ def decode_n_tokens(
         if streamer is not None:
             streamer.put(tokens.cpu())
         if eos is not None:
-            unfinished &= ~torch.isin(tokens, eos)
+            unfinished &= torch.isin(tokens, eos, invert=True)
             if not bool(unfinished.any()):  # the one host sync per token
                 break
         if state.length >= max_length:
