@@ -47,7 +47,9 @@ class DynamicCache(Cache):
     def update(self, key, value, layer_idx, cache_position=None):
         """Append key/value (batch, kv_heads, new, head_dim); return all of them so far."""
         if layer_idx == len(self.key_cache):
-            self.key_cache.append(key)
+            # A copy of the keys, as each later torch.cat makes: they are a view into RoPE's stacked
+            # queries and keys, which would otherwise stay alive with them.
+            self.key_cache.append(key.clone())
             self.value_cache.append(value)
         else:
             self.key_cache[layer_idx] = torch.cat([self.key_cache[layer_idx], key], dim=-2)

@@ -223,3 +223,14 @@ def test_cpu_decode_head_matches_and_follows_weight_changes():
     out = model.logits(hidden)  # with gradients: the real weight, so it gets a gradient
     out.sum().backward()
     assert model.lm_head.weight.grad is not None
+
+
+def test_dynamic_cache_keeps_only_the_keys_memory():
+    """RoPE returns the keys as a view into the stacked queries and keys; the cache a prefill
+    returns must hold the keys' own memory, not the queries' too (GQA: many times more)."""
+    model = _model(num_attention_heads=4, num_key_value_heads=1)
+    with torch.no_grad():
+        cache = model(torch.randint(0, 97, (2, 9)), past_key_values=DynamicCache(), use_cache=True).past_key_values
+    for key, value in cache:
+        assert key.untyped_storage().nbytes() == key.numel() * key.element_size()
+        assert value.untyped_storage().nbytes() == value.numel() * value.element_size()
