@@ -54,7 +54,7 @@ def causal_mask(
     fused SDPA kernels return NaN for an empty row).
     """
     keys = torch.arange(kv_length, device=cache_position.device)
-    allowed = (keys[None, :] <= cache_position[:, None])[None, None]  # (1, 1, q, kv)
+    allowed = (keys <= cache_position[:, None])[None, None]  # (kv,) against (q, 1): (1, 1, q, kv)
     if padding_mask is not None:
         allowed = allowed & padding_mask[:, None, None, :].bool()  # (batch, 1, q, kv)
         if unmask_empty_rows:

@@ -23,6 +23,32 @@ def test_repeat_kv_is_repeat_interleave():
     assert repeat_kv(x, 1) is x
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_rotates_q_and_k_together_as_each_alone(dtype):
+    """apply_rotary_pos_emb is q * cos + rotate_half(q) * sin for each of q and k, numbers and
+    gradients, for GQA head counts and every heads axis (unsqueeze_dim 1, 2 or None)."""
+    from llama_edu.rope import apply_rotary_pos_emb, rotate_half
+
+    def each(q, k, cos, sin):
+        return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 8, 3, 16, generator=g), torch.randn(2, 2, 3, 16, generator=g)  # 8 heads, 2 kv heads
+    cos, sin = torch.randn(2, 3, 16, generator=g), torch.randn(2, 3, 16, generator=g)
+    q, k, cos, sin = (t.to(dtype).requires_grad_(t is q or t is k) for t in (q, k, cos, sin))
+    got = apply_rotary_pos_emb(q, k, cos, sin)  # heads on dim 1
+    want = each(q, k, cos[:, None], sin[:, None])
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    grads = [torch.autograd.grad(out[0].sum() + 2 * out[1].sum(), (q, k)) for out in (got, want)]
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+    # (batch, seq, heads, dim) with unsqueeze_dim=2, and cos/sin already unsqueezed (None)
+    qt, kt = q.detach().transpose(1, 2), k.detach().transpose(1, 2)
+    got = apply_rotary_pos_emb(qt, kt, cos, sin, unsqueeze_dim=2)
+    assert all(torch.equal(a, b) for a, b in zip(got, each(qt, kt, cos[:, :, None], sin[:, :, None])))
+    got = apply_rotary_pos_emb(q.detach(), k.detach(), cos[:, None], sin[:, None], unsqueeze_dim=None)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
 def test_causal_mask_shape_and_values():
     # Two new tokens at slots 1 and 2 after one cached (padding) slot.
     allowed = causal_mask(torch.tensor([1, 2]), 3, torch.tensor([[0, 1, 1]]))
@@ -197,3 +223,14 @@ def test_cpu_decode_head_matches_and_follows_weight_changes():
     out = model.logits(hidden)  # with gradients: the real weight, so it gets a gradient
     out.sum().backward()
     assert model.lm_head.weight.grad is not None
+
+
+def test_dynamic_cache_keeps_only_the_keys_memory():
+    """The cache a prefill returns holds the keys' and values' own memory: no view into a larger
+    tensor (the fused projection or the queries, with GQA many times more) kept alive with them."""
+    model = _model(num_attention_heads=4, num_key_value_heads=1)
+    with torch.no_grad():
+        cache = model(torch.randint(0, 97, (2, 9)), past_key_values=DynamicCache(), use_cache=True).past_key_values
+    for key, value in cache:
+        assert key.untyped_storage().nbytes() == key.numel() * key.element_size()
+        assert value.untyped_storage().nbytes() == value.numel() * value.element_size()

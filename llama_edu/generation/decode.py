@@ -16,6 +16,7 @@ preallocated :class:`~llama_edu.cache.StaticCache` keeps every shape fixed from 
 
 from __future__ import annotations
 
+import functools
 import types
 import warnings
 from dataclasses import dataclass
@@ -293,6 +294,10 @@ class DecodeState:
             cache = StaticCache(model.config, batch_size, max_length, device=device, dtype=model.dtype)
         else:
             cache = DynamicCache()
+        if not compile:
+            # The column-major LM head (see LlamaForCausalLM.logits), looked up once, not per token.
+            head_t = model.column_major_head(batch_size, device)
+            step = step if head_t is None else functools.partial(forward_step, head_t=head_t)
         if padding_mask is not None and isinstance(cache, StaticCache) and cache.max_cache_len > max_length:
             # compile=True's cache is rounded up (CACHE_BUCKET): the slots past the text are keys too
             padding_mask = torch.nn.functional.pad(padding_mask, (0, cache.max_cache_len - max_length), value=1)
@@ -345,7 +350,7 @@ def decode_n_tokens(
     eos = torch.tensor(eos_ids, dtype=torch.long, device=logits.device) if eos_ids else None
     unfinished = torch.ones(logits.shape[0], dtype=torch.bool, device=logits.device)
     while True:
-        scores = processors(state.sequences[:, : state.length], logits)
+        scores = processors(state.sequences[:, : state.length], logits) if processors else logits
         tokens = next_tokens(scores, do_sample, generator)
         if eos is not None:
             tokens = torch.where(unfinished, tokens, pad_token_id)
@@ -354,7 +359,7 @@ def decode_n_tokens(
         if streamer is not None:
             streamer.put(tokens.cpu())
         if eos is not None:
-            unfinished &= ~torch.isin(tokens, eos)
+            unfinished &= torch.isin(tokens, eos, invert=True)
             if not bool(unfinished.any()):  # the one host sync per token
                 break
         if state.length >= max_length:
