@@ -24,5 +24,11 @@ register(
          "that is the inverse (Hugging Face -> Meta)", "view as (heads, head_dim // 2, 2, in): pairs first, then re/im"),
         (lambda w, n: w.view(w.shape[0] // 2, 2, w.shape[1]).transpose(0, 1).reshape(w.shape),
          "the whole matrix is permuted at once; each head must be permuted on its own", "view as (n_heads, head_dim // 2, 2, in_features)"),
+        (lambda w, n: w.view(n, w.shape[0] // n // 2, 2, w.shape[1]).reshape(w.shape),
+         "the weight comes back unchanged: the transpose(1, 2) between the view and the reshape is missing",
+         "w.view(n_heads, head_dim // 2, 2, in).transpose(1, 2).reshape(out, in)"),
+        (lambda w, n: permute_qk(w.T.contiguous(), n).T if w.shape[1] % (2 * n) == 0 else w.T,
+         "the columns are permuted instead of the rows: the heads are stacked along the rows (out_features) of q_proj/k_proj",
+         "permute the rows: w.view(n_heads, head_dim // 2, 2, in_features)"),
     ],
 )
