@@ -43,6 +43,10 @@ def _loss_minus_100_in_the_count(logits, labels):
     return per_token.sum() / per_token.numel()
 
 
+def _loss_shifted(logits, labels):
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100)
+
+
 def _loss_sum(logits, labels):
     return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100,
                            reduction="sum")
@@ -69,5 +73,15 @@ register(
         (_loss_sum, "the loss is the sum over tokens, not the mean", "average over the tokens that count (reduction='mean')"),
         (_loss_per_sequence, "the loss is averaged per sequence, then over the batch: a sequence with fewer labelled tokens counts as much as a long one",
          "one mean over all the labelled tokens of the batch: flatten (batch, seq) before cross_entropy"),
+        (lambda lg, lb: F.nll_loss(lg[:, :-1].reshape(-1, lg.shape[-1]), lb[:, 1:].reshape(-1), ignore_index=-100),
+         "the raw logits go into nll_loss, which expects log-probabilities: log_softmax is missing",
+         "F.cross_entropy(logits, labels) (it applies log_softmax itself), or F.nll_loss(F.log_softmax(logits, -1), labels)"),
+        (lambda lg, lb: F.nll_loss(lg[:, :-1].softmax(-1).reshape(-1, lg.shape[-1]), lb[:, 1:].reshape(-1), ignore_index=-100),
+         "nll_loss gets probabilities (softmax), not log-probabilities (log_softmax)", "F.cross_entropy on the logits"),
+        (lambda lg, lb: F.cross_entropy(lg[:, :-1], lb[:, 1:], ignore_index=-100),
+         "cross_entropy takes the classes on dim 1: (batch, seq, vocab) must be flattened to (batch * seq, vocab) first",
+         "F.cross_entropy(logits[:, :-1].reshape(-1, vocab), labels[:, 1:].reshape(-1))"),
+        (lambda lg, lb: _loss_shifted(lg, lb).exp(), "this is the perplexity exp(loss), not the loss", "return the mean cross-entropy itself"),
+        (lambda lg, lb: -_loss_shifted(lg, lb), "the loss has the wrong sign: cross-entropy is -log p, a positive number", "mean of -log p(label)"),
     ],
 )
