@@ -29,6 +29,15 @@ register(
          "take rows rank * B/world up to (rank + 1) * B/world"),
         (lambda batch, rank, world: batch[rank * world : (rank + 1) * world], "the block has `world` rows instead of B / world",
          "each rank takes batch.shape[0] // world rows"),
+        (lambda batch, rank, world: batch[rank * (batch.shape[0] // world): (rank + 1) * (batch.shape[0] // world) + 1],
+         "one row too many (off by one at the slice end): a slice end is already exclusive", "batch[rank * n:(rank + 1) * n] with n = B // world"),
+        (lambda batch, rank, world: batch[(rank + 1) * (batch.shape[0] // world): (rank + 2) * (batch.shape[0] // world)],
+         "ranks are counted from 1 (off by one): rank 0 takes the first block", "batch[rank * n:(rank + 1) * n]"),
+        (lambda batch, rank, world: batch[:, rank * (batch.shape[1] // world): (rank + 1) * (batch.shape[1] // world)],
+         "the batch is split along dim 1 (the tokens); data parallelism splits the rows, dim 0", "batch[rank * n:(rank + 1) * n] along dim 0"),
+        (lambda batch, rank, world: batch, "every rank takes the whole batch: data parallelism splits it", "batch[rank * n:(rank + 1) * n]"),
+        (lambda batch, rank, world: batch[rank * (batch.shape[0] // world): (rank + 1) * (batch.shape[0] // world) - 1],
+         "one row too few (off by one at the slice end: - 1): a slice end is already exclusive", "batch[rank * n:(rank + 1) * n]"),
     ],
 )
 
@@ -86,5 +95,10 @@ register(
         (lambda x, weight, world: F.linear(x.chunk(world, -1)[0], weight.chunk(world, 1)[0]),
          "this is one rank's partial product only: the all-reduce that adds the other ranks' is missing",
          "compute the product for every block pair and add them all"),
+        (lambda x, weight, world: torch.cat([F.linear(xi, wi) for xi, wi in zip(x.chunk(world, -1), weight.chunk(world, -1))], -1),
+         "the partial products are concatenated; each is a full-size partial sum that the all-reduce adds", "sum the partial products"),
+        (lambda x, weight, world: torch.cat([F.linear(x, wi) for wi in weight.chunk(world, 0)], -1) if world > 1 else F.linear(x, weight) * 0,
+         "the weight is split along its rows (output features, dim 0), as column parallelism does; row parallelism splits its columns (input features, dim 1)",
+         "weight.chunk(world, dim=1), each block paired with the matching block of x's last dimension"),
     ],
 )

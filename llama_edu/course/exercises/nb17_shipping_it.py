@@ -61,5 +61,10 @@ register(
          "Q8_0 stores it as float16 (2 bytes, 34-byte blocks)", "d.half().view(torch.uint8)"),
         (lambda w: _variant(w, levels=128), "the scale divides by 128: int8 codes here run -127..127, so the largest "
          "magnitude must map to 127", "d = max|x| / 127"),
+        (lambda w: _variant(w, scale_of=lambda x: x.abs().amax().expand(x.shape[0], 1)),
+         "one scale for the whole tensor; Q8_0 has one scale per block of 32 values", "d = x.reshape(-1, 32).abs().amax(dim=1, keepdim=True) / 127"),
+        (lambda w: _variant(w, rounding=torch.trunc), "the values are truncated toward zero (.to(torch.int8) alone), not rounded",
+         "round half away from zero: torch.sign(v) * torch.floor(v.abs() + 0.5)"),
+        (lambda w: _variant(w).view(torch.int8), "the bytes are int8 (dtype); the file's bytes are uint8", "finish with .view(torch.uint8)"),
     ],
 )
