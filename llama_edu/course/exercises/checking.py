@@ -341,6 +341,16 @@ def _tolerance(expected: torch.Tensor, atol: float, rtol: float) -> tuple[float,
 _FACTORS = [(2.0, "2"), (0.5, "1/2"), (4.0, "4"), (0.25, "1/4"), (8.0, "8"), (0.125, "1/8")]
 
 
+def _reduction(r: float) -> str:
+    """': a sum where a mean belongs?' when a scalar is a whole number of times too large or small."""
+    if not math.isfinite(r) or r <= 0:
+        return ""
+    n = r if r > 1 else 1 / r
+    if n > 2.5 and math.isclose(n, round(n), rel_tol=1e-4):
+        return "; a sum where a mean belongs (reduction)?" if r > 1 else "; a mean where a sum belongs, or a count that includes ignored items (reduction)?"
+    return ""
+
+
 def _name_factor(r: float) -> str:
     """' (= 1/sqrt(64))' for a ratio that is a factor a learner could have used, else ''."""
     if not math.isfinite(r) or r <= 0:
@@ -382,7 +392,7 @@ def _shape_difference(got: torch.Tensor, expected: torch.Tensor, atol: float, rt
             i = diff[0]
             a, b = got.shape[i], expected.shape[i]
             ratio = f" ({a / b:g} times the expected size)" if b and a and (a % b == 0 or b % a == 0) else ""
-            off = f" (one {'too many' if a > b else 'too few'}: an off-by-one in a slice end or a loop bound?)" if abs(a - b) == 1 else ""
+            off = f" (one {'too many' if a > b else 'too few'}: off by one in a slice end or a loop bound?)" if abs(a - b) == 1 else ""
             return msg + f": dimension {i} has size {a} instead of {b}{ratio}{off}"
     return msg + f" ({got.dim()} dimensions instead of {expected.dim()})"
 
@@ -422,12 +432,14 @@ def _tensor_difference(got: torch.Tensor, expected: torch.Tensor, atol: float, r
         msg = f"the {what} is {gv:.6g}, expected {ev:.6g}"
         if math.isfinite(gv) and math.isfinite(ev) and ev != 0 and gv != 0:
             r = gv / ev
-            msg += f" ({r:.4g} times the expected value{_name_factor(r)})" if abs(r - 1) > 1e-3 else f" (off by {gv - ev:.3g})"
+            msg += f" ({r:.4g} times the expected value{_name_factor(r)}{_reduction(r)})" if abs(r - 1) > 1e-3 else f" (off by {gv - ev:.3g})"
+            if math.isclose(r, -1, rel_tol=1e-4):
+                msg += ": the sign is flipped"
         return msg
     idx = tuple(int(i) for i in bad.nonzero()[0])
     where = f"({int(bad.sum())} of {bad.numel()} values differ; the first at index {idx}: got {g[idx].item():.6g}, expected {e[idx].item():.6g})"
     if torch.isnan(g).any() and not torch.isnan(e).any():
-        return f"the {what} contains NaN where the expected values are numbers {where}. NaN comes from an overflow (exp of a large number, or x**2 in float16 -> inf, then inf/inf) or from 0/0"
+        return f"the {what} contains NaN where the expected values are numbers {where}. NaN comes from an overflow (exp of a large number, or x**2 in float16 -> inf, then inf/inf) or from 0/0 (a division by a zero norm: a missing eps?)"
     if torch.isinf(g).any() and not torch.isinf(e).any():
         return f"the {what} contains inf where the expected values are finite {where}: something overflowed"
     if torch.isinf(e).any() and not torch.equal(torch.isinf(g) & (g < 0), torch.isinf(e) & (e < 0)):
@@ -447,6 +459,18 @@ def _tensor_difference(got: torch.Tensor, expected: torch.Tensor, atol: float, r
                     "is the same, but the values are not (log-probabilities instead of logits? a missing or extra logsumexp?)")
     if g.dim() >= 2 and g.shape[-1] == g.shape[-2] and _close(g.transpose(-1, -2), e, atol, rtol):
         return f"the {what} is the expected one transposed (its last two dimensions swapped) {where}"
+    for i, j in itertools.combinations(range(g.dim()), 2):
+        if g.shape[i] == g.shape[j] > 1 and _close(g.transpose(i, j), e, atol, rtol):
+            return f"the {what} is the expected one with dimensions {i} and {j} swapped (a transpose, or a view/reshape in the wrong order) {where}"
+    for dim in range(g.dim()):
+        if g.shape[dim] > 1 and _close(g.flip(dim), e, atol, rtol):
+            return f"the {what} is the expected one reversed along dimension {dim} (flipped: an index runs backwards) {where}"
+    if finite.all() and g.dim() >= 2 and g.shape[-1] > 1 and (e != 0).all():
+        r = g / e
+        per_slice = r[..., :1]
+        if _close(g, per_slice * e, atol, rtol) and (per_slice.max() - per_slice.min()) > 1e-3 * per_slice.abs().max():
+            return (f"the {what} is the expected one with each slice along the last dimension scaled by its own factor {where}: "
+                    "a normalisation (the sum, max, mean or norm you divide by) is computed over the wrong values or the wrong dim")
     for dim in range(g.dim()):
         for shift in (1, -1):
             if g.shape[dim] > 2 and _close(g.roll(shift, dim).narrow(dim, 1, g.shape[dim] - 2), e.narrow(dim, 1, e.shape[dim] - 2), atol, rtol):
@@ -501,7 +525,7 @@ def difference(got: Any, expected: Any, atol: float = 1e-5, rtol: float = 1e-5, 
             return f"the {what} should be an int, got {_describe(got)}{hint}"
         if got == expected:
             return None
-        msg = f"the {what} is {got}, expected {expected} (off by {got - expected:+d}"
+        msg = f"the {what} is {got}, expected {expected} (off by {got - expected:+d}{': an off by one in a count or a bound?' if abs(got - expected) == 1 else ''}"
         if expected and got and (got % expected == 0 or expected % got == 0):
             msg += f", {got / expected:g} times the expected value"
         return msg + ")"
@@ -515,7 +539,7 @@ def difference(got: Any, expected: Any, atol: float = 1e-5, rtol: float = 1e-5, 
         msg = f"the {what} is {got!r}, expected {expected!r}"
         if expected and got and math.isfinite(got):
             r = got / expected
-            msg += f" ({r:.4g} times the expected value{_name_factor(r)})"
+            msg += f" ({r:.4g} times the expected value{_name_factor(r)}{_reduction(r)})"
         return msg
     if got != expected:
         return f"the {what} is {_describe(got)}, expected {_describe(expected)}"
@@ -594,6 +618,117 @@ def _matching_mistake(ex: Exercise, cases: Cases, answers: list[Any], expected: 
             return says, hint
     for m, (_, says, hint) in enumerate(ex.mistakes):
         if wrong and explains(m, wrong, loose=True):
+            return says, hint
+    if not wrong:
+        return None
+    variant = _matching_variant(ex, cases, answers, wrong)
+    if variant:
+        return variant
+    for m, (_, says, hint) in enumerate(ex.mistakes):  # the first wrong case alone: part of the answer's mistakes
+        if explains(m, wrong[:1], loose=True):
+            return f"{says} (this explains case {wrong[0] + 1}; another mistake may hide in the other cases)", hint
+    return None
+
+
+_CONFIG_VARIANTS = [  # (field, the value to try, what it means) for an exercise that takes a config
+    ("num_key_value_heads", lambda c: c.num_attention_heads,
+     "num_attention_heads is used where num_key_value_heads belongs (grouped-query attention: k and v have fewer heads)",
+     "use config.num_key_value_heads for k, v and the cache"),
+    ("tie_word_embeddings", lambda c: not c.tie_word_embeddings,
+     "tie_word_embeddings is read the wrong way round (a tied lm_head IS the embedding matrix; an untied one is a separate matrix)",
+     "count or use a separate lm_head only when config.tie_word_embeddings is False"),
+    ("num_hidden_layers", lambda c: 1, "one layer only: num_hidden_layers is not used", "multiply by (or loop over) config.num_hidden_layers"),
+]
+
+
+def _argument_variants(ex: Exercise, args: tuple) -> list[tuple[tuple, str, str]]:
+    """The reference's arguments with one of them changed the way a learner's code could misuse
+    it: (changed args, the mistake, the hint). A learner's answers that equal the reference on
+    changed arguments name the argument that was misused."""
+    names = _argument_names(ex.signature)
+    out: list[tuple[tuple, str, str]] = []
+
+    def put(i: int, value: Any, says: str, hint: str) -> None:
+        out.append((args[:i] + (value,) + args[i + 1:], says, hint))
+
+    for i, a in enumerate(args):
+        n = names[i] if i < len(names) else f"argument {i + 1}"
+        if isinstance(a, bool):
+            put(i, not a, f"`{n}` is read the wrong way round", f"check where you use `{n}`")
+        elif isinstance(a, int):
+            if n == "dim":
+                for d in {0, 1, -1, -2} - {a}:
+                    put(i, d, f"the operation runs along dim {d}, not along `dim` ({a})", "use the `dim` argument for every reduction (max, sum)")
+                continue
+            for d in (1, -1):
+                put(i, a + d, f"off by one: your result is what `{n}` {'+' if d > 0 else '-'} 1 gives", f"check how `{n}` is used: a slice end, a loop bound or a count")
+            if a not in (0, 1):
+                put(i, 1, f"`{n}` is not used (your result is what `{n}` = 1 gives)", f"use `{n}` as the task says")
+        elif isinstance(a, float):
+            if a != 0:
+                put(i, 0.0, f"`{n}` is not used (your result is what `{n}` = 0 gives)", f"use `{n}` as the task says")
+                put(i, 1 / a, f"`{n}` is inverted (your result is what 1 / `{n}` gives): you multiply where you should divide, or the reverse", f"check whether `{n}` multiplies or divides")
+            if a != 1:
+                put(i, 1.0, f"`{n}` is not used (your result is what `{n}` = 1 gives)", f"use `{n}` as the task says")
+            if a not in (10000.0, 0.0) and n in ("base", "rope_theta"):
+                put(i, 10000.0, f"`{n}` is hard-coded to 10000", f"use the `{n}` argument")
+        elif isinstance(a, torch.dtype) and a != torch.float32:
+            put(i, torch.float32, "the `dtype` argument is ignored: your result is float32 whatever dtype says", "create tensors with dtype=dtype and use torch.finfo(dtype)")
+        elif isinstance(a, torch.Tensor) and a.is_floating_point() and a.numel() > 1:
+            put(i, -a, f"`{n}` is used with the opposite sign (a sign error)", f"check the sign of every term with `{n}`")
+            if n in ("mask", "attention_mask"):
+                put(i, torch.zeros_like(a), "the mask is not applied", "add the mask to the scores before the softmax")
+        elif hasattr(a, "to_dict") and hasattr(a, "num_attention_heads"):
+            for field_name, value, says, hint in _CONFIG_VARIANTS:
+                try:
+                    c = copy.deepcopy(a)
+                    new = value(c)
+                    if getattr(c, field_name) == new:
+                        continue
+                    setattr(c, field_name, new)
+                except Exception:
+                    continue
+                put(i, c, says, hint)
+        elif a is None and n in ("mask", "attention_mask"):
+            continue
+    for (i, a), (j, b) in itertools.combinations(enumerate(args), 2):
+        same = (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape and a.dtype == b.dtype) or \
+            (type(a) is type(b) and isinstance(a, (int, float)) and not isinstance(a, bool) and a != b)
+        if same:
+            ni = names[i] if i < len(names) else f"argument {i + 1}"
+            nj = names[j] if j < len(names) else f"argument {j + 1}"
+            out.append((args[:i] + (b,) + args[i + 1:j] + (a,) + args[j + 1:], f"`{ni}` and `{nj}` are swapped", f"use each where the task says"))
+    return out
+
+
+def _matching_variant(ex: Exercise, cases: Cases, answers: list[Any], wrong: list[int]) -> tuple[str, str] | None:
+    """A misused argument that explains every answer: the reference on changed arguments gives what the
+    learner's function gave, on the wrong cases and on the right ones. Only variants of the first wrong case's
+    arguments that reproduce its answer are carried to the other cases."""
+    first = wrong[0]
+    variants: dict[int, list[tuple[tuple, str, str]]] = {}
+
+    def reproduces(i: int, changed: tuple) -> bool:
+        out = _call(ex.reference, changed)
+        return not isinstance(out, (Raised, TimedOut)) and difference(_like(answers[i], out), out, *ex.tolerances(cases[i][1])) is None
+
+    for changed, says, hint in _argument_variants(ex, cases[first][1]):
+        if not reproduces(first, changed):
+            continue
+        ok = True
+        for i in wrong[1:] + [i for i in range(len(cases)) if i not in wrong]:
+            if i not in variants:
+                variants[i] = _argument_variants(ex, cases[i][1])
+            match = [v for v in variants[i] if v[1] == says]
+            if not match:  # no such variant here (the argument is 0 already): a right answer says nothing
+                if i in wrong:
+                    ok = False
+                    break
+                continue
+            if not reproduces(i, match[0][0]):
+                ok = False
+                break
+        if ok:
             return says, hint
     return None
 

@@ -103,7 +103,7 @@ register(
     mistakes=[
         (_rope_minus, "the sine term has the wrong sign: q*cos - rotate_half(q)*sin rotates backwards",
          "q_embed = q * cos + rotate_half(q) * sin (rotate_half already holds the minus)"),
-        (_rope_no_unsqueeze, "cos and sin were not unsqueezed at dim 1, so (b, seq, d) broadcast against (heads, seq, d): batch lined up with heads",
+        (_rope_no_unsqueeze, "cos and sin were not unsqueezed at dim 1 (not at all, or at dim 0), so (b, seq, d) broadcast against (heads, seq, d): batch lined up with heads",
          "cos, sin = cos.unsqueeze(1), sin.unsqueeze(1) gives (b, 1, seq, d), shared by all heads"),
         (_rope_cos_sin_swapped, "cos and sin are swapped", "x * cos + rotate_half(x) * sin"),
         (lambda q, k, cos, sin: (q * cos.unsqueeze(2) + rotate_half(q) * sin.unsqueeze(2), k * cos.unsqueeze(2) + rotate_half(k) * sin.unsqueeze(2)),
@@ -114,9 +114,6 @@ register(
          "sin is never used: rotate_half(x) is multiplied by cos too", "x * cos + rotate_half(x) * sin"),
         (lambda q, k, cos, sin: (q * cos[:, None] + q * sin[:, None], k * cos[:, None] + k * sin[:, None]),
          "rotate_half is missing: the sin term multiplies x itself", "x * cos + rotate_half(x) * sin"),
-        (lambda q, k, cos, sin: (q * cos[None] + rotate_half(q) * sin[None], k * cos[None] + rotate_half(k) * sin[None]),
-         "cos and sin were unsqueezed at dim 0, giving (1, b, seq, d): batch lined up with heads",
-         "cos.unsqueeze(1), sin.unsqueeze(1): (b, 1, seq, d), shared by all heads"),
         (lambda q, k, cos, sin: tuple(reversed(apply_rotary_pos_emb(q, k, cos, sin))),
          "q and k are returned in the wrong order", "return (q_embed, k_embed)"),
         (lambda q, k, cos, sin: (q * cos[:, None] + torch.stack((-q[..., 1::2], q[..., ::2]), -1).flatten(-2) * sin[:, None],
