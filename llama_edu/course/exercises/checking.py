@@ -621,7 +621,7 @@ def _matching_mistake(ex: Exercise, cases: Cases, answers: list[Any], expected: 
             return says, hint
     if not wrong:
         return None
-    variant = _matching_variant(ex, cases, answers, wrong)
+    variant = _matching_variant(ex, cases, answers, wrong) or _config_terms(cases[wrong[0]][1], answers[wrong[0]], expected[wrong[0]])
     if variant:
         return variant
     for m, (_, says, hint) in enumerate(ex.mistakes):  # the first wrong case alone: part of the answer's mistakes
@@ -699,6 +699,29 @@ def _argument_variants(ex: Exercise, args: tuple) -> list[tuple[tuple, str, str]
             nj = names[j] if j < len(names) else f"argument {j + 1}"
             out.append((args[:i] + (b,) + args[i + 1:j] + (a,) + args[j + 1:], f"`{ni}` and `{nj}` are swapped", f"use each where the task says"))
     return out
+
+
+def _config_terms(args: tuple, got: Any, expected: Any) -> tuple[str, str] | None:
+    """For a count computed from a config: the difference as a whole number of one of the model's
+    blocks (an RMSNorm weight, a projection, an embedding), which says what was missed or doubled."""
+    if not (_is_int(got) and _is_int(expected)) or got == expected:
+        return None
+    c = next((a for a in args if hasattr(a, "to_dict") and hasattr(a, "num_attention_heads")), None)
+    if c is None:
+        return None
+    d, diff = c.hidden_size, got - expected
+    terms = [(c.vocab_size * d, "the embedding matrix or the lm_head (vocab_size x hidden_size)"),
+             (d * c.intermediate_size, "an MLP matrix (hidden_size x intermediate_size)"),
+             (d * c.num_attention_heads * c.head_dim, "a q_proj or o_proj matrix (hidden_size x num_attention_heads * head_dim)"),
+             (d * c.num_key_value_heads * c.head_dim, "a k_proj or v_proj matrix (hidden_size x num_key_value_heads * head_dim)"),
+             (d, "an RMSNorm weight (hidden_size values)")]
+    limit = 2 * c.num_hidden_layers + 2
+    for size, what in terms:
+        if size and diff % size == 0 and 0 < abs(diff // size) <= limit:
+            n = diff // size
+            return (f"your count is off by {n:+d} x {what}: {abs(n)} of them {'missing' if n < 0 else 'extra'}",
+                    "list the weights of one layer (4 attention projections, 3 MLP matrices, 2 norms) and the model's own (embedding, final norm, lm_head unless tied)")
+    return None
 
 
 def _matching_variant(ex: Exercise, cases: Cases, answers: list[Any], wrong: list[int]) -> tuple[str, str] | None:

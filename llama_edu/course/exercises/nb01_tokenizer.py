@@ -15,6 +15,7 @@ def _merge_pair_cases() -> Cases:
         ("two occurrences", (["▁t", "h", "e", "▁t", "h"], ("▁t", "h"))),
         ("three occurrences, the last at the end", (["a", "b", "x", "a", "b", "x", "a", "b"], ("a", "b"))),
         ('multi-character symbols ["xa", "b"]', (["xa", "b"], ("a", "b"))),
+        ('["ab", "c"] does not hold the pair ("a", "bc")', (["ab", "c", "a", "bc"], ("a", "bc"))),
         ("symbols that are spaces", (["a", " ", "b", " ", "b"], (" ", "b"))),
         ("one symbol", (["x"], ("x", "y"))),
         ("no symbols", ([], ("a", "b"))),
@@ -23,6 +24,18 @@ def _merge_pair_cases() -> Cases:
 
 def _merge_by_string_replace(symbols, pair):
     return " ".join(symbols).replace(" ".join(pair), "".join(pair)).split(" ") if symbols else []
+
+
+def _merge_by_concatenation(symbols, pair):
+    merged, i = [], 0
+    while i < len(symbols):
+        if i + 1 < len(symbols) and symbols[i] + symbols[i + 1] == pair[0] + pair[1]:
+            merged.append(pair[0] + pair[1])
+            i += 2
+        else:
+            merged.append(symbols[i])
+            i += 1
+    return merged
 
 
 def _merge_first_only(symbols, pair):
@@ -78,6 +91,9 @@ register(
         (_merge_by_string_replace,
          "you merged on the joined string: in ['xa', 'b'] the text 'a b' appears although no symbol is 'a', and symbols that are spaces break the split",
          "walk the list of symbols and compare whole symbols: (symbols[i], symbols[i + 1]) == pair"),
+        (_merge_by_concatenation,
+         "you compare the concatenation symbols[i] + symbols[i + 1] with the joined pair: 'ab' + 'c' equals 'a' + 'bc' although the symbols differ",
+         "compare whole symbols: (symbols[i], symbols[i + 1]) == tuple(pair)"),
         (_merge_first_only, "only the first occurrence is merged", "keep going after a merge until the end of the list"),
         (_merge_right_to_left, "you scan from the right: in ['a', 'a', 'a'] the merge must take the first two",
          "go left to right, and after a merge jump over both symbols (i += 2)"),
