@@ -630,48 +630,44 @@ def _matching_mistake(ex: Exercise, cases: Cases, answers: list[Any], expected: 
     return None
 
 
-_CONFIG_VARIANTS = [  # (field, the value to try, what it means) for an exercise that takes a config
-    ("num_key_value_heads", lambda c: c.num_attention_heads,
-     "num_attention_heads is used where num_key_value_heads belongs (grouped-query attention: k and v have fewer heads)",
-     "use config.num_key_value_heads for k, v and the cache"),
-    ("tie_word_embeddings", lambda c: not c.tie_word_embeddings,
-     "tie_word_embeddings is read the wrong way round (a tied lm_head IS the embedding matrix; an untied one is a separate matrix)",
-     "count or use a separate lm_head only when config.tie_word_embeddings is False"),
+_CONFIG_VARIANTS = [  # (field, the value to try, the mistake, the hint) for an exercise that takes a config
+    ("num_key_value_heads", lambda c: c.num_attention_heads, "num_attention_heads is used where num_key_value_heads belongs "
+     "(grouped-query attention: k and v have fewer heads)", "use config.num_key_value_heads for k, v and the cache"),
+    ("tie_word_embeddings", lambda c: not c.tie_word_embeddings, "tie_word_embeddings is read the wrong way round (a tied lm_head "
+     "IS the embedding matrix)", "count or use a separate lm_head only when config.tie_word_embeddings is False"),
     ("num_hidden_layers", lambda c: 1, "one layer only: num_hidden_layers is not used", "multiply by (or loop over) config.num_hidden_layers"),
 ]
 
 
 def _argument_variants(ex: Exercise, args: tuple) -> list[tuple[tuple, str, str]]:
-    """The reference's arguments with one of them changed the way a learner's code could misuse
-    it: (changed args, the mistake, the hint). A learner's answers that equal the reference on
-    changed arguments name the argument that was misused."""
+    """The reference's arguments with one of them changed the way a learner's code could misuse it,
+    or two of them swapped: (changed args, the mistake, the hint)."""
     names = _argument_names(ex.signature)
+    names += [f"argument {i + 1}" for i in range(len(names), len(args))]
     out: list[tuple[tuple, str, str]] = []
 
-    def put(i: int, value: Any, says: str, hint: str) -> None:
-        out.append((args[:i] + (value,) + args[i + 1:], says, hint))
+    def put(i: int, value: Any, says: str, hint: str = "") -> None:
+        out.append((args[:i] + (value,) + args[i + 1:], says, hint or f"use `{names[i]}` as the task says"))
 
-    for i, a in enumerate(args):
-        n = names[i] if i < len(names) else f"argument {i + 1}"
+    for i, (a, n) in enumerate(zip(args, names)):
         if isinstance(a, bool):
-            put(i, not a, f"`{n}` is read the wrong way round", f"check where you use `{n}`")
+            put(i, not a, f"`{n}` is read the wrong way round")
+        elif isinstance(a, int) and n == "dim":
+            for d in {0, 1, -1, -2} - {a}:
+                put(i, d, f"the operation runs along dim {d} whatever `dim` says", "use the `dim` argument for every reduction (max, sum)")
         elif isinstance(a, int):
-            if n == "dim":
-                for d in {0, 1, -1, -2} - {a}:
-                    put(i, d, f"the operation runs along dim {d}, not along `dim` ({a})", "use the `dim` argument for every reduction (max, sum)")
-                continue
             for d in (1, -1):
                 put(i, a + d, f"off by one: your result is what `{n}` {'+' if d > 0 else '-'} 1 gives", f"check how `{n}` is used: a slice end, a loop bound or a count")
             if a not in (0, 1):
-                put(i, 1, f"`{n}` is not used (your result is what `{n}` = 1 gives)", f"use `{n}` as the task says")
+                put(i, 1, f"`{n}` is not used (your result is what `{n}` = 1 gives)")
         elif isinstance(a, float):
             if a != 0:
-                put(i, 0.0, f"`{n}` is not used (your result is what `{n}` = 0 gives)", f"use `{n}` as the task says")
-                put(i, 1 / a, f"`{n}` is inverted (your result is what 1 / `{n}` gives): you multiply where you should divide, or the reverse", f"check whether `{n}` multiplies or divides")
+                put(i, 0.0, f"`{n}` is not used (your result is what `{n}` = 0 gives)")
+                put(i, 1 / a, f"`{n}` is inverted (your result is what 1 / `{n}` gives): a multiplication where a division belongs, or the reverse")
             if a != 1:
-                put(i, 1.0, f"`{n}` is not used (your result is what `{n}` = 1 gives)", f"use `{n}` as the task says")
+                put(i, 1.0, f"`{n}` is not used (your result is what `{n}` = 1 gives)")
             if a not in (10000.0, 0.0) and n in ("base", "rope_theta"):
-                put(i, 10000.0, f"`{n}` is hard-coded to 10000", f"use the `{n}` argument")
+                put(i, 10000.0, f"`{n}` is hard-coded to 10000")
         elif isinstance(a, torch.dtype) and a != torch.float32:
             put(i, torch.float32, "the `dtype` argument is ignored: your result is float32 whatever dtype says", "create tensors with dtype=dtype and use torch.finfo(dtype)")
         elif isinstance(a, torch.Tensor) and a.is_floating_point() and a.numel() > 1:
@@ -680,24 +676,14 @@ def _argument_variants(ex: Exercise, args: tuple) -> list[tuple[tuple, str, str]
                 put(i, torch.zeros_like(a), "the mask is not applied", "add the mask to the scores before the softmax")
         elif hasattr(a, "to_dict") and hasattr(a, "num_attention_heads"):
             for field_name, value, says, hint in _CONFIG_VARIANTS:
-                try:
-                    c = copy.deepcopy(a)
-                    new = value(c)
-                    if getattr(c, field_name) == new:
-                        continue
-                    setattr(c, field_name, new)
-                except Exception:
-                    continue
-                put(i, c, says, hint)
-        elif a is None and n in ("mask", "attention_mask"):
-            continue
+                c = copy.deepcopy(a)
+                if getattr(c, field_name) != value(c):
+                    setattr(c, field_name, value(c))
+                    put(i, c, says, hint)
     for (i, a), (j, b) in itertools.combinations(enumerate(args), 2):
-        same = (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape and a.dtype == b.dtype) or \
-            (type(a) is type(b) and isinstance(a, (int, float)) and not isinstance(a, bool) and a != b)
-        if same:
-            ni = names[i] if i < len(names) else f"argument {i + 1}"
-            nj = names[j] if j < len(names) else f"argument {j + 1}"
-            out.append((args[:i] + (b,) + args[i + 1:j] + (a,) + args[j + 1:], f"`{ni}` and `{nj}` are swapped", f"use each where the task says"))
+        if (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape and a.dtype == b.dtype) or \
+                (type(a) is type(b) and type(a) in (int, float) and a != b):
+            out.append((args[:i] + (b,) + args[i + 1:j] + (a,) + args[j + 1:], f"`{names[i]}` and `{names[j]}` are swapped", "use each where the task says"))
     return out
 
 
@@ -728,30 +714,20 @@ def _matching_variant(ex: Exercise, cases: Cases, answers: list[Any], wrong: lis
     """A misused argument that explains every answer: the reference on changed arguments gives what the
     learner's function gave, on the wrong cases and on the right ones. Only variants of the first wrong case's
     arguments that reproduce its answer are carried to the other cases."""
-    first = wrong[0]
     variants: dict[int, list[tuple[tuple, str, str]]] = {}
 
-    def reproduces(i: int, changed: tuple) -> bool:
-        out = _call(ex.reference, changed)
-        return not isinstance(out, (Raised, TimedOut)) and difference(_like(answers[i], out), out, *ex.tolerances(cases[i][1])) is None
+    def reproduces(i: int, says: str) -> bool:  # no such variant (the argument is 0 already): fine where the answer is right
+        if i not in variants:
+            variants[i] = _argument_variants(ex, cases[i][1])
+        changed = next((v[0] for v in variants[i] if v[1] == says), None)
+        if changed is None:
+            return i not in wrong
+        out = _call(ex.reference, changed)  # an error counts too: the same error as the answer's
+        return not isinstance(out, TimedOut) and difference(_like(answers[i], out), out, *ex.tolerances(cases[i][1])) is None
 
-    for changed, says, hint in _argument_variants(ex, cases[first][1]):
-        if not reproduces(first, changed):
-            continue
-        ok = True
-        for i in wrong[1:] + [i for i in range(len(cases)) if i not in wrong]:
-            if i not in variants:
-                variants[i] = _argument_variants(ex, cases[i][1])
-            match = [v for v in variants[i] if v[1] == says]
-            if not match:  # no such variant here (the argument is 0 already): a right answer says nothing
-                if i in wrong:
-                    ok = False
-                    break
-                continue
-            if not reproduces(i, match[0][0]):
-                ok = False
-                break
-        if ok:
+    order = wrong + [i for i in range(len(cases)) if i not in wrong]
+    for _, says, hint in _argument_variants(ex, cases[wrong[0]][1]):
+        if all(reproduces(i, says) for i in order):
             return says, hint
     return None
 

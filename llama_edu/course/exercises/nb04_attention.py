@@ -103,6 +103,7 @@ register(
         (lambda h, n: h[:, :, None].expand(h.shape[0], h.shape[1], n, *h.shape[2:]),
          "the n_rep axis is not merged into the heads: the result has 5 dimensions",
          "reshape to (b, kv_heads * n_rep, seq, d) after the expand"),
+        (lambda h, n: h.repeat_interleave(n), "repeat_interleave without dim= flattens the tensor first", "repeat_interleave(n_rep, dim=1)"),
         (lambda h, n: h.repeat(n, 1, 1, 1), "the batch is tiled (repeat along dim 0), not the heads", "repeat along the head axis, dim 1"),
         (lambda h, n: h.repeat(1, 1, n, 1), "the sequence is tiled (repeat along dim 2), not the heads", "repeat along the head axis, dim 1"),
         (lambda h, n: h[:, :, None].expand(h.shape[0], h.shape[1], n, *h.shape[2:]).reshape(h.shape[0], h.shape[1] * n, h.shape[3], h.shape[2]),

@@ -164,6 +164,8 @@ register(
         (lambda d, m=256, f=None: m * (int(int(2 * 4 * d / 3) * (f or 1)) // m + 1),
          "one multiple too many when the width already is a multiple (off by one: h // m + 1 rounds 256 up to 320)",
          "multiple_of * ((h + multiple_of - 1) // multiple_of)"),
+        (lambda d, m=256, f=None: m * round(int(int(2 * 4 * d / 3) * (f or 1)) / m),
+         "rounded to the nearest multiple; Meta rounds up to the next multiple", "multiple_of * ((h + multiple_of - 1) // multiple_of)"),
         (lambda d, m=256, f=None: m * ((int(int(2 * d / 3) * (f or 1)) + m - 1) // m),
          "the factor 4 is missing: the width is 2/3 of 4 * hidden_size", "h = int(2 * 4 * hidden_size / 3)"),
         (lambda d, m=256, f=None: m * ((int(int(2 * 4 * d / 3) / (f or 1)) + m - 1) // m),
