@@ -124,7 +124,7 @@ def _llama_generate_cases():
 
 
 def _flat_generate(weights, config, input_ids, max_new_tokens, final_norm=True, rope=True, causal=True, scale=True,
-                   prenorm=True, halves=True, own_eps=True, own_theta=True, tiled_kv=False):
+                   prenorm=True, halves=True, own_eps=True, own_theta=True, tiled_kv=False, tied_head=False):
     """A flat Llama with one switch per classic mistake (all True = correct)."""
     import math as _m
     import torch.nn.functional as F
@@ -133,7 +133,7 @@ def _flat_generate(weights, config, input_ids, max_new_tokens, final_norm=True, 
     hd = d // n_h
     eps = config.rms_norm_eps if own_eps else 1e-6
     theta = config.rope_theta if own_theta else 10000.0
-    head = weights.get("lm_head.weight", weights["model.embed_tokens.weight"])
+    head = weights["model.embed_tokens.weight"] if tied_head else weights.get("lm_head.weight", weights["model.embed_tokens.weight"])
 
     def norm(x, w):
         return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
@@ -208,6 +208,9 @@ register(
          "use rotate_half and cos/sin built as cat((freqs, freqs), -1)"),
         (lambda w, c, ids, n: _flat_generate(w, c, ids, n, own_theta=False),
          "rope_theta is hard-coded to 10000; read it from config.rope_theta", "theta = config.rope_theta"),
+        (lambda w, c, ids, n: _flat_generate(w, c, ids, n, tied_head=True),
+         "the LM head is always the embedding matrix; with tie_word_embeddings False the model has its own lm_head.weight",
+         "head = weights['lm_head.weight'] when it exists (config.tie_word_embeddings is False), else the embedding"),
         (lambda w, c, ids, n: _flat_generate(w, c, ids, n, tiled_kv=True),
          "the kv heads are tiled (repeat): query head 1 gets kv head 1 instead of kv head 0", "repeat_interleave(n_rep, dim=1): consecutive query heads share a kv head"),
     ],

@@ -30,5 +30,13 @@ register(
         (lambda w, n: permute_qk(w.T.contiguous(), n).T if w.shape[1] % (2 * n) == 0 else w.T,
          "the columns are permuted instead of the rows: the heads are stacked along the rows (out_features) of q_proj/k_proj",
          "permute the rows: w.view(n_heads, head_dim // 2, 2, in_features)"),
+        (lambda w, n: w.view(n, w.shape[0] // n // 2, 2, w.shape[1]).transpose(1, 2),
+         "the result keeps the 4-D view (n_heads, 2, head_dim // 2, in_features)", "reshape back to w.shape at the end"),
+        (lambda w, n: w.view(n, w.shape[0] // n // 2, 2, w.shape[1]).transpose(1, 2).flip(1).reshape(w.shape),
+         "the imaginary rows (Meta's odd rows) come first in each head; the real rows (0, 2, 4, ...) come first",
+         "w.view(n_heads, head_dim // 2, 2, in).transpose(1, 2).reshape(out, in), without reordering the two halves"),
+        (lambda w, n: w.view(n, w.shape[1] // n // 2, 2, w.shape[0]).transpose(1, 2).reshape(w.shape),
+         "head_dim is computed from the columns (w.shape[1]); the heads are stacked along the rows: head_dim = w.shape[0] // n_heads",
+         "w.view(n_heads, w.shape[0] // n_heads // 2, 2, w.shape[1])"),
     ],
 )

@@ -39,9 +39,9 @@ def _greedy_no_cache(model, ids, n):
     return ids
 
 
-def _greedy_variant(model, ids, n, argmax_dim=-1, cat_dim=-1):
+def _greedy_variant(model, ids, n, argmax_dim=-1, cat_dim=-1, position=-1):
     for _ in range(n):
-        logits = model(ids).logits[:, -1]
+        logits = model(ids).logits[:, position if ids.shape[1] > 1 else -1]
         nxt = logits.argmax(argmax_dim, keepdim=True)
         nxt = nxt.T if argmax_dim == 0 else nxt
         ids = torch.cat([ids, nxt if cat_dim == -1 else nxt.T], cat_dim)
@@ -90,6 +90,8 @@ register(
         (lambda m, ids, n: _greedy_no_cache(m, ids, n + 1), "one token too many", "stop after max_new_tokens tokens"),
         (_greedy_first_position, "the next token is read from the logits of the first position",
          "the prediction for the next token is at the last position: logits[:, -1]"),
+        (lambda m, ids, n: _greedy_variant(m, ids, n, position=-2),
+         "the next token is read from the second-to-last position (off by one)", "the prediction for the next token is at the last position: logits[:, -1]"),
         (lambda m, ids, n: _greedy_variant(m, ids, n, argmax_dim=0),
          "argmax runs over the wrong dimension (the batch); the next token is the argmax over the vocabulary, the last dimension",
          "logits[:, -1].argmax(dim=-1, keepdim=True)"),
@@ -140,6 +142,13 @@ def _top_p_sorted_mask(logits, top_p):
     return logits.masked_fill(drop, float("-inf"))
 
 
+def _top_p_ascending(logits, top_p):
+    probs, order = logits.softmax(-1).sort(-1)
+    drop = probs.cumsum(-1) - probs >= top_p
+    drop[..., 0] = False
+    return logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+
+
 def _top_p_zero_fill(logits, top_p):
     out = _top_p_reference(logits, top_p)
     return out.masked_fill(out == float("-inf"), 0.0)
@@ -165,6 +174,10 @@ register(
          "sort the probabilities, accumulate them with cumsum, and keep the tokens whose preceding mass is below top_p"),
         (lambda x, top_p: _top_p_reference(x.T, top_p).T if x.shape[0] > 1 else _top_p_reference(x, top_p),
          "the softmax and the sort run over dim 0 (the batch); they run over the vocabulary, the last dimension", "softmax(logits, dim=-1), sort(dim=-1)"),
+        (_top_p_ascending, "the probabilities are sorted ascending, so the 'nucleus' collects the least likely tokens",
+         "sort(descending=True) and keep tokens while the mass before them is below top_p"),
+        (lambda x, top_p: _top_p_reference(x, top_p).softmax(-1), "returns probabilities; the filter returns the logits with -inf outside the nucleus",
+         "masked_fill the removed logits with float('-inf') and return the logits"),
     ],
 )
 
@@ -233,6 +246,8 @@ register(
          "torch.where(score < 0, score * penalty, score / penalty)"),
         (lambda ids, x, p: x.scatter(1, ids[:1].expand_as(ids), torch.where(x.gather(1, ids[:1].expand_as(ids)) < 0, x.gather(1, ids[:1].expand_as(ids)) * p, x.gather(1, ids[:1].expand_as(ids)) / p)),
          "the first row's tokens are penalised in every row: each row has its own input_ids", "gather and scatter with the whole input_ids (batch, seq)"),
+        (lambda ids, x, p: torch.where(torch.zeros_like(x, dtype=torch.bool).scatter(1, ids, True), x, torch.where(x < 0, x * p, x / p)),
+         "the mask is inverted: the tokens NOT in input_ids are penalised", "penalise exactly the tokens that occur in input_ids"),
     ],
 )
 

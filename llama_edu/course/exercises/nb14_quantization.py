@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from ...quant.quantize import NF4_CODE, absmax_dequantize, absmax_quantize, blockwise_dequantize, blockwise_quantize, pack_codes, unpack_codes
 
@@ -90,6 +92,10 @@ register(
         (lambda q, scale: q.float() * scale[:, None] / 127, "the scale is divided by 127 again; it already is absmax / 127",
          "multiply by the scale as it is"),
         (lambda q, scale: (q.float() * scale[:, None]).half(), "the result is float16 (dtype); dequantized weights are float32", "q.float() * scale[:, None]"),
+        (lambda q, scale: q.float() * scale[:, None] * 127, "the codes are multiplied by 127 again; the scale already is absmax / 127",
+         "q.float() * scale[:, None]"),
+        (lambda q, scale: (q.float() * scale[:, None]).round().to(torch.int8), "the result is cast back to int8 (dtype): dequantized weights are float32",
+         "return q.float() * scale[:, None]"),
         (lambda q, scale: q * scale[:, None].to(torch.int8), "the scale is cast to int8 (it rounds to 0): the product must be in float32",
          "q.float() * scale[:, None]"),
     ],
@@ -113,6 +119,12 @@ def _nf4_lookup_reference(packed: torch.Tensor, absmax: torch.Tensor, code: torc
 def _nf4_low_first(packed, absmax, code):
     idx = torch.stack([packed & 0xF, packed >> 4], dim=1).reshape(-1)
     return (code[idx.long()].reshape(-1, 64) * absmax[:, None]).reshape(-1)
+
+
+def _nf4_byte_indices(packed, absmax, code):
+    with warnings.catch_warnings():  # torch warns that uint8 indices are masks; the checker's run must not print it
+        warnings.simplefilter("ignore")
+        return (code[torch.stack([packed >> 4, packed & 0xF], dim=1).reshape(-1)].reshape(-1, 64) * absmax[:, None]).reshape(-1)
 
 
 def _nf4_tiled_scales(packed, absmax, code):
@@ -140,5 +152,7 @@ register(
          "torch.stack([packed >> 4, packed & 0xF], dim=1).reshape(-1)"),
         (lambda packed, absmax, code: (code[torch.stack([(packed & 0xF0), packed & 0xF], dim=1).reshape(-1).long().clamp(max=15)].reshape(-1, 64) * absmax[:, None]).reshape(-1),
          "the high nibble is masked with 0xF0 but not shifted: it stays 16 times too large", "packed >> 4 (or (packed & 0xF0) >> 4)"),
+        (_nf4_byte_indices,
+         "the indices stay uint8, and a uint8 (byte) tensor used as an index is read as a boolean mask", "convert the indices: code[index.long()]"),
     ],
 )
