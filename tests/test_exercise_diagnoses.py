@@ -468,8 +468,9 @@ def _l_kv_bytes_heads_for_kv(c, b, s, dt):
 
 
 def _l_rope_apply_kq_sin_neg(q, k, cos, sin):
-    cos = cos.unsqueeze(1); sin = sin.unsqueeze(1)
-    def _l_rh(x):
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+
+    def rh(x):
         a, b = x.chunk(2, -1)
         return torch.cat([b, -a], -1)
     return q * cos + rh(q) * sin, k * cos + rh(k) * sin
@@ -670,11 +671,246 @@ LATER = [
 ]
 
 
+
+
+def _m_sm_inplace(x, dim):
+    x -= x.max(dim, keepdim=True).values
+    x.exp_()
+    return x / x.sum(dim, keepdim=True)
+
+
+def _m_sm_float_keep(x, dim):
+    x = x.float()
+    e = (x - x.max(dim, keepdim=True).values).exp()
+    return e / e.sum(dim, keepdim=True)
+
+
+def _m_rms_fp16_weight_first(h, w, eps):
+    x = h.float()
+    return (w.float() * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)).to(h.dtype)
+
+
+def _m_rms_loop(h, w, eps):
+    out = torch.empty_like(h)
+    flat = h.reshape(-1, h.shape[-1]); o = out.view(-1, h.shape[-1])
+    for i in range(flat.shape[0]):
+        r = flat[i].float()
+        o[i] = (r / torch.sqrt((r * r).sum() / (h.shape[-1] - 1) + eps)).to(h.dtype) * w
+    return out
+
+
+def _m_rot_loop(x):
+    d = x.shape[-1] // 2
+    out = torch.empty_like(x)
+    out[..., :d] = x[..., d:]
+    out[..., d:] = -x[..., :d]
+    return out
+
+
+def _m_rope_freq_exp(d, base):
+    return torch.tensor([1 / base ** (2 * i / d) for i in range(1, d // 2 + 1)])
+
+
+def _m_cos_sin_long(p, d, base):
+    inv = 1.0 / base ** (torch.arange(0, d, 2).float() / d)
+    a = p[..., None] * inv
+    a = torch.cat([a, a], -1)
+    return a.cos().to(torch.float64), a.sin().to(torch.float64)
+
+
+def _m_ntk_int(base, d, L, Lt, f):
+    if L <= Lt:
+        return base
+    return base * ((f * L // Lt) - (f - 1)) ** (d / (d - 2))
+
+
+def _m_mask_neg_inf_where(q, k, dt):
+    i = torch.arange(q)[:, None]; j = torch.arange(k)[None]
+    return torch.where(j > i, torch.finfo(dt).min, 0.0).to(dt)
+
+
+def _m_repk_loop(h, n):
+    heads = []
+    for i in range(h.shape[1]):
+        for _ in range(n):
+            heads.append(h[:, i])
+    return torch.stack(heads, dim=2)
+
+
+def _m_attn_noT_float(q, k, v, m):
+    s = q @ k.transpose(-1, -2) / math.sqrt(q.size(-1))
+    w = F.softmax(s + m, dim=-1)
+    return (w @ v).float()
+
+
+def _m_attn_scale_k(q, k, v, m):
+    s = q @ (k / math.sqrt(k.shape[-1])).transpose(-1, -2)
+    s = s / math.sqrt(k.shape[-1])
+    return torch.softmax(s.float() + m, -1).to(q.dtype) @ v
+
+
+def _m_kv_mb(c, b, s, dt):
+    return 2 * c.num_hidden_layers * b * s * c.num_key_value_heads * c.head_dim * dt.itemsize // 2**20
+
+
+def _m_swiglu_gate_up_swapped(x, g, u, d):
+    return (F.silu(F.linear(x, u)) * F.linear(x, g)) @ d.T
+
+
+def _m_dec_norm_after(L, x, c, s, m):
+    h = x + L.input_layernorm(L.self_attn(x, c, s, m)[0])
+    return h + L.post_attention_layernorm(L.mlp(h))
+
+
+def _m_count_heads_kv(c):
+    d = c.hidden_size
+    att = 4 * d * d
+    return c.vocab_size * d * (1 if c.tie_word_embeddings else 2) + c.num_hidden_layers * (att + 3 * d * c.intermediate_size + 2 * d) + d
+
+
+def _m_perm_interleave_wrong_axis(w, n):
+    hd = w.shape[0] // n
+    return w.view(n, hd // 2, 2, -1).transpose(0, 1).reshape(w.shape)
+
+
+def _m_greedy_sample(model, ids, n):
+    out = model(ids, use_cache=True)
+    for _ in range(n):
+        nxt = out.logits[:, -1].softmax(-1).argmax(-1, keepdim=True)
+        ids = torch.cat([ids, nxt], 1)
+        out = model(ids, use_cache=True)
+    return ids
+
+
+def _m_topk_sorted_idx(x, k):
+    k = min(k, x.shape[-1])
+    idx = x.argsort(-1, descending=True)[..., k:]
+    return x.scatter(-1, idx, float("-inf"))
+
+
+def _m_rep_div_all_seen_sign(ids, x, p):
+    out = x.clone()
+    for b in range(ids.shape[0]):
+        for t in ids[b]:
+            out[b, t] = out[b, t] / p
+    return out
+
+
+def _m_chat_sys_outside(ms):
+    out = ""
+    if ms[0]["role"] == "system":
+        out = "<<SYS>>\n" + ms[0]["content"] + "\n<</SYS>>\n\n"; ms = ms[1:]
+    for m in ms:
+        c = m["content"].strip()
+        out += f"<s>[INST] {c} [/INST]" if m["role"] == "user" else f" {c} </s>"
+    return out
+
+
+def _m_loss_no_ignore_mean_mask(lg, lb):
+    lg, lb = lg[:, :-1], lb[:, 1:]
+    mask = lb != -100
+    lp = torch.log_softmax(lg, -1)
+    nll = -lp.gather(-1, lb.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return (nll * mask).mean()
+
+
+def _m_lora_merge_wrong(x, w, a, b, alpha, r):
+    return x @ (w + alpha / r * (a.T @ b.T)).T if a.shape[1] == b.shape[0] else x @ (w + alpha / r * b @ a)
+
+
+def _m_labels_shift_left(ids, spans):
+    out = torch.full_like(ids, -100)
+    for s, e in spans:
+        out[s - 1:e - 1] = ids[s:e]
+    return out
+
+
+def _m_dpo_no_mean_beta(pc, pr, rc, rr, beta):
+    return -F.logsigmoid(beta * ((pc - rc) - (pr - rr))).sum() / beta
+
+
+def _m_absq_rowmax_signed(w):
+    m = w.max(dim=1).values
+    s = torch.where(m == 0, torch.ones_like(m), m / 127)
+    return torch.round(w / s[:, None]).clamp(-127, 127).to(torch.int8), s
+
+
+def _m_absq_global(w):
+    m = w.abs().max()
+    s = (m / 127).expand(w.shape[0])
+    return (w / s[:, None]).round().to(torch.int8), s
+
+
+def _m_nf4_mod(packed, absmax, code):
+    hi = packed // 16; lo = packed % 16
+    idx = torch.stack([hi, lo], 1).reshape(-1).long()
+    vals = code[idx]
+    return vals * absmax.repeat(64)
+
+
+def _m_rows_world(batch, rank, world):
+    n = batch.shape[0] // world
+    return batch[rank * n:rank * n + world]
+
+
+def _m_rowpar_wrong_dim(x, w, world):
+    out = 0
+    for xi, wi in zip(x.split(x.shape[-1] // world, -1), w.split(w.shape[1] // world, 1)):
+        out = out + xi @ wi.T
+    return out / world if world > 1 else out
+
+
+def _m_bpe_left_first(piece, ranks):
+    parts = [piece[i:i+1] for i in range(len(piece))]
+    i = 0
+    while i < len(parts) - 1:
+        if parts[i] + parts[i + 1] in ranks:
+            parts[i:i+2] = [parts[i] + parts[i + 1]]
+            i = 0
+        else:
+            i += 1
+    return [ranks[p] for p in parts]
+
+
+LATER += [
+    ("softmax", _m_sm_inplace, r"changed its input|in place"),
+    ("softmax", _m_sm_float_keep, r"dtype|float16|float32"),
+    ("rms_norm", _m_rms_loop, r"d - 1|variance|mean|sum"),
+    ("rotate_half", _m_rot_loop, r"sign|wrong half"),
+    ("rope_inv_freq", _m_rope_freq_exp, r"off by one|start|i starts|2/d"),
+    ("rope_cos_sin", _m_cos_sin_long, r"dtype|float64|float32"),
+    ("dynamic_ntk_base", _m_ntk_int, r"integer|//|floor"),
+    ("causal_mask", _m_mask_neg_inf_where, r"offset|cache|kv_len - q_len"),
+    ("repeat_kv", _m_repk_loop, r"dim|axis|shape|order"),
+    ("attention", _m_attn_noT_float, r"dtype|float32|float16"),
+    ("attention", _m_attn_scale_k, r"sqrt|scale|d instead"),
+    ("kv_cache_bytes", _m_kv_mb, r"MiB|MB|GiB|bytes"),
+    ("swiglu", _m_swiglu_gate_up_swapped, r"up branch|gate"),
+    ("decoder_layer", _m_dec_norm_after, r"norm|post"),
+    ("count_parameters", _m_count_heads_kv, r"num_key_value_heads|k_proj|v_proj"),
+    ("permute_qk", _m_perm_interleave_wrong_axis, r"head|whole|transpose|axis"),
+    ("greedy_decode", _m_greedy_sample, r"past_key_values|cache|recomput"),
+    ("top_k_filter", _m_topk_sorted_idx, r"ties"),
+    ("repetition_penalty", _m_rep_div_all_seen_sign, r"negative|times"),
+    ("llama2_chat_prompt", _m_chat_sys_outside, r"system|\[INST\]"),
+    ("causal_lm_loss", _m_loss_no_ignore_mean_mask, r"-100|ignored|count"),
+    ("lora_forward", _m_lora_merge_wrong, r"transpos|B A|order"),
+    ("assistant_labels", _m_labels_shift_left, r"shift"),
+    ("dpo_loss", _m_dpo_no_mean_beta, r"sum|mean|beta"),
+    ("absmax_quantize", _m_absq_rowmax_signed, r"max\|row\||abs|magnitude"),
+    ("absmax_quantize", _m_absq_global, r"whole tensor|per row|one scale"),
+    ("nf4_lookup", _m_nf4_mod, r"tiled|repeat|block"),
+    ("local_rows", _m_rows_world, r"world|B / world|rows"),
+    ("row_parallel_linear", _m_rowpar_wrong_dim, r"averag|sum"),
+    ("llama3_bpe_merge", _m_bpe_left_first, r"lowest rank|first pair"),
+]
+
+
 def test_later_set_is_rejected_and_mostly_named():
     rows = [(n, p, *diagnose(n, fn)) for n, fn, p in LATER]
     assert not [(n, p) for n, p, ok, out in rows if ok]
     unnamed = [(n, p, out) for n, p, ok, out in rows if not re.search(p, out)]
-    assert len(unnamed) <= 0.1 * len(rows), unnamed  # 36 of 38 when written
+    assert len(unnamed) <= 0.1 * len(rows), unnamed  # 36 of 38 when written, then 66 of 69 with the second part
     for n, p, out in unnamed:
         assert _first_difference_said(out), (n, out)
 
@@ -825,27 +1061,64 @@ def _c_count(c):
     return total if c.tie_word_embeddings else total + c.vocab_size * d
 
 
+def _c_mask_times_min(q, k, dt):
+    m = torch.ones(q, k, dtype=torch.bool).triu(k - q + 1)
+    return m.to(dt) * torch.finfo(dt).min
+
+
+def _c_inter_float_mult(d, m=256, f=None):
+    h = int(8 * d / 3)
+    if f is not None:
+        h = f * h
+    return int(m * math.ceil(h / m))
+
+
+def _c_deq_transpose(q, s):
+    return (q.T.float() * s).T
+
+
+def _c_apply_rope_unsq2(q, k, cos, sin):
+    def rh(x):
+        a, b = x.chunk(2, -1)
+        return torch.cat((-b, a), -1)
+
+    c, s = cos[:, :, None, :].transpose(1, 2), sin[:, :, None, :]
+    return q * c + rh(q) * s.transpose(1, 2), k * c + rh(k) * s.transpose(1, 2)
+
+
+def _c_merge_pair_no_skip(symbols, pair):
+    out = list(symbols)
+    i = 0
+    while i < len(out) - 1:
+        if out[i] == pair[0] and out[i + 1] == pair[1]:
+            out[i] = pair[0] + pair[1]
+            del out[i + 1]
+        else:
+            i += 1
+    return out
+
+
 CORRECT = {
     "softmax": [lambda x, dim: torch.softmax(x.double(), dim).to(x.dtype),
                 lambda x, dim: (lambda e: e / e.sum(dim, keepdim=True))((x.float() - x.float().amax(dim, keepdim=True)).exp()).to(x.dtype)],
-    "merge_pair": [_c_merge_zip],
+    "merge_pair": [_c_merge_pair_no_skip, _c_merge_zip],
     "rms_norm": [_c_rms_einsum,
                  lambda h, w, eps: w * (h.double() / h.double().pow(2).mean(-1, keepdim=True).add(eps).sqrt()).to(h.dtype)],
     "rotate_half": [lambda x: torch.cat((-x[..., x.shape[-1] // 2:], x[..., :x.shape[-1] // 2]), dim=-1),
                     lambda x: (lambda y: torch.cat((-y[..., y.shape[-1] // 2:], y[..., :y.shape[-1] // 2]), -1))(torch.roll(x, 0, -1))],
-    "apply_rotary_pos_emb": [lambda q, k, c, s: tuple((x.double() * c.double()[:, None] + _rh(x).double() * s.double()[:, None]).to(x.dtype) for x in (q, k))],
+    "apply_rotary_pos_emb": [_c_apply_rope_unsq2, lambda q, k, c, s: tuple((x.double() * c.double()[:, None] + _rh(x).double() * s.double()[:, None]).to(x.dtype) for x in (q, k))],
     "rope_inv_freq": [lambda d, base: torch.exp(-math.log(base) * torch.arange(0, d, 2).float() / d),
                       lambda d, base: (1.0 / base ** (torch.arange(0, d, 2, dtype=torch.float64) / d)).float()],
     "rope_cos_sin": [lambda p, d, b: (lambda a: (a.cos(), a.sin()))(torch.cat([torch.einsum("bs,f->bsf", p.double(), b ** (-torch.arange(0, d, 2, dtype=torch.float64) / d))] * 2, -1).float())],
     "dynamic_ntk_base": [lambda b, d, L, Lt, f: b * math.pow(max(1.0, f * L / Lt - f + 1), d / (d - 2))],
-    "causal_mask": [lambda q, k, dt: torch.zeros(q, k, dtype=dt).masked_fill(torch.arange(k)[None] > torch.arange(k - q, k)[:, None], torch.finfo(dt).min)],
+    "causal_mask": [_c_mask_times_min, lambda q, k, dt: torch.zeros(q, k, dtype=dt).masked_fill(torch.arange(k)[None] > torch.arange(k - q, k)[:, None], torch.finfo(dt).min)],
     "repeat_kv": [lambda h, n: h[:, :, None].expand(-1, -1, n, -1, -1).flatten(1, 2),
                   lambda h, n: h.index_select(1, torch.arange(h.shape[1] * n) // n)],
     "attention": [_c_attention_einsum],
     "kv_cache_bytes": [lambda c, b, s, dt: 2 * c.num_hidden_layers * b * s * c.num_key_value_heads * (c.hidden_size // c.num_attention_heads) * dt.itemsize],
     "swiglu": [lambda x, g, u, d: torch.einsum("...i,di->...d", F.silu(torch.einsum("...d,id->...i", x, g)) * torch.einsum("...d,id->...i", x, u), d)],
     "decoder_layer": [lambda L, x, c, s, m: (lambda h: torch.add(h, L.mlp(L.post_attention_layernorm(h))))(torch.add(x, L.self_attn(L.input_layernorm(x), c, s, m)[0]))],
-    "llama_intermediate_size": [lambda d, m=256, f=None: -(-int((f or 1) * int(8 * d / 3)) // m) * m if f else -(-int(8 * d / 3) // m) * m],
+    "llama_intermediate_size": [_c_inter_float_mult, lambda d, m=256, f=None: -(-int((f or 1) * int(8 * d / 3)) // m) * m if f else -(-int(8 * d / 3) // m) * m],
     "count_parameters": [_c_count],
     "permute_qk": [lambda w, n: w.reshape(n, w.shape[0] // n // 2, 2, -1).permute(0, 2, 1, 3).reshape(w.shape)],
     "greedy_decode": [_c_greedy_loop],
@@ -862,7 +1135,7 @@ CORRECT = {
     "dpo_loss": [lambda pc, pr, rc, rr, beta: F.softplus(-beta * ((pc - pr) - (rc - rr))).mean(),
                  lambda pc, pr, rc, rr, beta: (-F.logsigmoid(beta * ((pc.double() - rc) - (pr.double() - rr)))).mean().float()],
     "absmax_quantize": [_c_absmax_quantize],
-    "absmax_dequantize": [lambda q, s: torch.einsum("ij,i->ij", q.float(), s), lambda q, s: q.to(torch.float32) * s.unsqueeze(1)],
+    "absmax_dequantize": [_c_deq_transpose, lambda q, s: torch.einsum("ij,i->ij", q.float(), s), lambda q, s: q.to(torch.float32) * s.unsqueeze(1)],
     "nf4_lookup": [_c_nf4],
     "local_rows": [lambda batch, rank, world: batch.chunk(world)[rank], lambda batch, rank, world: batch.tensor_split(world)[rank]],
     "row_parallel_linear": [lambda x, w, world: torch.stack([xi @ wi.T for xi, wi in zip(x.tensor_split(world, -1), w.tensor_split(world, 1))]).sum(0)],

@@ -363,6 +363,9 @@ def _name_factor(r: float) -> str:
             return f" (= sqrt({n}))"
         if math.isclose(r, 1 / math.sqrt(n), rel_tol=1e-4) and int(math.isqrt(n)) ** 2 != n:
             return f" (= 1/sqrt({n}))"
+    for n in range(2, 257):
+        if math.isclose(r, math.sqrt((n - 1) / n), rel_tol=1e-5) or math.isclose(r, math.sqrt(n / (n - 1)), rel_tol=1e-5):
+            return f" (= sqrt({n - 1}/{n}) or its inverse: a division by n - 1 where n belongs (unbiased variance), or the reverse?)"
     if r > 1 and math.isclose(r, round(r), rel_tol=1e-4):
         return f" (= {round(r)})"
     if r < 1 and math.isclose(1 / r, round(1 / r), rel_tol=1e-4):

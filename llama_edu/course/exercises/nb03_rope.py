@@ -219,6 +219,8 @@ register(
          "factor * seq_len / max_position_embeddings - (factor - 1)"),
         (lambda b, d, L, Lt, f: b if L <= Lt else b ** (d / (d - 2)) * ((f * L / Lt) - (f - 1)),
          "the exponent d / (d - 2) raises the base, not the length factor", "base * (length factor) ** (head_dim / (head_dim - 2))"),
+        (lambda b, d, L, Lt, f: b if L <= Lt else b * ((f * L // Lt) - (f - 1)) ** (d / (d - 2)),
+         "integer division (//) floors factor * seq_len / max_position_embeddings", "use true division: factor * seq_len / max_position_embeddings"),
         (lambda b, d, L, Lt, f: b if L <= Lt else b / ((f * L / Lt) - (f - 1)) ** (d / (d - 2)),
          "the base is divided by the scaling; a longer context needs a LARGER base (slower rotations)", "multiply: base * (...) ** (d / (d - 2))"),
     ],

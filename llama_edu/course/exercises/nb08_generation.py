@@ -267,6 +267,7 @@ register(
     mistakes=[(lambda x, t: x * t, "multiplied by the temperature; a low temperature must sharpen the distribution", "divide: logits / temperature"),
               (lambda x, t: (x.softmax(-1) / t), "returns scaled probabilities, not logits", "divide the logits, before any softmax"),
               (lambda x, t: (x / t).softmax(-1), "returns probabilities (softmax of the scaled logits); the warper returns logits", "return logits / temperature"),
+              (lambda x, t: x / int(t), "the temperature is cast to int: int(0.5) = 0, and a division by 0 gives inf", "logits / float(temperature)"),
               (lambda x, t: x // t, "integer (floor) division // rounds the scaled logits down to whole numbers", "true division: logits / temperature"),
               (lambda x, t: x / t ** 2, "the logits are divided by the temperature squared", "logits / temperature"),
               (lambda x, t: x - t, "the temperature is subtracted; it divides the logits", "logits / temperature")],
