@@ -382,7 +382,7 @@ def _shape_difference(got: torch.Tensor, expected: torch.Tensor, atol: float, rt
     if got.numel() == expected.numel() and got.dim() == expected.dim() and 1 < got.dim() <= 5 and got.dtype == expected.dtype:
         for perm in itertools.permutations(range(got.dim())):
             if tuple(got.shape[p] for p in perm) == tuple(expected.shape) and _close(got.permute(perm), expected, atol, rtol):
-                return msg + f": the values are right but the dimensions are in another order (your result.permute{perm} would be right)"
+                return msg + f": the values are right but the dimensions are in another order, transposed or permuted (your result.permute{perm} would be right)"
     if got.numel() == expected.numel():
         squeezed_g = [s for s in got.shape if s != 1]
         squeezed_e = [s for s in expected.shape if s != 1]

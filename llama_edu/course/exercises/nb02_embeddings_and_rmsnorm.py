@@ -62,6 +62,8 @@ register(
         (lambda h, w, eps: w * (h.float() * torch.rsqrt(h.float().var(-1, keepdim=True, unbiased=False) + eps)).to(h.dtype),
          "you divided by the standard deviation (var subtracts the mean): RMSNorm uses the mean of squares, not the variance",
          "torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps), without centring"),
+        (lambda h, w, eps: w * (h.float() / (h.float().pow(2).mean(-1, keepdim=True) + eps)).to(h.dtype),
+         "the values are divided by the mean of squares, not by its square root (sqrt is missing)", "x * torch.rsqrt(mean(x^2) + eps)"),
         (lambda h, w, eps: w * (h.float() * torch.sqrt(h.float().pow(2).mean(-1, keepdim=True) + eps)).to(h.dtype),
          "the values are multiplied by the RMS instead of divided by it (sqrt where rsqrt belongs)",
          "x * torch.rsqrt(mean(x^2) + eps), or x / torch.sqrt(mean(x^2) + eps)"),
