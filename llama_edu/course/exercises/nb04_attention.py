@@ -184,6 +184,8 @@ register(
          "you returned the attention weights; the output is the weights times v", "return weights @ v"),
         (lambda q, k, v, m: F.softmax(_scores(q, k) / math.sqrt(q.shape[-1]) + m, dim=1, dtype=torch.float32).to(q.dtype) @ v,
          "the softmax runs over dim 1 (the heads); it runs over the keys, the last dimension", "softmax(..., dim=-1)"),
+        (lambda q, k, v, m: F.softmax(_scores(q, k) / math.sqrt(q.shape[-1]) + m.transpose(-2, -1), dim=-1, dtype=torch.float32).to(q.dtype) @ v,
+         "the mask is transposed: it is (q_len, kv_len), rows for queries, like the scores", "add the mask as it is"),
         (lambda q, k, v, m: F.softmax(_scores(q, k) / math.sqrt(q.shape[-1]) - m, dim=-1, dtype=torch.float32).to(q.dtype) @ v,
          "the mask is subtracted: its huge negative numbers become huge positive ones, so the masked keys win (sign)",
          "scores + mask"),

@@ -243,6 +243,8 @@ register(
         (lambda ids, x, p: x.scatter(1, ids, torch.where(x.gather(1, ids) > 0, x.gather(1, ids) * p, x.gather(1, ids) / p)),
          "the penalty is inverted: positive logits are multiplied and negative ones divided, which makes seen tokens MORE likely",
          "torch.where(score < 0, score * penalty, score / penalty)"),
+        (lambda ids, x, p: x.scatter(1, ids, x.gather(1, ids) * p), "every seen logit is multiplied by the penalty: a positive logit grows, so the token becomes MORE likely",
+         "divide positive logits and multiply negative ones: torch.where(score < 0, score * penalty, score / penalty)"),
         (lambda ids, x, p: torch.where(x < 0, x * p, x / p), "every logit is penalised, not only the tokens in input_ids",
          "gather the scores of the seen tokens, change those, scatter them back"),
         (lambda ids, x, p: x.scatter(1, ids, x.gather(1, ids) - p), "the penalty is subtracted; it divides positive logits and multiplies negative ones",

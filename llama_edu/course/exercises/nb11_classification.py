@@ -69,6 +69,8 @@ register(
         (lambda t, p: (lambda tp, fp, fn: tp / (tp + fp + fn) if tp else 0.0)(*_counts(t, p)),
          "TP / (TP + FP + FN) is the Jaccard index (IoU); F1 counts the true positives twice: the factor 2 TP is missing",
          "F1 = 2 TP / (2 TP + FP + FN)"),
+        (lambda t, p: (lambda tp, fp, fn: 2 * tp / (tp + fp + fn) if tp else 0.0)(*_counts(t, p)),
+         "2 TP / (TP + FP + FN): the factor 2 belongs in the denominator's TP too", "F1 = 2 TP / (2 TP + FP + FN)"),
         (lambda t, p: (lambda tp, fp, fn: 2 * tp // (2 * tp + fp + fn) if tp else 0.0)(*_counts(t, p)),
          "integer division (//) rounds the F1 down to 0 or 1", "use / for a float: 2 * tp / (2 * tp + fp + fn)"),
         (lambda t, p: 100 * _f1_of(1)(t, p), "the F1 is a percentage (x100); the exercise wants a fraction between 0 and 1", "drop the factor 100"),
