@@ -1148,3 +1148,13 @@ def test_correct_answers_written_otherwise_pass(name):
     for fn in CORRECT[name]:
         ok, out = diagnose(name, fn)
         assert ok, out
+
+
+def test_a_mistake_that_is_right_where_the_answer_is_wrong_is_not_named():
+    # Only the dtype is wrong (float32 for a float16 input): a known mistake or a changed argument that
+    # gives the right values there (the mask's sign, for a reference that reads mask == 0) explains nothing.
+    def float32_out(q, k, v, m):
+        return torch.softmax((q @ k.mT / math.sqrt(q.shape[-1])).float() + m, -1) @ v.float()
+
+    ok, out = diagnose("attention", float32_out)
+    assert not ok and "dtype torch.float32, expected torch.float16" in out and "sign" not in out, out

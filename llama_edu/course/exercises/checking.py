@@ -343,9 +343,7 @@ _FACTORS = [(2.0, "2"), (0.5, "1/2"), (4.0, "4"), (0.25, "1/4"), (8.0, "8"), (0.
 
 def _reduction(r: float) -> str:
     """': a sum where a mean belongs?' when a scalar is a whole number of times too large or small."""
-    if not math.isfinite(r) or r <= 0:
-        return ""
-    n = r if r > 1 else 1 / r
+    n = (r if r > 1 else 1 / r) if math.isfinite(r) and r > 0 else 0.0
     if n > 2.5 and math.isclose(n, round(n), rel_tol=1e-4):
         return "; a sum where a mean belongs (reduction)?" if r > 1 else "; a mean where a sum belongs, or a count that includes ignored items (reduction)?"
     return ""
@@ -606,8 +604,9 @@ def _matching_mistake(ex: Exercise, cases: Cases, answers: list[Any], expected: 
     def explains(m: int, indices: list[int], loose: bool) -> bool:
         try:
             for i in indices:
-                out = output(m, i)
-                if difference(_like(answers[i], out) if loose else answers[i], out, *tol[i]) is not None:
+                out = output(m, i)  # loosely, a mistake must also be wrong where the answer is (not just another dtype)
+                if difference(_like(answers[i], out) if loose else answers[i], out, *tol[i]) is not None or \
+                        (loose and difference(out, expected[i], *tol[i]) is None):
                     return False
             return True
         except (NotImplementedError, _TimeLimit):
@@ -624,7 +623,7 @@ def _matching_mistake(ex: Exercise, cases: Cases, answers: list[Any], expected: 
             return says, hint
     if not wrong:
         return None
-    variant = _matching_variant(ex, cases, answers, wrong) or _config_terms(cases[wrong[0]][1], answers[wrong[0]], expected[wrong[0]])
+    variant = _matching_variant(ex, cases, answers, expected, wrong) or _config_terms(cases, answers, expected, wrong)
     if variant:
         return variant
     for m, (_, says, hint) in enumerate(ex.mistakes):  # the first wrong case alone: part of the answer's mistakes
@@ -690,30 +689,30 @@ def _argument_variants(ex: Exercise, args: tuple) -> list[tuple[tuple, str, str]
     return out
 
 
-def _config_terms(args: tuple, got: Any, expected: Any) -> tuple[str, str] | None:
-    """For a count computed from a config: the difference as a whole number of one of the model's
-    blocks (an RMSNorm weight, a projection, an embedding), which says what was missed or doubled."""
-    if not (_is_int(got) and _is_int(expected)) or got == expected:
-        return None
-    c = next((a for a in args if hasattr(a, "to_dict") and hasattr(a, "num_attention_heads")), None)
-    if c is None:
-        return None
-    d, diff = c.hidden_size, got - expected
-    terms = [(c.vocab_size * d, "the embedding matrix or the lm_head (vocab_size x hidden_size)"),
-             (d * c.intermediate_size, "an MLP matrix (hidden_size x intermediate_size)"),
-             (d * c.num_attention_heads * c.head_dim, "a q_proj or o_proj matrix (hidden_size x num_attention_heads * head_dim)"),
-             (d * c.num_key_value_heads * c.head_dim, "a k_proj or v_proj matrix (hidden_size x num_key_value_heads * head_dim)"),
-             (d, "an RMSNorm weight (hidden_size values)")]
-    limit = 2 * c.num_hidden_layers + 2
-    for size, what in terms:
-        if size and diff % size == 0 and 0 < abs(diff // size) <= limit:
-            n = diff // size
-            return (f"your count is off by {n:+d} x {what}: {abs(n)} of them {'missing' if n < 0 else 'extra'}",
-                    "list the weights of one layer (4 attention projections, 3 MLP matrices, 2 norms) and the model's own (embedding, final norm, lm_head unless tied)")
-    return None
+def _config_terms(cases: Cases, answers: list[Any], expected: list[Any], wrong: list[int]) -> tuple[str, str] | None:
+    """For a count computed from a config: the difference, in every wrong case, as one, two, one per layer,
+    two per layer (+ 1) of the same block of the model (an RMSNorm weight, a projection, an embedding)."""
+    found = set()
+    for i in wrong:
+        got, exp, c = answers[i], expected[i], next((a for a in cases[i][1] if hasattr(a, "num_attention_heads")), None)
+        if c is None or not (_is_int(got) and _is_int(exp)):
+            return None
+        d, diff, L = c.hidden_size, got - exp, c.num_hidden_layers
+        terms = [(c.vocab_size * d, "the embedding matrix or the lm_head (vocab_size x hidden_size)"),
+                 (d * c.intermediate_size, "an MLP matrix (hidden_size x intermediate_size)"),
+                 (d * c.num_attention_heads * c.head_dim, "a q_proj or o_proj matrix (hidden_size x num_attention_heads * head_dim)"),
+                 (d * c.num_key_value_heads * c.head_dim, "a k_proj or v_proj matrix (hidden_size x num_key_value_heads * head_dim)"),
+                 (d, "an RMSNorm weight (hidden_size values)")]
+        match = [(diff // size, what) for size, what in terms if size and diff % size == 0 and abs(diff // size) in (1, 2, L, 2 * L, 2 * L + 1)]
+        if not match:
+            return None
+        found.add((match[0][1], "missing" if diff < 0 else "extra"))
+    what, how = found.pop() if len(found) == 1 else (None, None)
+    return None if what is None else (f"your count is off by a whole number of {what}: some of them are {how} (once, or once per layer)",
+            "list the weights of one layer (4 attention projections, 3 MLP matrices, 2 norms) and the model's own (embedding, final norm, lm_head unless tied)")
 
 
-def _matching_variant(ex: Exercise, cases: Cases, answers: list[Any], wrong: list[int]) -> tuple[str, str] | None:
+def _matching_variant(ex: Exercise, cases: Cases, answers: list[Any], expected: list[Any], wrong: list[int]) -> tuple[str, str] | None:
     """A misused argument that explains every answer: the reference on changed arguments gives what the
     learner's function gave, on the wrong cases and on the right ones. Only variants of the first wrong case's
     arguments that reproduce its answer are carried to the other cases."""
@@ -725,8 +724,9 @@ def _matching_variant(ex: Exercise, cases: Cases, answers: list[Any], wrong: lis
         changed = next((v[0] for v in variants[i] if v[1] == says), None)
         if changed is None:
             return i not in wrong
-        out = _call(ex.reference, changed)  # an error counts too: the same error as the answer's
-        return not isinstance(out, TimedOut) and difference(_like(answers[i], out), out, *ex.tolerances(cases[i][1])) is None
+        out, tol = _call(ex.reference, changed), ex.tolerances(cases[i][1])  # an error counts too: the same as the answer's
+        return not isinstance(out, TimedOut) and difference(_like(answers[i], out), out, *tol) is None and \
+            (i not in wrong or difference(out, expected[i], *tol) is not None)
 
     order = wrong + [i for i in range(len(cases)) if i not in wrong]
     for _, says, hint in _argument_variants(ex, cases[wrong[0]][1]):
