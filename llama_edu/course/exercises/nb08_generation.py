@@ -48,6 +48,13 @@ def _greedy_variant(model, ids, n, argmax_dim=-1, cat_dim=-1, position=-1):
     return ids
 
 
+def _greedy_flat_argmax(model, ids, n):
+    for _ in range(n):
+        nxt = model(ids).logits[:, -1].argmax()
+        ids = torch.cat([ids, nxt.view(1, 1).expand(ids.shape[0], 1)], -1)
+    return ids
+
+
 def _greedy_first_position(model, ids, n):
     for _ in range(n):
         ids = torch.cat([ids, model(ids).logits[:, 0].argmax(-1, keepdim=True)], -1)
@@ -95,6 +102,8 @@ register(
         (lambda m, ids, n: _greedy_variant(m, ids, n, argmax_dim=0),
          "argmax runs over the wrong dimension (the batch); the next token is the argmax over the vocabulary, the last dimension",
          "logits[:, -1].argmax(dim=-1, keepdim=True)"),
+        (_greedy_flat_argmax, "argmax without dim= takes the argmax of the flattened (batch, vocab) logits",
+         "logits[:, -1].argmax(dim=-1, keepdim=True): one token per row"),
         (lambda m, ids, n: _greedy_variant(m, ids, n, cat_dim=0),
          "the new token is concatenated along dim 0 (a new row) instead of the sequence dimension", "torch.cat([ids, next_token], dim=-1)"),
     ],

@@ -49,6 +49,8 @@ register(
         (lambda x, w, a, b, alpha, r: x @ w.t() + (alpha / r) * (x @ a @ b),
          "A and B are not transposed: they are stored (r, in) and (out, r), so a row vector needs x A^T B^T",
          "(x @ lora_A.T) @ lora_B.T"),
+        (lambda x, w, a, b, alpha, r: x @ w.t() + (alpha / r) * (x @ a.t() @ b),
+         "lora_B is not transposed: it is stored (out, r), so the update is (x A^T) B^T", "(x @ lora_A.T) @ lora_B.T"),
         (lambda x, w, a, b, alpha, r: x @ w.t() - (alpha / r) * (x @ a.t() @ b.t()),
          "the update is subtracted (sign); LoRA adds it", "x @ W.T + (alpha / r) * update"),
         (lambda x, w, a, b, alpha, r: x @ w.t() + (alpha / r) ** 0.5 * (x @ a.t() @ b.t()),

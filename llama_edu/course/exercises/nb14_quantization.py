@@ -152,6 +152,8 @@ register(
          "torch.stack([packed >> 4, packed & 0xF], dim=1).reshape(-1)"),
         (lambda packed, absmax, code: (code[torch.stack([(packed & 0xF0), packed & 0xF], dim=1).reshape(-1).long().clamp(max=15)].reshape(-1, 64) * absmax[:, None]).reshape(-1),
          "the high nibble is masked with 0xF0 but not shifted: it stays 16 times too large", "packed >> 4 (or (packed & 0xF0) >> 4)"),
+        (lambda packed, absmax, code: code[torch.stack([packed >> 4, packed & 0xF], dim=1).reshape(-1).long()] * absmax,
+         "absmax is not expanded to its block: it has one value per 64 weights", "absmax.repeat_interleave(64), or reshape the values to (-1, 64) and multiply by absmax[:, None]"),
         (_nf4_byte_indices,
          "the indices stay uint8, and a uint8 (byte) tensor used as an index is read as a boolean mask", "convert the indices: code[index.long()]"),
     ],
