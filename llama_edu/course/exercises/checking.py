@@ -440,7 +440,7 @@ def _tensor_difference(got: torch.Tensor, expected: torch.Tensor, atol: float, r
     idx = tuple(int(i) for i in bad.nonzero()[0])
     where = f"({int(bad.sum())} of {bad.numel()} values differ; the first at index {idx}: got {g[idx].item():.6g}, expected {e[idx].item():.6g})"
     if torch.isnan(g).any() and not torch.isnan(e).any():
-        return f"the {what} contains NaN where the expected values are numbers {where}. NaN comes from an overflow (exp of a large number, or x**2 in float16 -> inf, then inf/inf) or from 0/0 (e.g. a zero norm with no eps)"
+        return f"the {what} contains NaN where the expected values are numbers {where}. NaN comes from an overflow (exp of a large number, or x**2 in float16 -> inf, then inf/inf) or from 0/0 or 0 * inf (a zero norm with no eps, a mask multiplied by -inf)"
     if torch.isinf(g).any() and not torch.isinf(e).any():
         return f"the {what} contains inf where the expected values are finite {where}: something overflowed"
     if torch.isinf(e).any() and not torch.equal(torch.isinf(g) & (g < 0), torch.isinf(e) & (e < 0)):

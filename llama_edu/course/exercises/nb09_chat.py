@@ -24,12 +24,12 @@ def _chat_cases() -> Cases:
             ("system + three turns", ([_SYSTEM, *_TURNS],)), ("three turns, spaces around the content", (list(_TURNS),))]
 
 
-def _chat_variant(messages, strip=True, eos=" </s>", bos_each=True, sys_separate=False, answer_space=" ", inst_space=" ",
+def _chat_variant(messages, strip=True, eos=" </s>", bos_each=True, bos="<s>", sys_separate=False, answer_space=" ", inst_space=" ",
                   sys_open="<<SYS>>\n", sys_close="\n<</SYS>>\n\n", system_used=True):
     system = None
     if messages[0]["role"] == "system":
         system, messages = messages[0]["content"], messages[1:]
-    out = "" if bos_each else "<s>"
+    out = "" if bos_each else bos
     for i, m in enumerate(messages):
         c = m["content"].strip() if strip else m["content"]
         if i == 0 and system is not None and system_used:
@@ -38,7 +38,7 @@ def _chat_variant(messages, strip=True, eos=" </s>", bos_each=True, sys_separate
             else:
                 c = (sys_open + system + sys_close + m["content"]).strip() if strip else sys_open + system + sys_close + c
         if m["role"] == "user":
-            out += ("<s>" if bos_each else "") + "[INST]" + inst_space + c + inst_space + "[/INST]"
+            out += (bos if bos_each else "") + "[INST]" + inst_space + c + inst_space + "[/INST]"
         else:
             out += answer_space + c + eos
     return out
@@ -61,6 +61,7 @@ register(
          "'<<SYS>>\\n' + system + '\\n<</SYS>>\\n\\n' + first user message"),
         (lambda ms: _chat_variant(ms, sys_open="<<SYS>>", sys_close="<</SYS>>"), "the newlines around the system prompt are missing",
          "'<<SYS>>\\n' + system + '\\n<</SYS>>\\n\\n'"),
+        (lambda ms: _chat_variant(ms, bos=""), "<s> is missing: every user turn starts with <s>[INST]", "prefix each user turn with <s>"),
         (lambda ms: _chat_variant(ms, system_used=False), "the system message is dropped", "put it in a <<SYS>> block at the start of the first user message"),
         (lambda ms: _chat_variant(ms, eos="</s>"), "the space before </s> is missing: each answer ends with ' </s>'", "append ' </s>' after each answer"),
     ],
