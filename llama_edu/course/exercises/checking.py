@@ -623,7 +623,10 @@ def _matching_mistake(ex: Exercise, cases: Cases, answers: list[Any], expected: 
             return says, hint
     if not wrong:
         return None
-    variant = _matching_variant(ex, cases, answers, expected, wrong) or _config_terms(cases, answers, expected, wrong)
+    try:  # best effort: a config that refuses a changed field must not stop the diagnosis
+        variant = _matching_variant(ex, cases, answers, expected, wrong) or _config_terms(cases, answers, expected, wrong)
+    except Exception:
+        variant = None
     if variant:
         return variant
     for m, (_, says, hint) in enumerate(ex.mistakes):  # the first wrong case alone: part of the answer's mistakes
@@ -704,10 +707,8 @@ def _config_terms(cases: Cases, answers: list[Any], expected: list[Any], wrong: 
                  (d * c.num_key_value_heads * c.head_dim, "a k_proj or v_proj matrix (hidden_size x num_key_value_heads * head_dim)"),
                  (d, "an RMSNorm weight (hidden_size values)")]
         match = [(diff // size, what) for size, what in terms if size and diff % size == 0 and abs(diff // size) in (1, 2, L, 2 * L, 2 * L + 1)]
-        if not match:
-            return None
-        found.add((match[0][1], "missing" if diff < 0 else "extra"))
-    what, how = found.pop() if len(found) == 1 else (None, None)
+        found.add((match[0][1], "missing" if diff < 0 else "extra") if match else None)
+    what, how = found.pop() if len(found) == 1 and None not in found else (None, None)
     return None if what is None else (f"your count is off by a whole number of {what}: some of them are {how} (once, or once per layer)",
             "list the weights of one layer (4 attention projections, 3 MLP matrices, 2 norms) and the model's own (embedding, final norm, lm_head unless tied)")
 
