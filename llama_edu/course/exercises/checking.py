@@ -522,7 +522,7 @@ def difference(got: Any, expected: Any, atol: float = 1e-5, rtol: float = 1e-5, 
     if _is_int(expected):
         if not _is_int(got):
             hint = " (use .item() to turn a one-element tensor into a Python int)" if isinstance(got, torch.Tensor) else \
-                (" (an integer computed with / or math.ceil on floats: use // or int(...))" if isinstance(got, float) else "")
+                (" (an integer computed with / or math.ceil on floats: use integer division // or int(...))" if isinstance(got, float) else "")
             return f"the {what} should be an int, got {_describe(got)}{hint}"
         if got == expected:
             return None
