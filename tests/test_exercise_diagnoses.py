@@ -930,6 +930,7 @@ def test_generic_differences_name_the_kind_of_mistake():
     assert "off by one" in difference(5, 4) and "off by one" in difference(torch.zeros(5, 3), torch.zeros(4, 3))
     assert "a sum where a mean belongs" in difference(torch.tensor(12.0), torch.tensor(1.5))
     assert "sign is flipped" in difference(torch.tensor(-2.0), torch.tensor(2.0))
+    assert "reverse order" in difference([3, 2, 1], [1, 2, 3]) and "swapped" in difference((y, x), (x, y))
 
 
 @pytest.mark.parametrize("name, wrong, phrase", [

@@ -504,11 +504,10 @@ def difference(got: Any, expected: Any, atol: float = 1e-5, rtol: float = 1e-5, 
     if isinstance(expected, (tuple, list)):
         if not isinstance(got, (tuple, list)) or len(got) != len(expected):
             return f"the {what} should be a {type(expected).__name__} of {len(expected)} items, got {_describe(got)}"
-        for i, (g, e) in enumerate(zip(got, expected)):
-            problem = difference(g, e, atol, rtol, f"{what}[{i}]")
-            if problem:
-                return problem
-        return None
+        problem = next((p for p in (difference(g, e, atol, rtol, f"{what}[{i}]") for i, (g, e) in enumerate(zip(got, expected))) if p), None)
+        if problem and len(got) > 1 and all(difference(g, e, atol, rtol) is None for g, e in zip(list(got)[::-1], expected)):
+            return f"the {what}'s two items are swapped (reversed order)" if len(got) == 2 else f"the {what} holds the expected items in reverse order (reversed)"
+        return problem
     if isinstance(expected, str):
         if not isinstance(got, str):
             return f"the {what} should be a string, got {_describe(got)}"

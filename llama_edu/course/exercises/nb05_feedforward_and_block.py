@@ -133,6 +133,8 @@ register(
         (lambda L, x, c, s, m: (h := x + L.input_layernorm(_attn(L, x, c, s, m))) + L.post_attention_layernorm(L.mlp(h)),
          "the norms are applied to the outputs of attention and MLP; Llama normalises their inputs (pre-norm)",
          "h = x + self_attn(input_layernorm(x)); out = h + mlp(post_attention_layernorm(h))"),
+        (lambda L, x, c, s, m: (h := x - _attn(L, L.input_layernorm(x), c, s, m)) + L.mlp(L.post_attention_layernorm(h)),
+         "the attention output is subtracted from the residual stream (sign); the residual adds it", "h = x + self_attn(input_layernorm(x), ...)[0]"),
         (lambda L, x, c, s, m: (h := x + _attn(L, L.post_attention_layernorm(x), c, s, m)) + L.mlp(L.input_layernorm(h)),
          "the two norms are swapped: input_layernorm goes before the attention, post_attention_layernorm before the MLP",
          "h = x + self_attn(input_layernorm(x)); out = h + mlp(post_attention_layernorm(h))"),
