@@ -9,8 +9,11 @@ an answer is wrong.
 copy) on the exercise's inputs: random ones and adversarial ones chosen to separate near-misses
 (tiny norms, fp16 overflow, ties, a cache offset). When an answer differs it runs the exercise's
 known mistakes on the same inputs; a mistake that reproduces the learner's every output (or error)
-is named, with a hint. Otherwise it says what differs (shape, dtype, NaN, sign, a constant
-factor, values in the wrong places). ``check`` never raises (only ``KeyboardInterrupt`` goes
+is named, with a hint. Otherwise it tries the reference on the case's arguments changed the way
+code misuses them (an argument left out, inverted, off by one, another ``dim``, ``dtype`` ignored,
+two swapped, a config field such as ``num_key_value_heads`` misread): one that reproduces every
+answer names the argument. Then it says what differs (shape, dtype, NaN, sign, a constant factor,
+axes swapped or reversed, values in the wrong places, a count off by whole blocks of the model). ``check`` never raises (only ``KeyboardInterrupt`` goes
 through): a broken answer must not stop the notebook. Each call gets its own copies of the inputs
 and a time limit, and an answer that changes its inputs in place is told so (``checking.py``
 explains how). ``check(name, None)``, or a function that raises ``NotImplementedError``, is "not

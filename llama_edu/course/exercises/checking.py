@@ -341,6 +341,14 @@ def _tolerance(expected: torch.Tensor, atol: float, rtol: float) -> tuple[float,
 _FACTORS = [(2.0, "2"), (0.5, "1/2"), (4.0, "4"), (0.25, "1/4"), (8.0, "8"), (0.125, "1/8")]
 
 
+def _reduction(r: float) -> str:
+    """': a sum where a mean belongs?' when a scalar is a whole number of times too large or small."""
+    n = (r if r > 1 else 1 / r) if math.isfinite(r) and r > 0 else 0.0
+    if n > 2.5 and math.isclose(n, round(n), rel_tol=1e-4):
+        return "; a sum where a mean belongs (reduction)?" if r > 1 else "; a mean where a sum belongs, or a count that includes ignored items (reduction)?"
+    return ""
+
+
 def _name_factor(r: float) -> str:
     """' (= 1/sqrt(64))' for a ratio that is a factor a learner could have used, else ''."""
     if not math.isfinite(r) or r <= 0:
@@ -353,6 +361,9 @@ def _name_factor(r: float) -> str:
             return f" (= sqrt({n}))"
         if math.isclose(r, 1 / math.sqrt(n), rel_tol=1e-4) and int(math.isqrt(n)) ** 2 != n:
             return f" (= 1/sqrt({n}))"
+    for n in range(2, 257):
+        if math.isclose(r, math.sqrt((n - 1) / n), rel_tol=1e-5) or math.isclose(r, math.sqrt(n / (n - 1)), rel_tol=1e-5):
+            return f" (= sqrt({n - 1}/{n}) or its inverse: a division by n - 1 where n belongs (unbiased variance), or the reverse?)"
     if r > 1 and math.isclose(r, round(r), rel_tol=1e-4):
         return f" (= {round(r)})"
     if r < 1 and math.isclose(1 / r, round(1 / r), rel_tol=1e-4):
@@ -369,7 +380,7 @@ def _shape_difference(got: torch.Tensor, expected: torch.Tensor, atol: float, rt
     if got.numel() == expected.numel() and got.dim() == expected.dim() and 1 < got.dim() <= 5 and got.dtype == expected.dtype:
         for perm in itertools.permutations(range(got.dim())):
             if tuple(got.shape[p] for p in perm) == tuple(expected.shape) and _close(got.permute(perm), expected, atol, rtol):
-                return msg + f": the values are right but the dimensions are in another order (your result.permute{perm} would be right)"
+                return msg + f": the values are right but the dimensions are in another order, transposed or permuted (your result.permute{perm} would be right)"
     if got.numel() == expected.numel():
         squeezed_g = [s for s in got.shape if s != 1]
         squeezed_e = [s for s in expected.shape if s != 1]
@@ -382,7 +393,7 @@ def _shape_difference(got: torch.Tensor, expected: torch.Tensor, atol: float, rt
             i = diff[0]
             a, b = got.shape[i], expected.shape[i]
             ratio = f" ({a / b:g} times the expected size)" if b and a and (a % b == 0 or b % a == 0) else ""
-            off = f" (one {'too many' if a > b else 'too few'}: an off-by-one in a slice end or a loop bound?)" if abs(a - b) == 1 else ""
+            off = f" (one {'too many' if a > b else 'too few'}: off by one in a slice end or a loop bound?)" if abs(a - b) == 1 else ""
             return msg + f": dimension {i} has size {a} instead of {b}{ratio}{off}"
     return msg + f" ({got.dim()} dimensions instead of {expected.dim()})"
 
@@ -422,12 +433,14 @@ def _tensor_difference(got: torch.Tensor, expected: torch.Tensor, atol: float, r
         msg = f"the {what} is {gv:.6g}, expected {ev:.6g}"
         if math.isfinite(gv) and math.isfinite(ev) and ev != 0 and gv != 0:
             r = gv / ev
-            msg += f" ({r:.4g} times the expected value{_name_factor(r)})" if abs(r - 1) > 1e-3 else f" (off by {gv - ev:.3g})"
+            msg += f" ({r:.4g} times the expected value{_name_factor(r)}{_reduction(r)})" if abs(r - 1) > 1e-3 else f" (off by {gv - ev:.3g})"
+            if math.isclose(r, -1, rel_tol=1e-4):
+                msg += ": the sign is flipped"
         return msg
     idx = tuple(int(i) for i in bad.nonzero()[0])
     where = f"({int(bad.sum())} of {bad.numel()} values differ; the first at index {idx}: got {g[idx].item():.6g}, expected {e[idx].item():.6g})"
     if torch.isnan(g).any() and not torch.isnan(e).any():
-        return f"the {what} contains NaN where the expected values are numbers {where}. NaN comes from an overflow (exp of a large number, or x**2 in float16 -> inf, then inf/inf) or from 0/0"
+        return f"the {what} contains NaN where the expected values are numbers {where}. NaN comes from an overflow (exp of a large number, or x**2 in float16 -> inf, then inf/inf) or from 0/0 or 0 * inf (a zero norm with no eps, a mask multiplied by -inf)"
     if torch.isinf(g).any() and not torch.isinf(e).any():
         return f"the {what} contains inf where the expected values are finite {where}: something overflowed"
     if torch.isinf(e).any() and not torch.equal(torch.isinf(g) & (g < 0), torch.isinf(e) & (e < 0)):
@@ -447,6 +460,18 @@ def _tensor_difference(got: torch.Tensor, expected: torch.Tensor, atol: float, r
                     "is the same, but the values are not (log-probabilities instead of logits? a missing or extra logsumexp?)")
     if g.dim() >= 2 and g.shape[-1] == g.shape[-2] and _close(g.transpose(-1, -2), e, atol, rtol):
         return f"the {what} is the expected one transposed (its last two dimensions swapped) {where}"
+    for i, j in itertools.combinations(range(g.dim()), 2):
+        if g.shape[i] == g.shape[j] > 1 and _close(g.transpose(i, j), e, atol, rtol):
+            return f"the {what} is the expected one with dimensions {i} and {j} swapped (a transpose, or a view/reshape in the wrong order) {where}"
+    for dim in range(g.dim()):
+        if g.shape[dim] > 1 and _close(g.flip(dim), e, atol, rtol):
+            return f"the {what} is the expected one reversed along dimension {dim} (flipped: an index runs backwards) {where}"
+    if finite.all() and g.dim() >= 2 and g.shape[-1] > 1 and (e != 0).all():
+        r = g / e
+        per_slice = r[..., :1]
+        if _close(g, per_slice * e, atol, rtol) and (per_slice.max() - per_slice.min()) > 1e-3 * per_slice.abs().max():
+            return (f"the {what} is the expected one with each slice along the last dimension scaled by its own factor {where}: "
+                    "a normalisation (the sum, max, mean or norm you divide by) is computed over the wrong values or the wrong dim")
     for dim in range(g.dim()):
         for shift in (1, -1):
             if g.shape[dim] > 2 and _close(g.roll(shift, dim).narrow(dim, 1, g.shape[dim] - 2), e.narrow(dim, 1, e.shape[dim] - 2), atol, rtol):
@@ -479,11 +504,10 @@ def difference(got: Any, expected: Any, atol: float = 1e-5, rtol: float = 1e-5, 
     if isinstance(expected, (tuple, list)):
         if not isinstance(got, (tuple, list)) or len(got) != len(expected):
             return f"the {what} should be a {type(expected).__name__} of {len(expected)} items, got {_describe(got)}"
-        for i, (g, e) in enumerate(zip(got, expected)):
-            problem = difference(g, e, atol, rtol, f"{what}[{i}]")
-            if problem:
-                return problem
-        return None
+        problem = next((p for p in (difference(g, e, atol, rtol, f"{what}[{i}]") for i, (g, e) in enumerate(zip(got, expected))) if p), None)
+        if problem and len(got) > 1 and all(difference(g, e, atol, rtol) is None for g, e in zip(list(got)[::-1], expected)):
+            return f"the {what}'s two items are swapped (reversed order)" if len(got) == 2 else f"the {what} holds the expected items in reverse order (reversed)"
+        return problem
     if isinstance(expected, str):
         if not isinstance(got, str):
             return f"the {what} should be a string, got {_describe(got)}"
@@ -497,11 +521,11 @@ def difference(got: Any, expected: Any, atol: float = 1e-5, rtol: float = 1e-5, 
     if _is_int(expected):
         if not _is_int(got):
             hint = " (use .item() to turn a one-element tensor into a Python int)" if isinstance(got, torch.Tensor) else \
-                (" (an integer computed with / or math.ceil on floats: use // or int(...))" if isinstance(got, float) else "")
+                (" (an integer computed with / or math.ceil on floats: use integer division // or int(...))" if isinstance(got, float) else "")
             return f"the {what} should be an int, got {_describe(got)}{hint}"
         if got == expected:
             return None
-        msg = f"the {what} is {got}, expected {expected} (off by {got - expected:+d}"
+        msg = f"the {what} is {got}, expected {expected} (off by {got - expected:+d}{': an off by one in a count or a bound?' if abs(got - expected) == 1 else ''}"
         if expected and got and (got % expected == 0 or expected % got == 0):
             msg += f", {got / expected:g} times the expected value"
         return msg + ")"
@@ -515,7 +539,7 @@ def difference(got: Any, expected: Any, atol: float = 1e-5, rtol: float = 1e-5, 
         msg = f"the {what} is {got!r}, expected {expected!r}"
         if expected and got and math.isfinite(got):
             r = got / expected
-            msg += f" ({r:.4g} times the expected value{_name_factor(r)})"
+            msg += f" ({r:.4g} times the expected value{_name_factor(r)}{_reduction(r)})"
         return msg
     if got != expected:
         return f"the {what} is {_describe(got)}, expected {_describe(expected)}"
@@ -579,8 +603,9 @@ def _matching_mistake(ex: Exercise, cases: Cases, answers: list[Any], expected: 
     def explains(m: int, indices: list[int], loose: bool) -> bool:
         try:
             for i in indices:
-                out = output(m, i)
-                if difference(_like(answers[i], out) if loose else answers[i], out, *tol[i]) is not None:
+                out = output(m, i)  # loosely, a mistake must also be wrong where the answer is (not just another dtype)
+                if difference(_like(answers[i], out) if loose else answers[i], out, *tol[i]) is not None or \
+                        (loose and difference(out, expected[i], *tol[i]) is None):
                     return False
             return True
         except (NotImplementedError, _TimeLimit):
@@ -594,6 +619,118 @@ def _matching_mistake(ex: Exercise, cases: Cases, answers: list[Any], expected: 
             return says, hint
     for m, (_, says, hint) in enumerate(ex.mistakes):
         if wrong and explains(m, wrong, loose=True):
+            return says, hint
+    if not wrong:
+        return None
+    try:  # best effort: a config that refuses a changed field must not stop the diagnosis
+        variant = _matching_variant(ex, cases, answers, expected, wrong) or _config_terms(cases, answers, expected, wrong)
+    except Exception:
+        variant = None
+    if variant:
+        return variant
+    for m, (_, says, hint) in enumerate(ex.mistakes):  # the first wrong case alone: part of the answer's mistakes
+        if explains(m, wrong[:1], loose=True):
+            return f"{says} (this explains case {wrong[0] + 1}; another mistake may hide in the other cases)", hint
+    return None
+
+
+_CONFIG_VARIANTS = [  # (field, the value to try, the mistake, the hint) for an exercise that takes a config
+    ("num_key_value_heads", lambda c: c.num_attention_heads, "num_attention_heads is used where num_key_value_heads belongs "
+     "(grouped-query attention: k and v have fewer heads)", "use config.num_key_value_heads for k, v and the cache"),
+    ("tie_word_embeddings", lambda c: not c.tie_word_embeddings, "tie_word_embeddings is read the wrong way round (a tied lm_head "
+     "IS the embedding matrix)", "count or use a separate lm_head only when config.tie_word_embeddings is False"),
+    ("num_hidden_layers", lambda c: 1, "one layer only: num_hidden_layers is not used", "multiply by (or loop over) config.num_hidden_layers"),
+]
+
+
+def _argument_variants(ex: Exercise, args: tuple) -> list[tuple[tuple, str, str]]:
+    """The reference's arguments with one of them changed the way a learner's code could misuse it,
+    or two of them swapped: (changed args, the mistake, the hint)."""
+    names = _argument_names(ex.signature)
+    names += [f"argument {i + 1}" for i in range(len(names), len(args))]
+    out: list[tuple[tuple, str, str]] = []
+
+    def put(i: int, value: Any, says: str, hint: str = "") -> None:
+        out.append((args[:i] + (value,) + args[i + 1:], says, hint or f"use `{names[i]}` as the task says"))
+
+    for i, (a, n) in enumerate(zip(args, names)):
+        if isinstance(a, bool):
+            put(i, not a, f"`{n}` is read the wrong way round")
+        elif isinstance(a, int) and n == "dim":
+            for d in {0, 1, -1, -2} - {a}:
+                put(i, d, f"the operation runs along dim {d} whatever `dim` says", "use the `dim` argument for every reduction (max, sum)")
+        elif isinstance(a, int):
+            for d in (1, -1):
+                put(i, a + d, f"off by one: your result is what `{n}` {'+' if d > 0 else '-'} 1 gives", f"check how `{n}` is used: a slice end, a loop bound or a count")
+            if a not in (0, 1):
+                put(i, 1, f"`{n}` is not used (your result is what `{n}` = 1 gives)")
+        elif isinstance(a, float):
+            if a != 0:
+                put(i, 0.0, f"`{n}` is not used (your result is what `{n}` = 0 gives)")
+                put(i, 1 / a, f"`{n}` is inverted (your result is what 1 / `{n}` gives): a multiplication where a division belongs, or the reverse")
+            if a != 1:
+                put(i, 1.0, f"`{n}` is not used (your result is what `{n}` = 1 gives)")
+            if a not in (10000.0, 0.0) and n in ("base", "rope_theta"):
+                put(i, 10000.0, f"`{n}` is hard-coded to 10000")
+        elif isinstance(a, torch.dtype) and a != torch.float32:
+            put(i, torch.float32, "the `dtype` argument is ignored: your result is float32 whatever dtype says", "create tensors with dtype=dtype and use torch.finfo(dtype)")
+        elif isinstance(a, torch.Tensor) and a.is_floating_point() and a.numel() > 1:
+            put(i, -a, f"`{n}` is used with the opposite sign (a sign error)", f"check the sign of every term with `{n}`")
+            if n in ("mask", "attention_mask"):
+                put(i, torch.zeros_like(a), "the mask is not applied", "add the mask to the scores before the softmax")
+        elif hasattr(a, "to_dict") and hasattr(a, "num_attention_heads"):
+            for field_name, value, says, hint in _CONFIG_VARIANTS:
+                c = copy.deepcopy(a)
+                if getattr(c, field_name) != value(c):
+                    setattr(c, field_name, value(c))
+                    put(i, c, says, hint)
+    for (i, a), (j, b) in itertools.combinations(enumerate(args), 2):
+        if (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape and a.dtype == b.dtype) or \
+                (type(a) is type(b) and type(a) in (int, float) and a != b):
+            out.append((args[:i] + (b,) + args[i + 1:j] + (a,) + args[j + 1:], f"`{names[i]}` and `{names[j]}` are swapped", "use each where the task says"))
+    return out
+
+
+def _config_terms(cases: Cases, answers: list[Any], expected: list[Any], wrong: list[int]) -> tuple[str, str] | None:
+    """For a count computed from a config: the difference, in every wrong case, as one, two, one per layer,
+    two per layer (+ 1) of the same block of the model (an RMSNorm weight, a projection, an embedding)."""
+    found = set()
+    for i in wrong:
+        got, exp, c = answers[i], expected[i], next((a for a in cases[i][1] if hasattr(a, "num_attention_heads")), None)
+        if c is None or not (_is_int(got) and _is_int(exp)):
+            return None
+        d, diff, L = c.hidden_size, got - exp, c.num_hidden_layers
+        terms = [(c.vocab_size * d, "the embedding matrix or the lm_head (vocab_size x hidden_size)"),
+                 (d * c.intermediate_size, "an MLP matrix (hidden_size x intermediate_size)"),
+                 (d * c.num_attention_heads * c.head_dim, "a q_proj or o_proj matrix (hidden_size x num_attention_heads * head_dim)"),
+                 (d * c.num_key_value_heads * c.head_dim, "a k_proj or v_proj matrix (hidden_size x num_key_value_heads * head_dim)"),
+                 (d, "an RMSNorm weight (hidden_size values)")]
+        match = [(diff // size, what) for size, what in terms if size and diff % size == 0 and abs(diff // size) in (1, 2, L, 2 * L, 2 * L + 1)]
+        found.add((match[0][1], "missing" if diff < 0 else "extra") if match else None)
+    what, how = found.pop() if len(found) == 1 and None not in found else (None, None)
+    return None if what is None else (f"your count is off by a whole number of {what}: some of them are {how} (once, or once per layer)",
+            "list the weights of one layer (4 attention projections, 3 MLP matrices, 2 norms) and the model's own (embedding, final norm, lm_head unless tied)")
+
+
+def _matching_variant(ex: Exercise, cases: Cases, answers: list[Any], expected: list[Any], wrong: list[int]) -> tuple[str, str] | None:
+    """A misused argument that explains every answer: the reference on changed arguments gives what the
+    learner's function gave, on the wrong cases and on the right ones. Only variants of the first wrong case's
+    arguments that reproduce its answer are carried to the other cases."""
+    variants: dict[int, list[tuple[tuple, str, str]]] = {}
+
+    def reproduces(i: int, says: str) -> bool:  # no such variant (the argument is 0 already): fine where the answer is right
+        if i not in variants:
+            variants[i] = _argument_variants(ex, cases[i][1])
+        changed = next((v[0] for v in variants[i] if v[1] == says), None)
+        if changed is None:
+            return i not in wrong
+        out, tol = _call(ex.reference, changed), ex.tolerances(cases[i][1])  # an error counts too: the same as the answer's
+        return not isinstance(out, TimedOut) and difference(_like(answers[i], out), out, *tol) is None and \
+            (i not in wrong or difference(out, expected[i], *tol) is not None)
+
+    order = wrong + [i for i in range(len(cases)) if i not in wrong]
+    for _, says, hint in _argument_variants(ex, cases[wrong[0]][1]):
+        if all(reproduces(i, says) for i in order):
             return says, hint
     return None
 

@@ -54,6 +54,19 @@ register(
          "sigmoid instead of SiLU: that is the original GLU gate; SiLU is x * sigmoid(x)", "F.silu(x @ w_gate.T)"),
         (lambda x, g, u, d: (F.silu(x @ g.T) + (x @ u.T)) @ d.T,
          "the two branches are added; the gate multiplies the up branch element by element", "silu(x @ w_gate.T) * (x @ w_up.T)"),
+        (lambda x, g, u, d: (F.silu(x @ g.T) * x @ u.T) @ d.T,
+         "operator precedence: * and @ bind left to right, so silu(...) * x @ w_up.T multiplies by x first", "add parentheses: silu(x @ w_gate.T) * (x @ w_up.T)"),
+        (lambda x, g, u, d: F.silu(x @ g.T) * (x @ u.T),
+         "the down projection is missing: the result stays in the intermediate size", "end with @ w_down.T"),
+        (lambda x, g, u, d: F.silu((F.silu(x @ g.T) * (x @ u.T)) @ d.T),
+         "SiLU is applied again after the down projection", "only the gate goes through SiLU: (silu(x w_gate^T) * x w_up^T) w_down^T"),
+        (lambda x, g, u, d: (F.silu(x @ g.T) * (x @ u.T)) @ d,
+         "w_down is not transposed: nn.Linear stores (out_features, in_features)", "... @ w_down.T"),
+        (lambda x, g, u, d: (F.silu(x @ g.T) * (x @ g.T)) @ d.T,
+         "the gate weight is used for both branches; the up branch has its own weight, w_up", "silu(x @ w_gate.T) * (x @ w_up.T)"),
+        (lambda x, g, u, d: (F.silu(x @ g.T) @ d.T) * ((x @ u.T) @ d.T),
+         "each branch is projected down before the product; the product comes first, in the intermediate size",
+         "(silu(x @ w_gate.T) * (x @ w_up.T)) @ w_down.T"),
     ],
 )
 
@@ -75,13 +88,17 @@ def _decoder_layer_cases() -> Cases:
     g = _gen(8)
     layer = _small_layer()
 
-    def inputs(b, s, masked=True):
+    def inputs(b, s, masked=True, hide_first=False):
         cos, sin = LlamaRotaryEmbedding(8)(torch.arange(s)[None].expand(b, s), s, torch.float32)
         mask = _package_causal_mask(torch.arange(s), s) if masked else None  # (1, 1, s, s), True = attend
+        if hide_first:  # key 0 hidden from the later queries: a mask that is not the causal flag
+            mask = mask.clone()
+            mask[..., 2:, 0] = False
         return layer, torch.randn(b, s, 32, generator=g) * 3, cos, sin, mask
 
     return [("1 sequence of 5 tokens", inputs(1, 5)), ("batch 2 of 7 tokens", inputs(2, 7)),
-            ("mask None (the kernel's causal flag)", inputs(1, 4, masked=False))]
+            ("mask None (the kernel's causal flag)", inputs(1, 4, masked=False)),
+            ("a mask that also hides key 0 from queries 2..5", inputs(1, 6, hide_first=True))]
 
 
 def _attn(layer, x, cos, sin, mask):
@@ -106,11 +123,31 @@ register(
         (lambda L, x, c, s, m: x + L.self_attn(L.input_layernorm(x), c, s, m),
          "layer.self_attn returns a pair (output, attention weights)", "take the first element: layer.self_attn(...)[0]"),
         (lambda L, x, c, s, m: (h := x + _attn(L, L.input_layernorm(x), c, s, m)) + L.mlp(L.post_attention_layernorm(x)),
-         "the MLP's input is the normalised x; it must be the normalised h, the stream after the attention's residual add",
+         "the MLP's input is the normalised x (a parallel block); it must be the normalised h, the stream after the attention's residual add",
          "out = h + mlp(post_attention_layernorm(h))"),
         (lambda L, x, c, s, m: ((h := x + _attn(L, L.input_layernorm(x), c, s, m)) + L.mlp(L.post_attention_layernorm(h)), None),
          "the function returns a tuple (like the package's layer, which also returns attention weights); the exercise wants the hidden states alone",
          "return the tensor h + mlp(...)"),
+        (lambda L, x, c, s, m: L.post_attention_layernorm(h := x + _attn(L, L.input_layernorm(x), c, s, m)) + L.mlp(L.post_attention_layernorm(h)),
+         "the second residual adds the normalised h instead of h itself", "the residual stream carries the un-normalised h: out = h + mlp(norm(h))"),
+        (lambda L, x, c, s, m: (h := x + L.input_layernorm(_attn(L, x, c, s, m))) + L.post_attention_layernorm(L.mlp(h)),
+         "the norms are applied to the outputs of attention and MLP; Llama normalises their inputs (pre-norm)",
+         "h = x + self_attn(input_layernorm(x)); out = h + mlp(post_attention_layernorm(h))"),
+        (lambda L, x, c, s, m: (h := x - _attn(L, L.input_layernorm(x), c, s, m)) + L.mlp(L.post_attention_layernorm(h)),
+         "the attention output is subtracted from the residual stream (sign); the residual adds it", "h = x + self_attn(input_layernorm(x), ...)[0]"),
+        (lambda L, x, c, s, m: (h := x + _attn(L, L.post_attention_layernorm(x), c, s, m)) + L.mlp(L.input_layernorm(h)),
+         "the two norms are swapped: input_layernorm goes before the attention, post_attention_layernorm before the MLP",
+         "h = x + self_attn(input_layernorm(x)); out = h + mlp(post_attention_layernorm(h))"),
+        (lambda L, x, c, s, m: x + L.mlp(L.post_attention_layernorm(x + _attn(L, L.input_layernorm(x), c, s, m))),
+         "the second residual adds x, the block's input; it adds h, the stream after the attention", "out = h + mlp(post_attention_layernorm(h))"),
+        (lambda L, x, c, s, m: L.mlp(L.post_attention_layernorm(x + _attn(L, L.input_layernorm(x), c, s, m))),
+         "the second residual is missing: the MLP output is not added to h", "out = h + mlp(post_attention_layernorm(h))"),
+        (lambda L, x, c, s, m: (h := _attn(L, L.input_layernorm(x), c, s, m)) + L.mlp(L.post_attention_layernorm(h)),
+         "the first residual is missing: x is not added to the attention output", "h = x + self_attn(input_layernorm(x), ...)[0]"),
+        (lambda L, x, c, s, m: (h := x + _attn(L, L.input_layernorm(x), c, s, None)) + L.mlp(L.post_attention_layernorm(h)),
+         "the mask is not passed to self_attn (None): with a mask, every token sees the future", "pass `mask` on to layer.self_attn"),
+        (lambda L, x, c, s, m: (h := x + _attn(L, L.input_layernorm(x), s, c, m)) + L.mlp(L.post_attention_layernorm(h)),
+         "cos and sin are passed to self_attn in the wrong order", "layer.self_attn(normed, cos, sin, mask)"),
     ],
 )
 
@@ -133,5 +170,14 @@ register(
         (lambda d, m=256, f=None: int(int(2 * 4 * d / 3) * (f or 1)),
          "not rounded up to a multiple of multiple_of (Meta's code rounds so the matrices tile well on GPUs)",
          "multiple_of * ((h + multiple_of - 1) // multiple_of)"),
+        (lambda d, m=256, f=None: m * (int(int(2 * 4 * d / 3) * (f or 1)) // m + 1),
+         "one multiple too many when the width already is a multiple (off by one: h // m + 1 rounds 256 up to 320)",
+         "multiple_of * ((h + multiple_of - 1) // multiple_of)"),
+        (lambda d, m=256, f=None: m * round(int(int(2 * 4 * d / 3) * (f or 1)) / m),
+         "rounded to the nearest multiple; Meta rounds up to the next multiple", "multiple_of * ((h + multiple_of - 1) // multiple_of)"),
+        (lambda d, m=256, f=None: m * ((int(int(2 * d / 3) * (f or 1)) + m - 1) // m),
+         "the factor 4 is missing: the width is 2/3 of 4 * hidden_size", "h = int(2 * 4 * hidden_size / 3)"),
+        (lambda d, m=256, f=None: m * ((int(int(2 * 4 * d / 3) / (f or 1)) + m - 1) // m),
+         "the width is divided by ffn_dim_multiplier; it multiplies", "h = int(ffn_dim_multiplier * h)"),
     ],
 )

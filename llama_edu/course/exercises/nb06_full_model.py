@@ -21,13 +21,16 @@ def _count_on_meta(config_json: str) -> int:  # building a 70B model, even on me
         return LlamaForCausalLM(LlamaConfig.from_dict(json.loads(config_json))).num_parameters()
 
 
-def _count(c, kv=None, norms=True, final=True, tied_twice=False):
-    d, hd, L = c.hidden_size, c.head_dim, c.num_hidden_layers
+def _count(c, kv=None, norms=True, final=True, tied_twice=False, o_proj=True, mlp=3, layers=None, head=True, bias=False,
+           intermediate=None):
+    d, hd, L = c.hidden_size, c.head_dim, c.num_hidden_layers if layers is None else layers
     kv = c.num_key_value_heads if kv is None else kv
-    attention = 2 * d * c.num_attention_heads * hd + 2 * d * kv * hd
-    per_layer = attention + 3 * d * c.intermediate_size + (2 * d if norms else 0)
-    head = 0 if c.tie_word_embeddings and not tied_twice else c.vocab_size * d
-    return c.vocab_size * d + L * per_layer + (d if final else 0) + head
+    attention = (2 if o_proj else 1) * d * c.num_attention_heads * hd + 2 * d * kv * hd
+    attention += (c.num_attention_heads * hd + 2 * kv * hd + d) if bias else 0
+    i = c.intermediate_size if intermediate is None else intermediate
+    per_layer = attention + mlp * d * i + (2 * d if norms else 0) + ((2 * i + d) if bias else 0)
+    n_head = 0 if (c.tie_word_embeddings and not tied_twice) or not head else c.vocab_size * d
+    return c.vocab_size * d + L * per_layer + (d if final else 0) + n_head
 
 
 register(
@@ -44,6 +47,15 @@ register(
         (lambda c: _count(c, tied_twice=True), "a tied LM head is counted twice; it is the embedding matrix", "no head when tie_word_embeddings"),
         (lambda c: _count(c) - c.vocab_size * c.hidden_size,
          "the embedding matrix (vocab_size x hidden_size) is missing", "add vocab_size * hidden_size for model.embed_tokens"),
+        (lambda c: _count(c, o_proj=False), "the attention's output projection o_proj is missing", "add hidden_size * num_attention_heads * head_dim per layer"),
+        (lambda c: _count(c, mlp=2), "the MLP is counted with two matrices; SwiGLU has three (gate_proj, up_proj, down_proj)",
+         "3 * hidden_size * intermediate_size per layer"),
+        (lambda c: _count(c, layers=1), "one layer only: multiply the per-layer count by num_hidden_layers", "num_hidden_layers * per_layer"),
+        (lambda c: _count(c, head=False), "the untied lm_head is missing (vocab_size x hidden_size), counted only when tie_word_embeddings is False",
+         "add vocab_size * hidden_size unless config.tie_word_embeddings"),
+        (lambda c: _count(c, bias=True), "biases are counted: Llama's linear layers have no bias (bias=False)", "count only the weight matrices and the norms"),
+        (lambda c: _count(c, intermediate=4 * c.hidden_size), "the MLP width is taken as 4 * hidden_size; read config.intermediate_size",
+         "3 * hidden_size * config.intermediate_size per layer"),
     ],
 )
 
@@ -112,7 +124,7 @@ def _llama_generate_cases():
 
 
 def _flat_generate(weights, config, input_ids, max_new_tokens, final_norm=True, rope=True, causal=True, scale=True,
-                   prenorm=True, halves=True, own_eps=True, own_theta=True):
+                   prenorm=True, halves=True, own_eps=True, own_theta=True, tiled_kv=False, tied_head=False):
     """A flat Llama with one switch per classic mistake (all True = correct)."""
     import math as _m
     import torch.nn.functional as F
@@ -121,7 +133,7 @@ def _flat_generate(weights, config, input_ids, max_new_tokens, final_norm=True, 
     hd = d // n_h
     eps = config.rms_norm_eps if own_eps else 1e-6
     theta = config.rope_theta if own_theta else 10000.0
-    head = weights.get("lm_head.weight", weights["model.embed_tokens.weight"])
+    head = weights["model.embed_tokens.weight"] if tied_head else weights.get("lm_head.weight", weights["model.embed_tokens.weight"])
 
     def norm(x, w):
         return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
@@ -150,7 +162,10 @@ def _flat_generate(weights, config, input_ids, max_new_tokens, final_norm=True, 
             v = (x @ weights[p + "self_attn.v_proj.weight"].T).view(b, s, n_kv, hd).transpose(1, 2)
             if rope:
                 q, k = rot(q, cos, sin), rot(k, cos, sin)
-            k, v = k.repeat_interleave(n_h // n_kv, 1), v.repeat_interleave(n_h // n_kv, 1)
+            if tiled_kv:
+                k, v = k.repeat(1, n_h // n_kv, 1, 1), v.repeat(1, n_h // n_kv, 1, 1)
+            else:
+                k, v = k.repeat_interleave(n_h // n_kv, 1), v.repeat_interleave(n_h // n_kv, 1)
             scores = q @ k.transpose(-1, -2) / (_m.sqrt(hd) if scale else 1.0)
             if causal:
                 scores = scores.masked_fill(torch.ones(s, s, dtype=torch.bool).triu(1), float("-inf"))
@@ -193,5 +208,10 @@ register(
          "use rotate_half and cos/sin built as cat((freqs, freqs), -1)"),
         (lambda w, c, ids, n: _flat_generate(w, c, ids, n, own_theta=False),
          "rope_theta is hard-coded to 10000; read it from config.rope_theta", "theta = config.rope_theta"),
+        (lambda w, c, ids, n: _flat_generate(w, c, ids, n, tied_head=True),
+         "the LM head is always the embedding matrix; with tie_word_embeddings False the model has its own lm_head.weight",
+         "head = weights['lm_head.weight'] when it exists (config.tie_word_embeddings is False), else the embedding"),
+        (lambda w, c, ids, n: _flat_generate(w, c, ids, n, tiled_kv=True),
+         "the kv heads are tiled (repeat): query head 1 gets kv head 1 instead of kv head 0", "repeat_interleave(n_rep, dim=1): consecutive query heads share a kv head"),
     ],
 )

@@ -39,6 +39,22 @@ def _greedy_no_cache(model, ids, n):
     return ids
 
 
+def _greedy_variant(model, ids, n, argmax_dim=-1, cat_dim=-1, position=-1):
+    for _ in range(n):
+        logits = model(ids).logits[:, position if ids.shape[1] > 1 else -1]
+        nxt = logits.argmax(argmax_dim, keepdim=True)
+        nxt = nxt.T if argmax_dim == 0 else nxt
+        ids = torch.cat([ids, nxt if cat_dim == -1 else nxt.T], cat_dim)
+    return ids
+
+
+def _greedy_flat_argmax(model, ids, n):
+    for _ in range(n):
+        nxt = model(ids).logits[:, -1].argmax()
+        ids = torch.cat([ids, nxt.view(1, 1).expand(ids.shape[0], 1)], -1)
+    return ids
+
+
 def _greedy_first_position(model, ids, n):
     for _ in range(n):
         ids = torch.cat([ids, model(ids).logits[:, 0].argmax(-1, keepdim=True)], -1)
@@ -81,6 +97,15 @@ register(
         (lambda m, ids, n: _greedy_no_cache(m, ids, n + 1), "one token too many", "stop after max_new_tokens tokens"),
         (_greedy_first_position, "the next token is read from the logits of the first position",
          "the prediction for the next token is at the last position: logits[:, -1]"),
+        (lambda m, ids, n: _greedy_variant(m, ids, n, position=-2),
+         "the next token is read from the second-to-last position (off by one)", "the prediction for the next token is at the last position: logits[:, -1]"),
+        (lambda m, ids, n: _greedy_variant(m, ids, n, argmax_dim=0),
+         "argmax runs over the wrong dimension (the batch); the next token is the argmax over the vocabulary, the last dimension",
+         "logits[:, -1].argmax(dim=-1, keepdim=True)"),
+        (_greedy_flat_argmax, "argmax without dim= takes the argmax of the flattened (batch, vocab) logits",
+         "logits[:, -1].argmax(dim=-1, keepdim=True): one token per row"),
+        (lambda m, ids, n: _greedy_variant(m, ids, n, cat_dim=0),
+         "the new token is concatenated along dim 0 (a new row) instead of the sequence dimension", "torch.cat([ids, next_token], dim=-1)"),
     ],
 )
 
@@ -119,6 +144,20 @@ def _top_p_on_logits(logits, top_p):
     return logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
 
 
+def _top_p_sorted_mask(logits, top_p):
+    probs, _ = logits.softmax(-1).sort(-1, descending=True)
+    drop = probs.cumsum(-1) - probs >= top_p
+    drop[..., 0] = False
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def _top_p_ascending(logits, top_p):
+    probs, order = logits.softmax(-1).sort(-1)
+    drop = probs.cumsum(-1) - probs >= top_p
+    drop[..., 0] = False
+    return logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+
+
 def _top_p_zero_fill(logits, top_p):
     out = _top_p_reference(logits, top_p)
     return out.masked_fill(out == float("-inf"), 0.0)
@@ -137,6 +176,17 @@ register(
         (_top_p_zero_fill, "removed tokens are set to 0; a logit of 0 is still a likely token", "use float('-inf')"),
         (_top_p_on_logits, "the cumulative sum runs over sorted logits, not over probabilities: logits do not add up to 1",
          "take softmax(logits) first, then sort and accumulate the probabilities"),
+        (_top_p_sorted_mask, "the mask is computed in sorted order but applied to the unsorted logits",
+         "scatter the mask back to the vocabulary order: remove.scatter(-1, sorted_indices, remove)"),
+        (lambda x, top_p: x.masked_fill(x.softmax(-1) < top_p, float("-inf")) if top_p > 0 else x.masked_fill(x < x.max(-1, keepdim=True).values, float("-inf")),
+         "each token's own probability is compared with top_p; top_p bounds the cumulative sum of the sorted probabilities",
+         "sort the probabilities, accumulate them with cumsum, and keep the tokens whose preceding mass is below top_p"),
+        (lambda x, top_p: _top_p_reference(x.T, top_p).T if x.shape[0] > 1 else _top_p_reference(x, top_p),
+         "the softmax and the sort run over dim 0 (the batch); they run over the vocabulary, the last dimension", "softmax(logits, dim=-1), sort(dim=-1)"),
+        (_top_p_ascending, "the probabilities are sorted ascending, so the 'nucleus' collects the least likely tokens",
+         "sort(descending=True) and keep tokens while the mass before them is below top_p"),
+        (lambda x, top_p: _top_p_reference(x, top_p).softmax(-1), "returns probabilities; the filter returns the logits with -inf outside the nucleus",
+         "masked_fill the removed logits with float('-inf') and return the logits"),
     ],
 )
 
@@ -166,6 +216,21 @@ register(
          "the k-th token itself is removed (<= instead of <)", "keep logits >= the k-th largest"),
         (lambda x, k: x.masked_fill(x < x.topk(k).values[..., -1:], float("-inf")),
          "topk fails when k is larger than the vocabulary", "use min(top_k, logits.shape[-1])"),
+        (lambda x, k: x.masked_fill(x < x.sort(-1).values[..., min(k, x.shape[-1]) - 1:min(k, x.shape[-1])], float("-inf")),
+         "the sort is ascending, so the k-th value is the k-th smallest", "sort(descending=True), or topk, which returns the largest"),
+        (lambda x, k: x.masked_fill(x < x.topk(min(k, x.shape[0]), dim=0).values[-1:], float("-inf")),
+         "topk runs along dim 0 (the batch); the k largest are taken in each row, along the vocabulary (the last dimension)",
+         "x.topk(k, dim=-1).values[..., -1:]"),
+        (lambda x, k: x.masked_fill(x > x.topk(min(k, x.shape[-1]), largest=False).values[..., -1:], float("-inf")),
+         "the k smallest logits are kept (largest=False); top-k keeps the k largest", "x.topk(k).values[..., -1:] is the k-th largest"),
+        (lambda x, k: x.masked_fill(x < x.topk(min(k, x.shape[-1])).values[..., -1:], 0.0),
+         "removed tokens are set to 0; a logit of 0 is still a likely token", "use float('-inf')"),
+        (lambda x, k: x.masked_fill(x < x.topk(min(k + 1, x.shape[-1])).values[..., -1:], float("-inf")),
+         "off by one: k + 1 tokens are kept", "the threshold is the k-th largest value: topk(k).values[..., -1:]"),
+        (lambda x, k: x.masked_fill(x < x.topk(max(1, min(k - 1, x.shape[-1]))).values[..., -1:], float("-inf")),
+         "off by one: k - 1 tokens are kept", "the threshold is the k-th largest value: topk(k).values[..., -1:]"),
+        (lambda x, k: x.masked_fill(x < x.topk(min(k, x.shape[-1])).values[..., -1:], -1e9),
+         "removed tokens get a large negative number; use float('-inf'), which softmax turns into exactly 0", "masked_fill(..., float('-inf'))"),
     ],
 )
 
@@ -187,6 +252,16 @@ register(
         (lambda ids, x, p: x.scatter(1, ids, torch.where(x.gather(1, ids) > 0, x.gather(1, ids) * p, x.gather(1, ids) / p)),
          "the penalty is inverted: positive logits are multiplied and negative ones divided, which makes seen tokens MORE likely",
          "torch.where(score < 0, score * penalty, score / penalty)"),
+        (lambda ids, x, p: x.scatter(1, ids, x.gather(1, ids) * p), "every seen logit is multiplied by the penalty: a positive logit grows, so the token becomes MORE likely",
+         "divide positive logits and multiply negative ones: torch.where(score < 0, score * penalty, score / penalty)"),
+        (lambda ids, x, p: torch.where(x < 0, x * p, x / p), "every logit is penalised, not only the tokens in input_ids",
+         "gather the scores of the seen tokens, change those, scatter them back"),
+        (lambda ids, x, p: x.scatter(1, ids, x.gather(1, ids) - p), "the penalty is subtracted; it divides positive logits and multiplies negative ones",
+         "torch.where(score < 0, score * penalty, score / penalty)"),
+        (lambda ids, x, p: x.scatter(1, ids[:1].expand_as(ids), torch.where(x.gather(1, ids[:1].expand_as(ids)) < 0, x.gather(1, ids[:1].expand_as(ids)) * p, x.gather(1, ids[:1].expand_as(ids)) / p)),
+         "the first row's tokens are penalised in every row: each row has its own input_ids", "gather and scatter with the whole input_ids (batch, seq)"),
+        (lambda ids, x, p: torch.where(torch.zeros_like(x, dtype=torch.bool).scatter(1, ids, True), x, torch.where(x < 0, x * p, x / p)),
+         "the mask is inverted: the tokens NOT in input_ids are penalised", "penalise exactly the tokens that occur in input_ids"),
     ],
 )
 
@@ -204,5 +279,10 @@ register(
     reference=lambda logits, t: TemperatureLogitsWarper(float(t))(None, logits.clone()),
     cases=lambda: [("T = 0.5", (torch.randn(2, 8, generator=_gen(17)), 0.5)), ("T = 2", (torch.randn(2, 8, generator=_gen(18)), 2.0))],
     mistakes=[(lambda x, t: x * t, "multiplied by the temperature; a low temperature must sharpen the distribution", "divide: logits / temperature"),
-              (lambda x, t: (x.softmax(-1) / t), "returns scaled probabilities, not logits", "divide the logits, before any softmax")],
+              (lambda x, t: (x.softmax(-1) / t), "returns scaled probabilities, not logits", "divide the logits, before any softmax"),
+              (lambda x, t: (x / t).softmax(-1), "returns probabilities (softmax of the scaled logits); the warper returns logits", "return logits / temperature"),
+              (lambda x, t: x / int(t), "the temperature is cast to int: int(0.5) = 0, and a division by 0 gives inf", "logits / float(temperature)"),
+              (lambda x, t: x // t, "integer (floor) division // rounds the scaled logits down to whole numbers", "true division: logits / temperature"),
+              (lambda x, t: x / t ** 2, "the logits are divided by the temperature squared", "logits / temperature"),
+              (lambda x, t: x - t, "the temperature is subtracted; it divides the logits", "logits / temperature")],
 )

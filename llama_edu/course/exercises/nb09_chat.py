@@ -24,22 +24,23 @@ def _chat_cases() -> Cases:
             ("system + three turns", ([_SYSTEM, *_TURNS],)), ("three turns, spaces around the content", (list(_TURNS),))]
 
 
-def _chat_variant(messages, strip=True, eos=" </s>", bos_each=True, sys_separate=False):
+def _chat_variant(messages, strip=True, eos=" </s>", bos_each=True, bos="<s>", sys_separate=False, answer_space=" ", inst_space=" ",
+                  sys_open="<<SYS>>\n", sys_close="\n<</SYS>>\n\n", system_used=True):
     system = None
     if messages[0]["role"] == "system":
         system, messages = messages[0]["content"], messages[1:]
-    out = "" if bos_each else "<s>"
+    out = "" if bos_each else bos
     for i, m in enumerate(messages):
         c = m["content"].strip() if strip else m["content"]
-        if i == 0 and system is not None:
+        if i == 0 and system is not None and system_used:
             if sys_separate:
-                out += "<<SYS>>\n" + system + "\n<</SYS>>\n\n"
+                out += sys_open + system + sys_close
             else:
-                c = ("<<SYS>>\n" + system + "\n<</SYS>>\n\n" + m["content"]).strip() if strip else "<<SYS>>\n" + system + "\n<</SYS>>\n\n" + c
+                c = (sys_open + system + sys_close + m["content"]).strip() if strip else sys_open + system + sys_close + c
         if m["role"] == "user":
-            out += ("<s>" if bos_each else "") + "[INST] " + c + " [/INST]"
+            out += (bos if bos_each else "") + "[INST]" + inst_space + c + inst_space + "[/INST]"
         else:
-            out += " " + c + eos
+            out += answer_space + c + eos
     return out
 
 
@@ -53,5 +54,15 @@ register(
         (lambda ms: _chat_variant(ms, bos_each=False), "<s> is written once at the start; every [INST] turn starts with <s>", "prefix each user turn with <s>"),
         (lambda ms: _chat_variant(ms, sys_separate=True), "the system prompt is written before [INST]; it lives inside the first [INST]",
          "prepend '<<SYS>>\\n' + system + '\\n<</SYS>>\\n\\n' to the first user message"),
+        (lambda ms: _chat_variant(ms, answer_space=""), "the space before the assistant's answer is missing: '[/INST] answer </s>'",
+         "write ' ' + answer + ' </s>' after [/INST]"),
+        (lambda ms: _chat_variant(ms, inst_space=""), "the spaces inside [INST] ... [/INST] are missing", "'[INST] ' + content + ' [/INST]'"),
+        (lambda ms: _chat_variant(ms, sys_close="\n<</SYS>>\n"), "the system block must end with '\\n<</SYS>>\\n\\n' (two newlines)",
+         "'<<SYS>>\\n' + system + '\\n<</SYS>>\\n\\n' + first user message"),
+        (lambda ms: _chat_variant(ms, sys_open="<<SYS>>", sys_close="<</SYS>>"), "the newlines around the system prompt are missing",
+         "'<<SYS>>\\n' + system + '\\n<</SYS>>\\n\\n'"),
+        (lambda ms: _chat_variant(ms, bos=""), "<s> is missing: every user turn starts with <s>[INST]", "prefix each user turn with <s>"),
+        (lambda ms: _chat_variant(ms, system_used=False), "the system message is dropped", "put it in a <<SYS>> block at the start of the first user message"),
+        (lambda ms: _chat_variant(ms, eos="</s>"), "the space before </s> is missing: each answer ends with ' </s>'", "append ' </s>' after each answer"),
     ],
 )

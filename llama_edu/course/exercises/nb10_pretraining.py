@@ -43,6 +43,10 @@ def _loss_minus_100_in_the_count(logits, labels):
     return per_token.sum() / per_token.numel()
 
 
+def _loss_shifted(logits, labels):
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100)
+
+
 def _loss_sum(logits, labels):
     return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100,
                            reduction="sum")
@@ -62,12 +66,34 @@ register(
          "compare logits[:, :-1] with labels[:, 1:]"),
         (_loss_shift_backwards, "the shift goes the wrong way: each position is scored on the token before it",
          "drop the LAST logit and the FIRST label: logits[:, :-1] with labels[:, 1:]"),
-        (_loss_minus_100_as_token_0, "labels of -100 are read as token 0 instead of being ignored",
+        (_loss_minus_100_as_token_0, "labels of -100 (padding, an untrained prompt) are read as token 0 instead of being ignored",
          "leave them out: F.cross_entropy(..., ignore_index=-100), or mask them before gathering"),
-        (_loss_minus_100_in_the_count, "ignored positions (-100) are counted in the number of tokens the mean divides by",
+        (_loss_minus_100_in_the_count, "ignored positions (-100: padding, prompt) are counted in the number of tokens the mean divides by",
          "divide by the number of labels that are not -100"),
         (_loss_sum, "the loss is the sum over tokens, not the mean", "average over the tokens that count (reduction='mean')"),
         (_loss_per_sequence, "the loss is averaged per sequence, then over the batch: a sequence with fewer labelled tokens counts as much as a long one",
          "one mean over all the labelled tokens of the batch: flatten (batch, seq) before cross_entropy"),
+        (lambda lg, lb: F.nll_loss(lg[:, :-1].reshape(-1, lg.shape[-1]), lb[:, 1:].reshape(-1), ignore_index=-100),
+         "the raw logits go into nll_loss, which expects log-probabilities: log_softmax is missing",
+         "F.cross_entropy(logits, labels) (it applies log_softmax itself), or F.nll_loss(F.log_softmax(logits, -1), labels)"),
+        (lambda lg, lb: F.nll_loss(lg[:, :-1].softmax(-1).reshape(-1, lg.shape[-1]), lb[:, 1:].reshape(-1), ignore_index=-100),
+         "nll_loss gets probabilities (softmax), not log-probabilities (log_softmax)", "F.cross_entropy on the logits"),
+        (lambda lg, lb: F.cross_entropy(lg[:, :-1], lb[:, 1:], ignore_index=-100),
+         "cross_entropy takes the classes on dim 1: (batch, seq, vocab) must be flattened to (batch * seq, vocab) first",
+         "F.cross_entropy(logits[:, :-1].reshape(-1, vocab), labels[:, 1:].reshape(-1))"),
+        (lambda lg, lb: F.cross_entropy(lg[:, 1:].reshape(-1, lg.shape[-1]), lb[:, 1:].reshape(-1), ignore_index=-100),
+         "logits and labels are cut the same way ([:, 1:] for both): the shift needs logits[:, :-1] with labels[:, 1:]",
+         "drop the LAST logit and the FIRST label"),
+        (lambda lg, lb: F.cross_entropy(lg[:, :-1].reshape(-1, lg.shape[-1]), lb[:, :-1].reshape(-1), ignore_index=-100),
+         "logits and labels are cut the same way ([:, :-1] for both): the shift needs logits[:, :-1] with labels[:, 1:]",
+         "drop the LAST logit and the FIRST label"),
+        (lambda lg, lb: F.cross_entropy(lg[:, :-1].reshape(-1, lg.shape[-1]), lb[:, 1:].reshape(-1), ignore_index=0),
+         "ignore_index=0 skips token 0 and leaves the -100 labels in (out of bounds): the labels to skip are -100",
+         "ignore_index=-100 (cross_entropy's default)"),
+        (lambda lg, lb: F.nll_loss(lg[:, :-1].log_softmax(1).reshape(-1, lg.shape[-1]), lb[:, 1:].reshape(-1), ignore_index=-100),
+         "log_softmax runs over dim 1 (the positions); the probabilities are over the vocabulary, the last dimension",
+         "log_softmax(dim=-1), or F.cross_entropy on the flattened logits"),
+        (lambda lg, lb: _loss_shifted(lg, lb).exp(), "this is the perplexity exp(loss), not the loss", "return the mean cross-entropy itself"),
+        (lambda lg, lb: -_loss_shifted(lg, lb), "the loss has the wrong sign: cross-entropy is -log p, a positive number", "mean of -log p(label)"),
     ],
 )

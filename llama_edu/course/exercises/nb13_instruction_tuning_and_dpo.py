@@ -20,10 +20,13 @@ def _labels_cases() -> Cases:
     ]
 
 
-def _labels_variant(ids, spans, fill=-100, inclusive=False, skip_first=False, invert=False, shift=False):
+def _labels_variant(ids, spans, fill=-100, inclusive=False, skip_first=False, invert=False, shift=False, drop_last=False,
+                    first_span_only=False, shift_right=False):
     keep = torch.zeros(ids.shape, dtype=torch.bool)
-    for s, e in spans:
-        keep[s + int(skip_first): e + int(inclusive)] = True
+    for s, e in spans[:1] if first_span_only else spans:
+        keep[s + int(skip_first): e + int(inclusive) - int(drop_last)] = True
+    if shift_right:
+        return torch.cat([ids.new_full((1,), fill), torch.where(keep, ids, torch.full_like(ids, fill))[:-1]])
     if invert:
         keep = ~keep
     out = torch.where(keep, ids, torch.full_like(ids, fill))
@@ -50,6 +53,16 @@ register(
          "the span starts at the answer's first token: keep labels[start:end]"),
         (lambda ids, spans: _labels_variant(ids, spans, shift=True), "the labels are shifted by one; the model shifts them itself inside its loss",
          "put each label under its own token: labels[t] = input_ids[t]"),
+        (lambda ids, spans: _labels_variant(ids, spans, shift_right=True), "the labels are shifted right by one (each label sits under the next token); the model shifts them itself inside its loss",
+         "put each label under its own token: labels[t] = input_ids[t]"),
+        (lambda ids, spans: _labels_variant(ids, spans, drop_last=True), "the last assistant token is masked (end - 1: off by one); [start, end) already excludes end",
+         "labels[start:end] = input_ids[start:end]"),
+        (lambda ids, spans: _labels_variant(ids, spans, fill=-1), "the masked positions hold -1, not -100: cross_entropy skips only ignore_index = -100",
+         "fill with -100"),
+        (lambda ids, spans: _labels_variant(ids, spans, first_span_only=True), "only the first assistant span is kept; every answer of the chat is trained on",
+         "loop over all the spans"),
+        (lambda ids, spans: _labels_variant(ids, spans).float(), "the labels are float (dtype); token ids and -100 must stay int64 (long)",
+         "torch.full_like(input_ids, -100), which keeps the dtype"),
     ],
 )
 
@@ -78,7 +91,7 @@ register(
     cases=_dpo_cases,
     mistakes=[
         (lambda pc, pr, rc, rr, beta: -F.logsigmoid(-beta * _dpo_logits(pc, pr, rc, rr)).mean(),
-         "the sign is flipped: this loss rewards the rejected answers", "the argument of log sigmoid is +beta * (chosen log-ratio - rejected log-ratio)"),
+         "the sign is flipped (-beta, or ref - pi instead of pi - ref): this loss rewards the rejected answers", "the argument of log sigmoid is +beta * (chosen log-ratio - rejected log-ratio)"),
         (lambda pc, pr, rc, rr, beta: -F.logsigmoid(beta * (pc - pr)).mean(),
          "the reference model is missing: without it the loss only widens the policy's own gap, with nothing holding it near the reference",
          "use the log-ratios pi - ref for both answers"),
@@ -91,7 +104,15 @@ register(
         (lambda pc, pr, rc, rr, beta: -F.logsigmoid(beta * _dpo_logits(pc, pr, rc, rr)),
          "returns one loss per pair instead of their mean", "end with .mean()"),
         (lambda pc, pr, rc, rr, beta: -torch.log(torch.sigmoid(beta * _dpo_logits(pc, pr, rc, rr))).mean(),
-         "log(sigmoid(z)) overflows: sigmoid(-200) is 0 in float32 and log(0) = -inf",
+         "log(sigmoid(z)) overflows: sigmoid(-200) is 0 in float32 and log(0) = -inf (log(1 + exp(-z)) overflows the same way: exp(200) = inf)",
          "use F.logsigmoid(z) (or -F.softplus(-z)), which never forms the tiny probability"),
+        (lambda pc, pr, rc, rr, beta: -F.logsigmoid(beta * (pc - rc) - (pr - rr)).mean(),
+         "beta multiplies only the chosen log-ratio: the parentheses are missing around the difference", "beta * ((pi_c - ref_c) - (pi_r - ref_r))"),
+        (lambda pc, pr, rc, rr, beta: F.logsigmoid(beta * _dpo_logits(pc, pr, rc, rr)).mean(),
+         "the minus sign is missing: the loss is -log sigmoid(z), a positive number to minimise", "-F.logsigmoid(z).mean()"),
+        (lambda pc, pr, rc, rr, beta: -torch.sigmoid(beta * _dpo_logits(pc, pr, rc, rr)).mean(),
+         "sigmoid instead of log sigmoid: the log is missing", "-F.logsigmoid(z).mean()"),
+        (lambda pc, pr, rc, rr, beta: -F.logsigmoid(_dpo_logits(pc, pr, rc, rr) / beta).mean(),
+         "the log-ratios are divided by beta; beta multiplies them", "beta * ((pi_c - ref_c) - (pi_r - ref_r))"),
     ],
 )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from ...quant.quantize import NF4_CODE, absmax_dequantize, absmax_quantize, blockwise_dequantize, blockwise_quantize, pack_codes, unpack_codes
 
@@ -32,6 +34,17 @@ def _absmax_per_column(w):
     return torch.round(w / scale[None, :]).clamp(-127, 127).to(torch.int8), scale
 
 
+def _absmax_inverted(w):
+    absmax = w.float().abs().amax(dim=1)
+    scale = torch.where(absmax > 0, 127 / absmax, torch.ones_like(absmax))
+    return torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8), scale
+
+
+def _absmax_no_zero_guard(w):
+    scale = w.float().abs().amax(dim=1) / 127
+    return torch.round(w / scale[:, None]).nan_to_num(0).clamp(-127, 127).to(torch.int8), scale
+
+
 register(
     "absmax_quantize", "14_quantization", "(w)",
     "int8 absmax quantization of a (rows, cols) weight, one scale per row: scale = max|row| / 127 (1 for an all-zero row), "
@@ -49,6 +62,14 @@ register(
          "use torch.round"),
         (lambda w: _absmax_variant(w, levels=128), "the scale divides by 128: the grid is -127..127, so the largest weight must map to 127",
          "scale = absmax / 127"),
+        (lambda w: (lambda s: (torch.round(w / s[:, None]).to(torch.int8), s))(torch.where(w.abs().amax(1) > 0, w.abs().amax(1) / 255, 1.0)), "the scale divides by 255 (the uint8 range); int8 codes here run -127..127, so max|row| maps to 127",
+         "scale = absmax / 127"),
+        (lambda w: _absmax_variant(w, levels=1), "the scale is max|row| without the / 127: every code lands in -1..1",
+         "scale = absmax / 127, so the largest weight maps to 127"),
+        (lambda w: _absmax_variant(w, scale_of=lambda w: w.amax(dim=1)), "the scale comes from max(row), not max|row|: a row whose largest magnitude is negative overflows",
+         "w.abs().amax(dim=1)"),
+        (_absmax_inverted, "the scale is inverted (127 / absmax): quantizing divides by absmax / 127", "scale = absmax / 127; q = round(w / scale)"),
+        (_absmax_no_zero_guard, "an all-zero row gets scale 0 and 0 / 0 = NaN; its scale must be 1", "torch.where(absmax > 0, absmax / 127, 1)"),
     ],
 )
 
@@ -66,12 +87,19 @@ register(
     reference=absmax_dequantize,
     cases=_dequant_cases,
     mistakes=[
-        (lambda q, scale: q.float() * scale, "the scales are broadcast along the columns (q * scale); they belong to the rows",
+        (lambda q, scale: q.float() * scale, "the scales are broadcast along the columns (q * scale, scale[None, :] or unsqueeze(0)): each row has its own scale",
          "give the scale a column axis: q.float() * scale[:, None]"),
         (lambda q, scale: q.float() / scale[:, None], "the codes are divided by the scale; dequantizing multiplies",
          "w_hat = q * scale[:, None]"),
         (lambda q, scale: q.float() * scale[:, None] / 127, "the scale is divided by 127 again; it already is absmax / 127",
          "multiply by the scale as it is"),
+        (lambda q, scale: (q.float() * scale[:, None]).half(), "the result is float16 (dtype); dequantized weights are float32", "q.float() * scale[:, None]"),
+        (lambda q, scale: q.float() * scale[:, None] * 127, "the codes are multiplied by 127 again; the scale already is absmax / 127",
+         "q.float() * scale[:, None]"),
+        (lambda q, scale: (q.float() * scale[:, None]).round().to(torch.int8), "the result is cast back to int8 (dtype): dequantized weights are float32",
+         "return q.float() * scale[:, None]"),
+        (lambda q, scale: q * scale[:, None].to(torch.int8), "the scale is cast to int8 (it rounds to 0): the product must be in float32",
+         "q.float() * scale[:, None]"),
     ],
 )
 
@@ -95,6 +123,12 @@ def _nf4_low_first(packed, absmax, code):
     return (code[idx.long()].reshape(-1, 64) * absmax[:, None]).reshape(-1)
 
 
+def _nf4_byte_indices(packed, absmax, code):
+    with warnings.catch_warnings():  # torch warns that uint8 indices are masks; the checker's run must not print it
+        warnings.simplefilter("ignore")
+        return (code[torch.stack([packed >> 4, packed & 0xF], dim=1).reshape(-1)].reshape(-1, 64) * absmax[:, None]).reshape(-1)
+
+
 def _nf4_tiled_scales(packed, absmax, code):
     idx = torch.stack([packed >> 4, packed & 0xF], dim=1).reshape(-1)
     return code[idx.long()] * absmax.repeat(64)
@@ -115,5 +149,16 @@ register(
          "the codebook values are not multiplied by their block's absmax", "multiply each block of 64 by its absmax"),
         (lambda packed, absmax, code: ((torch.stack([packed >> 4, packed & 0xF], dim=1).reshape(-1).float() - 7.5) / 7.5).reshape(-1, 64).mul(absmax[:, None]).reshape(-1),
          "the 4-bit index is used as a uniform number; NF4 looks it up in the codebook", "index the codebook: code[index.long()]"),
+        (lambda packed, absmax, code: (code[torch.cat([packed >> 4, packed & 0xF]).long()].reshape(-1, 64) * absmax[:, None]).reshape(-1),
+         "all the high nibbles come first, then all the low ones (cat); the two values of each byte are neighbours (stack along dim 1)",
+         "torch.stack([packed >> 4, packed & 0xF], dim=1).reshape(-1)"),
+        (lambda packed, absmax, code: (code[torch.stack([(packed & 0xF0), packed & 0xF], dim=1).reshape(-1).long().clamp(max=15)].reshape(-1, 64) * absmax[:, None]).reshape(-1),
+         "the high nibble is masked with 0xF0 but not shifted: it stays 16 times too large", "packed >> 4 (or (packed & 0xF0) >> 4)"),
+        (lambda packed, absmax, code: code[torch.stack([packed >> 4, packed & 0xF], dim=1).reshape(-1).long()] * absmax,
+         "absmax is not expanded to its block: it has one value per 64 weights", "absmax.repeat_interleave(64), or reshape the values to (-1, 64) and multiply by absmax[:, None]"),
+        (lambda packed, absmax, code: (code[torch.stack([packed >> 4, packed & 0xF], dim=1).reshape(-1).long()].reshape(-1, 64) / absmax[:, None]).reshape(-1),
+         "the codebook values are divided by their block's absmax; dequantizing multiplies", "code[index] * absmax of the block"),
+        (_nf4_byte_indices,
+         "the indices stay uint8, and a uint8 (byte) tensor used as an index is read as a boolean mask", "convert the indices: code[index.long()]"),
     ],
 )

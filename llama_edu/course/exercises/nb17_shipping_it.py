@@ -41,6 +41,14 @@ def _variant(w: torch.Tensor, scale_of: Callable | None = None, rounding: Callab
     return blocks.reshape(w.shape[0], -1)
 
 
+def _divided_by_float16_scale(w: torch.Tensor) -> torch.Tensor:
+    x = w.float().reshape(-1, QK8_0)
+    d = (x.abs().amax(dim=1, keepdim=True) / 127).half().float()
+    v = torch.where(d == 0, torch.zeros_like(x), x / d)
+    q = (torch.sign(v) * torch.floor(v.abs() + 0.5)).to(torch.int8).view(torch.uint8)
+    return torch.cat([d.half().view(torch.uint8), q], dim=1).reshape(w.shape[0], -1)
+
+
 register(
     "q8_0_quantize", "17_shipping_it", "(w)",
     "GGUF's Q8_0 of a (rows, n) float weight, n a multiple of 32: per block of 32 values, d = max|x| / 127 as "
@@ -61,5 +69,12 @@ register(
          "Q8_0 stores it as float16 (2 bytes, 34-byte blocks)", "d.half().view(torch.uint8)"),
         (lambda w: _variant(w, levels=128), "the scale divides by 128: int8 codes here run -127..127, so the largest "
          "magnitude must map to 127", "d = max|x| / 127"),
+        (lambda w: _variant(w, scale_of=lambda x: x.abs().amax().expand(x.shape[0], 1)),
+         "one scale for the whole tensor; Q8_0 has one scale per block of 32 values", "d = x.reshape(-1, 32).abs().amax(dim=1, keepdim=True) / 127"),
+        (lambda w: _variant(w, rounding=torch.trunc), "the values are truncated toward zero (.to(torch.int8) alone), not rounded",
+         "round half away from zero: torch.sign(v) * torch.floor(v.abs() + 0.5)"),
+        (_divided_by_float16_scale, "the values are divided by the float16-rounded scale; ggml computes q with the float32 d "
+         "(x * (1 / d)) and only stores d as float16", "d = max|x| / 127 in float32 for the division; d.half() for the two scale bytes"),
+        (lambda w: _variant(w).view(torch.int8), "the bytes are int8 (dtype); the file's bytes are uint8", "finish with .view(torch.uint8)"),
     ],
 )

@@ -100,6 +100,20 @@ def _all_occurrences(piece, ranks):
         parts = merged
 
 
+def _unknown_pairs_rank_0(piece, ranks):
+    parts = [piece[i:i + 1] for i in range(len(piece))]
+    while len(parts) > 1:
+        i = min(range(len(parts) - 1), key=lambda i: (ranks.get(parts[i] + parts[i + 1], 0), i))
+        parts = _merge(parts, i)
+    return [ranks[p] for p in parts]
+
+
+def _parts(piece, ranks):
+    ids = bpe_merge(piece, ranks)
+    inverse = {v: k for k, v in ranks.items()}
+    return [inverse[i] for i in ids]
+
+
 def _ints(piece, ranks):
     parts = list(piece)  # ints, not 1-byte bytes objects
     return [ranks[p] for p in parts]
@@ -125,5 +139,8 @@ register(
          "merge just the leftmost occurrence, then re-scan all pairs"),
         (_ints, "list(piece) gives ints in Python 3, not 1-byte bytes objects, so nothing can be looked up or joined",
          "split with slices: [piece[i:i + 1] for i in range(len(piece))]"),
+        (_unknown_pairs_rank_0, "pairs that are not in ranks are given rank 0 (ranks.get(pair, 0)), so they merge first; only pairs in ranks may merge",
+         "consider only the adjacent pairs whose concatenation is in ranks, and stop when there is none"),
+        (_parts, "the byte strings of the parts are returned; the exercise wants their ids", "return [ranks[part] for part in parts]"),
     ],
 )
