@@ -879,6 +879,8 @@ def _diagnosis(output: str) -> str:
     that a pattern cannot be met by the input's description or a coordinate. (Added by the lead
     before the after-rate was measured; the before-rate was recomputed with it.)"""
     output = re.sub(r"Case \d+ of \d+ \([^\n]*?\):", "", output)
+    output = re.sub(r"at line \d+: [^\n]*", "", output)  # the learner's own line, quoted back
+    output = re.sub(r"dimension \d+ has size \d+ instead of \d+", "", output)
     return re.sub(r"the first at index \([^)]*\): got [^\n]*?expected [^)\n]*", "", output)
 
 
@@ -917,7 +919,9 @@ def test_blind_named_rate():
     rows = _rows()
     rate = sum(named for _, _, _, named, _ in rows) / len(rows)
     print(f"blind named rate: {rate:.2f} ({sum(n for *_, n, _ in rows)}/{len(rows)})")
-    assert rate >= 0.5
+    # Measured once, blind: 61/71 named before the checker work of issue 18's last round, 66/71
+    # after (the aim was 4 in 5). Now a guard: the checker must keep naming at least 4 in 5.
+    assert rate >= 0.8
 
 
 if __name__ == "__main__":
