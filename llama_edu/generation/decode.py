@@ -472,9 +472,10 @@ def _compile(model, cache: StaticCache, device: torch.device, freeze: bool):
 
 
 class _FrozenFirstCall:
-    """Calls the compiled step, compiling it on the first call with ``options`` (inductor reads ``freezing`` from its global config when it compiles, so the options are
-    set around that call only). Where inductor cannot build it (a CPU its C++ GEMM template
-    does not cover), it warns and uses the plain compiled step instead."""
+    """Calls the compiled step, compiling it on the first call with ``options``: inductor reads
+    ``freezing`` from its global config when it compiles, so the options are set around that
+    call only. Where inductor cannot build the frozen step (a CPU its C++ GEMM template does not
+    cover), it warns and uses the plain compiled step instead."""
 
     def __init__(self, compiled, options: dict, fallback) -> None:
         self.compiled, self.options, self.fallback, self.first = compiled, options, fallback, True
@@ -484,15 +485,16 @@ class _FrozenFirstCall:
             return self.compiled(cache, *inputs)
         import torch._inductor.config as inductor_config
 
-        self.first = False
         try:
             with inductor_config.patch(self.options), warnings.catch_warnings():
                 # inductor's autotuner (not our code) still calls Tensor.storage()
                 warnings.filterwarnings("ignore", message="TypedStorage is deprecated")
-                return self.compiled(cache, *inputs)
+                out = self.compiled(cache, *inputs)
         except Exception as error:  # noqa: BLE001 (a compiler failure: fall back, and say so)
             warnings.warn(f"compile=True: the frozen-weight CPU step did not compile ({type(error).__name__}: {error}); "
                           "using the plain compiled step", stacklevel=2)
             plain = self.fallback()
             self.compiled = lambda cache, *inputs: plain(model, cache, *inputs)
-            return plain(model, cache, *inputs)
+            out = plain(model, cache, *inputs)
+        self.first = False  # set only now: a compile stopped by Ctrl-C is tried again, frozen
+        return out
