@@ -16,6 +16,7 @@ import os
 import signal
 import subprocess
 import sys
+import time as time_module
 from pathlib import Path
 
 import pytest
@@ -395,6 +396,28 @@ def test_train_interrupted_in_1_process_resumes_on_2_tp_ranks(shakespeare_slice,
     assert diff < 0.05 * 3e-3 * 6
 
 
+def _ddp_shutdown_worker(rank, world, data, out):
+    """A DDP run that saves a DCP checkpoint, then shutdown(): the names of the threads left."""
+    train(run_config(data, out / "run", "ddp"), log=lambda s: None)
+    D.shutdown()
+    tasks = Path("/proc/self/task")
+    names = sorted((t / "comm").read_text().strip() for t in tasks.iterdir()) if tasks.is_dir() else []
+    (out / f"threads{rank}.json").write_text(json.dumps(names))
+
+
+def test_no_gloo_thread_outlives_a_ddp_run(shakespeare_slice, tmp_path):
+    """shutdown() ends gloo's worker threads: one still alive while Python finalizes aborts the
+    rank when it drops a tensor ("terminate called without an active exception", SIGABRT after a
+    run that succeeded). torch.distributed.checkpoint imported after the group exists would keep
+    the group alive (torch.distributed.nn binds group.WORLD as a default argument)."""
+    D.spawn(_ddp_shutdown_worker, 2, shakespeare_slice, tmp_path)
+    for rank in (0, 1):
+        names = json.loads((tmp_path / f"threads{rank}.json").read_text())
+        if not names:
+            pytest.skip("this system does not list a process's threads in /proc")
+        assert not [n for n in names if "gloo" in n], f"rank {rank} still has the threads {names} after shutdown()"
+
+
 def test_torchrun_train_command_with_ddp(shakespeare_slice, one_process_run, tmp_path):
     """The command a learner types; rank 0 alone prints; the run equals the one-process run."""
     ref, _ = one_process_run
@@ -409,8 +432,55 @@ def test_torchrun_train_command_with_ddp(shakespeare_slice, one_process_run, tmp
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("step     1 | loss") == 1  # rank 0 only
     assert "--parallel ddp on 2 ranks" in proc.stdout
+    assert proc.stdout.count("best val") == 1  # printed last, flushed before the rank's os._exit
     history = json.loads((tmp_path / "run" / "history.json").read_text())
     assert [l for _, l in history["train"]] == pytest.approx([l for _, l in ref["train"]], abs=1e-5)
+
+
+def _budget_worker(rank, world, data, out):
+    """2 DDP ranks with --max-minutes 1 whose clocks disagree: rank 1's jumps an hour ahead after
+    step 1, so only rank 1 sees the budget spent at step 2 (as a slow rank, or one that started
+    late, would). Each rank writes the steps it ran."""
+    import types
+
+    from llama_edu.training import loop
+
+    clock = types.SimpleNamespace(offset=0.0)
+    loop.time = types.SimpleNamespace(time=lambda: time_module.time() + clock.offset)
+
+    def on_step(step, history, model):
+        if rank == 1 and step == 1:
+            clock.offset = 3600.0
+
+    c = run_config(data, out, "ddp")
+    c.max_minutes = 1
+    history = train(c, log=lambda s: None, on_step=on_step)
+    (out / f"rank{rank}.json").write_text(json.dumps({"steps": history["steps"]}))
+
+
+def run_budget_ranks(data, out):
+    D.spawn(_budget_worker, 2, data, out)
+
+
+def test_time_budget_stops_every_rank_at_the_same_step(shakespeare_slice, tmp_path):
+    """A rank that alone sees the time budget spent must not stop alone: the others would wait for
+    it in the next collective forever. Run in a child process, killed (with its ranks) if it hangs."""
+    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import test_distributed as T; "
+            f"from pathlib import Path; T.run_budget_ranks(Path({str(shakespeare_slice)!r}), Path({str(tmp_path / 'run')!r}))")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen([sys.executable, "-c", code], env=env, start_new_session=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        output, _ = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail("the ranks hung: one stopped on its own clock while the other waited in a collective")
+    assert proc.returncode == 0, output[-3000:]
+    steps = [json.loads((tmp_path / "run" / f"rank{r}.json").read_text())["steps"] for r in (0, 1)]
+    assert steps == [2, 2]
+    state = json.loads((tmp_path / "run" / "last" / "train_state.json").read_text())
+    assert state["step"] == 2
 
 
 def test_parallel_without_torchrun_and_batch_that_does_not_split(shakespeare_slice, tmp_path, monkeypatch, capsys):

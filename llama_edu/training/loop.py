@@ -716,7 +716,8 @@ def fit(
                 bar.set_postfix(postfix, refresh=False)
                 if step % config.log_interval == 0:
                     say(f"step {step:5d} | loss {loss:.4f} | lr {lr:.2e} | {time.time() - t0:.0f}s")
-                out_of_time = config.max_minutes is not None and time.time() - t0 > 60 * config.max_minutes
+                # Every rank reads its own clock; they must agree, or one would stop while the others wait for it.
+                out_of_time = config.max_minutes is not None and distributed.any_rank(time.time() - t0 > 60 * config.max_minutes, par)
                 if (config.eval_interval and step % config.eval_interval == 0) or step == config.steps or out_of_time:
                     checkpoint(step)
                     saved_at = step
