@@ -133,10 +133,18 @@ def test_fixed_shape_decode_path_matches_transformers(gqa_twins, hf_greedy_batch
 
 
 def test_compiled_generate_matches_eager(stories260k):
-    """The compiled decode path (about 20 s to compile on 2 cores) gives the eager tokens."""
+    """The compiled decode path (about 20 s to compile on 2 cores) gives the eager tokens, and
+    other lengths within one cache bucket run the same compiled step: nothing is compiled again
+    (once, every length recompiled, unfrozen, because the token slices' strides changed)."""
+    from torch._dynamo.utils import counters
+
     _, ours = stories260k
     prompt = torch.tensor([[1]])
     assert torch.equal(ours.generate(prompt, max_new_tokens=100, compile=True), ours.generate(prompt, max_new_tokens=100))
+    graphs = counters["stats"]["unique_graphs"]
+    for n in (60, 150):
+        assert torch.equal(ours.generate(prompt, max_new_tokens=n, compile=True), ours.generate(prompt, max_new_tokens=n))
+    assert counters["stats"]["unique_graphs"] == graphs
 
 
 def _frozen_step_warnings(record) -> list[str]:

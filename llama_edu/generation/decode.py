@@ -467,8 +467,18 @@ def _compile(model, cache: StaticCache, device: torch.device, freeze: bool):
     # argument is guarded by its shape, not its identity. A frozen head needs none.
     head_t = None if freeze else model.column_major_head(cache.max_batch_size, device)
     if not freeze:
-        return lambda model, cache, *inputs: compiled(cache, *inputs, head_t=head_t)
-    return _FrozenFirstCall(compiled, _frozen_cpu_options(model), fallback=lambda: _compile(model, cache, device, freeze=False))
+        step = lambda model, cache, *inputs: compiled(cache, *inputs, head_t=head_t)  # noqa: E731
+    else:
+        step = _FrozenFirstCall(compiled, _frozen_cpu_options(model), fallback=lambda: _compile(model, cache, device, freeze=False))
+    return lambda model, cache, *inputs: step(model, cache, *map(_own_strides, inputs))
+
+
+def _own_strides(t: torch.Tensor | None) -> torch.Tensor | None:
+    """A copy of ``t`` with the strides of a fresh tensor. The step's tokens and positions are
+    slices of (batch, max_length) buffers, whose row stride is max_length; the compiled step
+    guards every input's strides, and would be compiled again (unfrozen, and only up to dynamo's
+    recompile limit) for every other generation length."""
+    return None if t is None else t.clone(memory_format=torch.contiguous_format)
 
 
 class _FrozenFirstCall:
