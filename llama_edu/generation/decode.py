@@ -435,14 +435,28 @@ def _compiled_step(model, batch_size: int, max_length: int, device: torch.device
         steps = model.__dict__["_compiled_decode_steps"] = _CompiledSteps()
     max_cache_len = -(-max_length // CACHE_BUCKET) * CACHE_BUCKET
     key = (batch_size, max_cache_len, model.dtype, str(device), torch.get_num_threads())
+    weight_bytes = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+    freeze = device.type == "cpu" and weight_bytes <= FREEZE_MAX_BYTES
+    if freeze:
+        _own_storages(model)
     weights = _weights_key(model)
     if key not in steps or steps[key][2] != weights:
         cache = StaticCache(model.config, batch_size, max_cache_len, device=device, dtype=model.dtype)
-        weight_bytes = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
-        steps[key] = (cache, _compile(model, cache, device, freeze=device.type == "cpu" and weight_bytes <= FREEZE_MAX_BYTES), weights)
+        steps[key] = (cache, _compile(model, cache, device, freeze=freeze), weights)
     cache, step, _ = steps[key]
     cache.reset()
     return cache, step
+
+
+def _own_storages(model) -> None:
+    """Give every weight that is a view into a larger storage a storage of its own, in place.
+    ``from_pretrained`` maps a safetensors file into memory and its weights are slices of it; with
+    such weights frozen, inductor's C++ GEMM template (torch 2.13) computed garbage, all of its
+    tokens 0 after the first. The frozen step copies the weights anyway, so the memory is the same."""
+    with torch.no_grad(), torch.inference_mode(False):  # still trainable weights afterwards
+        for t in (*model.parameters(), *model.buffers()):
+            if t.storage_offset() or t.untyped_storage().nbytes() != t.numel() * t.element_size():
+                t.data = t.data.clone()
 
 
 def _compile(model, cache: StaticCache, device: torch.device, freeze: bool):
