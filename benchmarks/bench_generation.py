@@ -127,6 +127,17 @@ def run_generate(model, ids: torch.Tensor, new_tokens: int, device: str, **kw) -
     return elapsed
 
 
+def same_tokens(model, ids: torch.Tensor, new_tokens: int, kw: dict) -> float:
+    """The fraction of ``new_tokens`` greedy tokens that ``generate(**kw)`` shares with plain
+    ``generate``: a speed measured on wrong tokens would mean nothing (1.0, or close to it where
+    fused kernels round differently and a near-tie flips)."""
+    with torch.inference_mode():
+        a, b = (model.generate(ids, max_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0, **k)
+                for k in (kw, {}))
+    n = min(a.shape[1], b.shape[1])  # an eos may end one of them early
+    return (a[:, ids.shape[1]:n] == b[:, ids.shape[1]:n]).float().mean().item() if n > ids.shape[1] else 0.0
+
+
 def time_case(variants: dict, ids, new_tokens, repeats, device) -> dict:
     """Median tokens/s of each variant {name: (model, generate kwargs)}: one warm-up each (it
     also compiles, for compile=True), then ``repeats`` rounds running the variants in turn."""
@@ -475,6 +486,8 @@ def run_targets(args) -> None:
                 decode(n)
                 if "compiled" in name:
                     print(f"  {label}, {threads} thread(s): {name} first call (compiling) {time.perf_counter() - t0:.1f} s", flush=True)
+                    model, kw = ours_variants[name]
+                    print(f"    its tokens equal the eager path's: {same_tokens(model, prompt, n, kw):.0%}", flush=True)
             times = {name: [] for name in decoders}
             for _ in range(args.repeats):
                 for name, decode in decoders.items():
