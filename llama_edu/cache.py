@@ -12,7 +12,8 @@ stores the new keys/values and returns what attention reads; ``get_seq_length()`
 - :class:`StaticCache` preallocates ``max_cache_len`` slots and writes token t into slot t
   (``cache_position``). It returns the whole buffers every time; the causal mask hides the slots
   not written yet (slot > position). Shapes never change, so ``torch.compile`` and CUDA graphs
-  compile one decode step for every position (gpt-fast's ``KVCache``).
+  compile one decode step for every position (gpt-fast's ``KVCache``). With ``trim=True``
+  (eager decoding on a CPU) it returns only the slots written so far, as a growing cache would.
 """
 
 from __future__ import annotations
@@ -80,7 +81,16 @@ class DynamicCache(Cache):
 
 
 class StaticCache(Cache):
-    """``max_cache_len`` preallocated slots per layer; token t is written into slot t."""
+    """``max_cache_len`` preallocated slots per layer; token t is written into slot t.
+
+    ``trim=True``: attention reads the slots up to the newest token only, not all
+    ``max_cache_len``: fewer keys, and no mask to hide the unwritten slots. The price is reading
+    the newest position as a number once per forward (:meth:`keys_length`): free on a CPU, a
+    host sync on a GPU, and a shape that changes every step, which compiled code cannot have.
+    ``generate`` trims when it decodes eagerly on a CPU.
+    """
+
+    trim = False  # class default: a subclass that builds its own buffers (batching's SlotView) keeps whole buffers
 
     def __init__(
         self,
@@ -89,6 +99,7 @@ class StaticCache(Cache):
         max_cache_len: int,
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
+        trim: bool = False,
     ) -> None:
         shape = (max_batch_size, config.num_key_value_heads, max_cache_len, config.head_dim)
         self.max_batch_size = max_batch_size
@@ -97,14 +108,26 @@ class StaticCache(Cache):
         self.value_cache = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
         # Tokens written: a tensor, so that compiled code updates it without a host sync.
         self.length = torch.zeros((), dtype=torch.long, device=device)
+        self.trim = trim
+        self.visible = max_cache_len  # slots attention reads in the current forward (see keys_length)
+
+    def keys_length(self, cache_position: torch.Tensor) -> int:
+        """How many slots attention reads in the forward writing ``cache_position``: all
+        ``max_cache_len``, or with ``trim`` those up to the newest position. The decoder calls
+        it once per forward, before the layers' :meth:`update`."""
+        self.visible = int(cache_position[-1]) + 1 if self.trim else self.max_cache_len
+        return self.visible
 
     def update(self, key, value, layer_idx, cache_position=None):
         """Write key/value (batch, kv_heads, new, head_dim) at the slots ``cache_position``
-        (new,); return the whole buffers (batch, kv_heads, max_cache_len, head_dim)."""
+        (new,); return the whole buffers (batch, kv_heads, max_cache_len, head_dim), or with
+        ``trim`` their first :meth:`keys_length` slots."""
         self.key_cache[layer_idx].index_copy_(2, cache_position, key)
         self.value_cache[layer_idx].index_copy_(2, cache_position, value)
         if layer_idx == 0:
             self.length.copy_(cache_position[-1] + 1)
+        if self.trim:
+            return self.key_cache[layer_idx][:, :, : self.visible], self.value_cache[layer_idx][:, :, : self.visible]
         return self.key_cache[layer_idx], self.value_cache[layer_idx]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:

@@ -105,17 +105,23 @@ class LlamaDecoder(nn.Module):
         """
         hidden_states = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         q_len = hidden_states.shape[1]
-        static = isinstance(cache, StaticCache)
-        past = 0 if cache is None or static else cache.get_seq_length()  # tokens already cached
-        kv_length = cache.max_cache_len if static else past + q_len
+        if isinstance(cache, StaticCache):  # the keys are its slots: all, or (trim) those written so far
+            kv_length = cache.keys_length(cache_position)
+            growing = cache.trim  # then the keys end at the newest token, as with a growing cache
+        else:
+            kv_length = q_len + (0 if cache is None else cache.get_seq_length())  # past tokens + new ones
+            growing = True
+        past = kv_length - q_len
+        if attention_mask is not None:
+            attention_mask = attention_mask[:, :kv_length]  # a static cache's mask covers every slot
 
         impl = "eager" if output_attentions else self.config.attn_implementation
-        if attention_mask is None and not static and (q_len == 1 or past == 0):
+        if attention_mask is None and growing and (q_len == 1 or past == 0):
             mask = None  # plain causal attention: the kernel's own causal flag does it
         else:
             mask = causal_mask(cache_position, kv_length, attention_mask, unmask_empty_rows=impl != "eager")
-        seq_len = past + q_len
-        if static and self.rotary_emb.scaling_type == "dynamic":
+        seq_len = kv_length
+        if not growing and self.rotary_emb.scaling_type == "dynamic":
             seq_len = int(cache_position[-1]) + 1  # dynamic NTK needs the length as a number: a host sync
         cos, sin = self.rotary_emb(position_ids, seq_len, hidden_states.dtype)  # (batch, seq, head_dim)
         cos, sin = cos[:, None], sin[:, None]  # (batch, 1, seq, head_dim): the same for every head

@@ -74,11 +74,13 @@ def test_compiled_decode_step_equals_one_full_forward():
     assert isinstance(state.cache, StaticCache) and state.cache.get_seq_length() == TOTAL
 
 
-def test_static_cache_through_the_public_forward_in_chunks():
-    """transformers' API with a StaticCache: a left-padded prompt in two chunks, then tokens."""
+@pytest.mark.parametrize("trim", [False, True])
+def test_static_cache_through_the_public_forward_in_chunks(trim):
+    """transformers' API with a StaticCache: a left-padded prompt in two chunks, then tokens
+    (trimmed: attention reads the written slots only, the padding mask cut to match)."""
     model = _model()
     ids, mask = _batch(padded=True)
-    cache = StaticCache(model.config, max_batch_size=2, max_cache_len=16)
+    cache = StaticCache(model.config, max_batch_size=2, max_cache_len=16, trim=trim)
     with torch.no_grad():
         full = model(ids, attention_mask=mask).logits
         parts = []

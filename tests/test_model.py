@@ -94,10 +94,11 @@ def test_left_padded_half_precision_has_no_nan(dtype, impl):
     assert max_diff(out.logits[mask.bool()], ref[mask.bool()]) < 0.1
 
 
-def test_static_cache_equals_dynamic_cache():
+@pytest.mark.parametrize("trim", [False, True])
+def test_static_cache_equals_dynamic_cache(trim):
     model = _model()
     ids = torch.randint(0, 97, (2, 12))
-    static = StaticCache(model.config, max_batch_size=2, max_cache_len=16)
+    static = StaticCache(model.config, max_batch_size=2, max_cache_len=16, trim=trim)
     dynamic = DynamicCache()
     with torch.no_grad():
         a = model(ids[:, :5], past_key_values=static, use_cache=True).logits
@@ -107,9 +108,11 @@ def test_static_cache_equals_dynamic_cache():
             outs_a.append(model(ids[:, t : t + 1], past_key_values=static, use_cache=True).logits)
             outs_b.append(model(ids[:, t : t + 1], past_key_values=dynamic, use_cache=True).logits)
     assert static.get_seq_length() == dynamic.get_seq_length() == 12
-    # Not bit-identical: the static cache attends over all 16 slots (the unwritten ones masked),
-    # so the kernel sums in another order.
-    assert max_diff(torch.cat(outs_a, 1), torch.cat(outs_b, 1)) <= 1e-6
+    # Not bit-identical untrimmed: the static cache attends over all 16 slots (the unwritten ones
+    # masked), so the kernel sums in another order. Trimmed, it reads the 12 written slots only.
+    assert max_diff(torch.cat(outs_a, 1), torch.cat(outs_b, 1)) <= (0 if trim else 1e-6)
+    keys = static.update(*dynamic[0], 0, torch.arange(12))[0]
+    assert keys.shape[2] == (12 if trim else 16)
     with pytest.raises(ValueError, match="max_cache_len"):
         model(torch.randint(0, 97, (2, 5)), past_key_values=static, use_cache=True)
 

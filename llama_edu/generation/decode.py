@@ -291,7 +291,9 @@ class DecodeState:
         elif compile:
             cache, step = _compiled_step(model, batch_size, max_length, device)
         elif cache_implementation == "static":
-            cache = StaticCache(model.config, batch_size, max_length, device=device, dtype=model.dtype)
+            # Eager on a CPU, attention reads only the slots written so far (see StaticCache's trim)
+            cache = StaticCache(model.config, batch_size, max_length, device=device, dtype=model.dtype,
+                                trim=device.type == "cpu")
         else:
             cache = DynamicCache()
         if not compile:
