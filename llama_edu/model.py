@@ -111,13 +111,12 @@ class LlamaDecoder(nn.Module):
         else:
             kv_length = q_len + (0 if cache is None else cache.get_seq_length())  # past tokens + new ones
             growing = True
-        past = kv_length - q_len
         if attention_mask is not None:
             attention_mask = attention_mask[:, :kv_length]  # a static cache's mask covers every slot
 
         impl = "eager" if output_attentions else self.config.attn_implementation
-        if attention_mask is None and growing and (q_len == 1 or past == 0):
-            mask = None  # plain causal attention: the kernel's own causal flag does it
+        if attention_mask is None and growing and (q_len == 1 or kv_length == q_len):
+            mask = None  # plain causal attention (one query, or no past): the kernel's causal flag does it
         else:
             mask = causal_mask(cache_position, kv_length, attention_mask, unmask_empty_rows=impl != "eager")
         seq_len = kv_length
