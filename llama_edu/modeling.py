@@ -24,7 +24,7 @@ from .attention import check_flash_attention_available
 from .cache import Cache, DynamicCache, StaticCache
 from .io.checkpoint import load_pretrained, save_pretrained
 from .config import LlamaConfig
-from .generation.decode import check_input_ids, generate
+from .generation.decode import check_input_ids, generate, tensor_key
 from .model import LlamaDecoder
 from .outputs import BaseModelOutputWithPast, CausalLMOutputWithPast, SequenceClassifierOutputWithPast
 from .pretraining_tp import apply_pretraining_tp
@@ -412,7 +412,7 @@ class LlamaForCausalLM(LlamaPreTrainedModel):
         w = head.weight
         if w.numel() * w.element_size() > COLUMN_MAJOR_HEAD_MAX_BYTES:
             return None
-        key = (w.data_ptr(), w._version, w.dtype, w.shape)  # rebuilt when the weight changes
+        key = (*tensor_key(w), w.dtype, w.shape)  # rebuilt when the weight changes
         cached = _HEAD_COPIES.get(head)
         if cached is None or cached[0] != key:
             with torch.inference_mode(False):

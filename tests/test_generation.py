@@ -180,6 +180,72 @@ def test_compiled_step_follows_the_weights(stories260k):
     assert not _frozen_step_warnings(record)  # the frozen path itself ran (no fallback)
 
 
+def test_compiled_step_follows_the_settings(stories260k):
+    """compile=True keeps dynamo's guards on its inputs only and checks the model itself once
+    per generate (decode._model_key): a setting changed after compiling (here a layer's
+    activation function) is compiled again, never run stale."""
+    import torch.nn.functional as F
+
+    _, ours = stories260k
+    prompt = torch.tensor([[1]])
+    before = ours.generate(prompt, max_new_tokens=60, compile=True)
+    mlp = ours.model.layers[0].mlp
+    try:
+        mlp.act_fn = F.relu
+        changed = ours.generate(prompt, max_new_tokens=60, compile=True)
+        assert torch.equal(changed, ours.generate(prompt, max_new_tokens=60))
+        assert not torch.equal(changed, before)  # the setting matters to these tokens
+    finally:
+        mlp.act_fn = F.silu
+
+
+def test_model_key_sees_what_the_compiled_step_bakes_in():
+    """_model_key, which stands in for dynamo's guards on the model, changes with each kind of
+    change a frozen compiled step would otherwise miss, and only then."""
+    from llama_edu import quantize as Q
+
+    model = llama_edu.LlamaForCausalLM(llama_edu.LlamaConfig.from_preset("tiny")).eval()
+    Q.quantize(model.model.layers[0], "int8")
+    key = G._model_key(model)
+    assert G._model_key(model) == key  # nothing changed, nothing to compile
+    layer = model.model.layers[0]
+    changes = [
+        lambda: layer.mlp.down_proj.weight_int8.add_(1),  # a weight written in place
+        lambda: model.model.norm.weight.detach().mul_(2),  # (as an optimizer or load_state_dict writes)
+        lambda: setattr(model.model.layers[1].mlp, "down_proj", torch.nn.Linear(1, 1)),  # a module replaced
+        lambda: model.train(),
+        lambda: model.model.norm.register_forward_hook(lambda *a: None),
+        lambda: setattr(model.model.norm, "variance_epsilon", 0.5),  # a module's setting
+        lambda: Q.set_compute_dtype(model, torch.bfloat16),  # a quantized layer's kernel dtype
+        lambda: setattr(model.config, "attn_implementation", "eager"),  # the config's
+        lambda: model.model.rotary_emb.__dict__.update(base=500.0),
+    ]
+    for change in changes:
+        change()
+        new = G._model_key(model)
+        assert new != key
+        key = new
+
+
+def test_a_model_loaded_in_inference_mode_generates():
+    """Weights made under torch.inference_mode count no writes (reading their write counter
+    raised): the eager, quantized and compiled-step paths key them by address instead."""
+    from llama_edu import quantize as Q
+
+    with torch.inference_mode():
+        model = llama_edu.LlamaForCausalLM.from_pretrained(stories260k_hf())
+        prompt = torch.tensor([[1]])
+        plain = model.generate(prompt, max_new_tokens=8)
+        assert model.lm_head.weight.is_inference()
+        G._own_storages(model)  # what compile=True does first: the mapped weights get storages of their own
+        q = model.model.layers[0].self_attn.q_proj.weight
+        assert q.is_inference() and q.untyped_storage().nbytes() == q.numel() * q.element_size()
+        assert torch.equal(model.generate(prompt, max_new_tokens=8), plain)
+        assert G._model_key(model) == G._model_key(model)
+        Q.set_compute_dtype(Q.quantize(model, "int8"), torch.bfloat16)
+        assert model.generate(prompt, max_new_tokens=8).shape == plain.shape
+
+
 def test_compiled_step_falls_back_when_inductor_cannot_freeze(gqa_twins, monkeypatch):
     """Where inductor cannot build the frozen step (here: its C++ compiler is missing, caches
     off), generate warns and decodes with the plain compiled step: the same tokens."""

@@ -415,9 +415,56 @@ class _CompiledSteps(dict):
         return (_CompiledSteps, ())
 
 
-def _weights_key(model) -> tuple:
-    """Changes whenever a weight does (replaced, or updated in place: ``_version`` counts writes)."""
-    return tuple((t.data_ptr(), t._version) for t in (*model.parameters(), *model.buffers()))
+def tensor_key(t: torch.Tensor) -> tuple[int, int]:
+    """(address, count of in-place writes): changes when a tensor is replaced or written to, so a
+    copy made from it (a packed kernel, a transposed head, a compiled step) knows it is stale. A
+    tensor made under ``torch.inference_mode`` (a model loaded inside it) counts no writes: -1,
+    and its in-place writes, which only inference mode allows, go unnoticed; so do writes through
+    ``.data``, which PyTorch gives a counter of its own (optimizers and ``load_state_dict`` write
+    to the tensor itself, under ``no_grad``)."""
+    try:
+        return t.data_ptr(), t._version
+    except RuntimeError:  # "Inference tensors do not track version counter"
+        return t.data_ptr(), -1
+
+
+def _model_key(model) -> tuple:
+    """Changes whenever something the compiled step bakes in does: a weight (replaced, or updated
+    in place: ``_version`` counts writes), a module (replaced, switched between train and eval,
+    given a hook) or a setting (an attribute such as ``variance_epsilon``, ``act_fn`` or a
+    quantized layer's ``compute_dtype``, the config's fields). Read once per ``generate``: it
+    stands in for dynamo's guards on the model, which :func:`_guards_on_inputs` drops."""
+    weights = tuple(map(tensor_key, (*model.parameters(), *model.buffers())))
+    modules = tuple(
+        (type(m), m.training, len(m._forward_hooks) + len(m._forward_pre_hooks), _settings(m))
+        for m in model.modules()
+    )
+    return weights, modules, _settings(model.config, private=("_attn_implementation",))
+
+
+def _settings(obj, private: tuple[str, ...] = ()) -> tuple:
+    """``obj``'s public attributes (and those named in ``private``) as plain values: numbers,
+    strings, dtypes, and lists and dicts of them; any other object (a function, a submodule, the
+    config) by identity. Underscore attributes are skipped: caches (a packed kernel, compiled steps)."""
+    def plain(v):
+        if isinstance(v, (bool, int, float, str, type(None), torch.dtype, torch.device)):
+            return v
+        if isinstance(v, (list, tuple)):
+            return tuple(map(plain, v))
+        if isinstance(v, dict):
+            return tuple((k, plain(x)) for k, x in v.items())
+        return id(v)
+
+    return tuple((k, plain(v)) for k, v in vars(obj).items() if not k.startswith("_") or k in private)
+
+
+def _guards_on_inputs(guards) -> list[bool]:
+    """Which of dynamo's guards the compiled step keeps: those on its inputs (tokens, positions,
+    the cache, whether there is a padding mask) and on global state. Those on the model (its
+    modules, their attributes and weights: about 700 on the shipped model, evaluated before every
+    token, a tenth of a decoded token's time there) go: :func:`_model_key` checks the same once
+    per ``generate`` and compiles again when it changed."""
+    return [not g.name.startswith("self") for g in guards]
 
 
 def _compiled_step(model, batch_size: int, max_length: int, device: torch.device):
@@ -441,10 +488,10 @@ def _compiled_step(model, batch_size: int, max_length: int, device: torch.device
     freeze = device.type == "cpu" and weight_bytes <= FREEZE_MAX_BYTES
     if freeze:
         _own_storages(model)
-    weights = _weights_key(model)
-    if key not in steps or steps[key][2] != weights:
+    state = _model_key(model)
+    if key not in steps or steps[key][2] != state:
         cache = StaticCache(model.config, batch_size, max_cache_len, device=device, dtype=model.dtype)
-        steps[key] = (cache, _compile(model, cache, device, freeze=freeze), weights)
+        steps[key] = (cache, _compile(model, cache, device, freeze=freeze), state)
     cache, step, _ = steps[key]
     cache.reset()
     return cache, step
@@ -455,9 +502,11 @@ def _own_storages(model) -> None:
     ``from_pretrained`` maps a safetensors file into memory and its weights are slices of it; with
     such weights frozen, inductor's C++ GEMM template (torch 2.13) computed garbage, all of its
     tokens 0 after the first. The frozen step copies the weights anyway, so the memory is the same."""
-    with torch.no_grad(), torch.inference_mode(False):  # still trainable weights afterwards
-        for t in (*model.parameters(), *model.buffers()):
-            if t.storage_offset() or t.untyped_storage().nbytes() != t.numel() * t.element_size():
+    for t in (*model.parameters(), *model.buffers()):
+        if t.storage_offset() or t.untyped_storage().nbytes() != t.numel() * t.element_size():
+            # Outside inference mode, so the weights stay trainable; a model loaded inside it has
+            # inference tensors, whose data only an inference tensor can replace.
+            with torch.no_grad(), torch.inference_mode(t.is_inference()):
                 t.data = t.data.clone()
 
 
@@ -475,10 +524,13 @@ def _compile(model, cache: StaticCache, device: torch.device, freeze: bool):
         # CUDA graphs replay fixed memory addresses: the cache must stay where it is.
         for t in cache.key_cache + cache.value_cache + [cache.length]:
             torch._dynamo.mark_static_address(t)
-        compiled = torch.compile(module, dynamic=False, fullgraph=True, mode="reduce-overhead")
+        # (mode="reduce-overhead" is these CUDA-graph options; a mode cannot be given with options)
+        compiled = torch.compile(module, dynamic=False, fullgraph=True,
+                                 options={"triton.cudagraphs": True, "guard_filter_fn": _guards_on_inputs})
     else:
         # The generated C++ wrapper saves the Python glue around each kernel.
-        compiled = torch.compile(module, dynamic=False, fullgraph=True, options={"cpp_wrapper": True})
+        compiled = torch.compile(module, dynamic=False, fullgraph=True,
+                                 options={"cpp_wrapper": True, "guard_filter_fn": _guards_on_inputs})
     # The column-major head (see LlamaForCausalLM.logits) goes in as an argument: a tensor
     # argument is guarded by its shape, not its identity. A frozen head needs none.
     head_t = None if freeze else model.column_major_head(cache.max_batch_size, device)

@@ -51,6 +51,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..generation.decode import tensor_key
+
 SCHEMES = ("int8", "int4", "nf4")
 #: What ``quant_method`` says in a config.json this module wrote.
 QUANT_METHOD = "llama_edu"
@@ -485,7 +487,7 @@ class QuantizedLinear(nn.Module):
         portable layout, which a kernel's layout is not). Repacked when a buffer changes."""
         if torch.compiler.is_compiling():  # the eager prefill packed it; a compiled step must not branch on it
             return self._kernel[1] if self._kernel is not None else self._pack_for_kernel(device, dtype)
-        key = (device, dtype) + tuple((b.data_ptr(), b._version) for b in self._buffers.values() if b is not None)
+        key = (device, dtype) + tuple(tensor_key(b) for b in self._buffers.values() if b is not None)
         if self._kernel is None or self._kernel[0] != key:
             with torch.inference_mode(False):  # usable outside inference mode too
                 tensors = self._pack_for_kernel(device, dtype)
