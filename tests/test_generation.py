@@ -199,6 +199,20 @@ def test_compiled_step_follows_the_settings(stories260k):
         mlp.act_fn = F.silu
 
 
+def test_compiled_step_tells_padded_from_unpadded_batches(gqa_twins):
+    """Only the guards on the model are dropped (decode._guards_on_inputs): those on the step's
+    inputs stay. The same model and batch size, unpadded, then left-padded, then unpadded again,
+    runs the graph of each case, each time with the eager tokens."""
+    _, ours = gqa_twins
+    ours.__dict__.pop("_compiled_decode_steps", None)
+    ids, mask = left_padded_batch()
+    full = torch.randint(3, 97, ids.shape, generator=torch.Generator().manual_seed(1))  # no pad ids
+    for prompt, prompt_mask in ((full, None), (ids, mask), (full, None)):
+        kw = dict(attention_mask=prompt_mask, max_new_tokens=12, pad_token_id=PAD)
+        assert torch.equal(ours.generate(prompt, compile=True, **kw), ours.generate(prompt, **kw))
+    ours.__dict__.pop("_compiled_decode_steps", None)
+
+
 def test_model_key_sees_what_the_compiled_step_bakes_in():
     """_model_key, which stands in for dynamo's guards on the model, changes with each kind of
     change a frozen compiled step would otherwise miss, and only then."""
