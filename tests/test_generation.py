@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import shutil
 import threading
 import warnings
 
@@ -572,3 +573,37 @@ def test_explicit_positions_past_the_context_warn():
                                                               max_position_embeddings=32)).eval()
     with pytest.warns(UserWarning, match="longer than max_position_embeddings"):
         model(torch.tensor([[1, 2]]), position_ids=torch.tensor([[40, 41]]))
+
+
+_PROBE = """
+import struct, sys, warnings  # struct is imported at start-up, before a script's folder can shadow it
+if len(sys.argv) > 1:
+    sys.path.insert(0, sys.argv[1])  # where a script's or notebook's own folder goes
+from llama_edu.generation.decode import warn_if_scalar_kernels
+with warnings.catch_warnings(record=True) as record:
+    warnings.simplefilter("always")
+    print(warn_if_scalar_kernels())
+print(*[w.message for w in record], sep="\\n")
+"""
+
+
+@pytest.mark.skipif(
+    not torch.cpu.get_capabilities().get("avx2") or not (shutil.which("c++") or shutil.which("g++")),
+    reason="needs an x86 CPU with AVX2 and a C++ compiler (what inductor's vector probe builds with)",
+)
+def test_compile_warns_when_inductor_would_write_scalar_kernels(tmp_path):
+    """A learner's struct.py beside a notebook made inductor's check of the CPU's vector
+    instructions fail (it loads a library in a child Python given the parent's sys.path), so
+    compile=True ran scalar kernels, several times slower, with no error. It now warns and names
+    the file; with the folder not on sys.path it stays silent."""
+    import subprocess
+    import sys
+
+    (tmp_path / "struct.py").write_text("# a learner's experiments with binary formats\nrecord_size = 12\n")
+    run = lambda *args: subprocess.run([sys.executable, "-c", _PROBE, *args], capture_output=True,  # noqa: E731
+                                       text=True, timeout=300, cwd=tmp_path.parent)
+    shadowed, clean = run(str(tmp_path)), run()
+    assert shadowed.returncode == 0 and clean.returncode == 0, shadowed.stderr + clean.stderr
+    assert clean.stdout.split("\n")[0] == "False" and "compile=True" not in clean.stdout
+    assert shadowed.stdout.split("\n")[0] == "True", shadowed.stdout
+    assert "scalar" in shadowed.stdout and str(tmp_path / "struct.py") in shadowed.stdout and "rename" in shadowed.stdout

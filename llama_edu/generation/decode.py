@@ -17,6 +17,11 @@ preallocated :class:`~llama_edu.cache.StaticCache` keeps every shape fixed from 
 from __future__ import annotations
 
 import functools
+import os
+import platform
+import subprocess
+import sys
+import sysconfig
 import types
 import warnings
 from dataclasses import dataclass
@@ -26,11 +31,6 @@ import torch
 
 from ..cache import Cache, DynamicCache, StaticCache
 from .sampling import LogitsProcessorList, build_logits_processors, next_tokens
-
-# Until the "One shell" move turns this module into the package llama_edu/generation/, the new
-# modules of that package (batching, server) live in the folder beside this file: this module is
-# their package. (Drop this line when generation.py becomes generation/decode.py.)
-
 
 def context_limit(config) -> int:
     """The longest sequence the model is meant for: ``max_position_embeddings``, stretched by the
@@ -528,6 +528,7 @@ def _compile(model, cache: StaticCache, device: torch.device, freeze: bool):
         compiled = torch.compile(module, dynamic=False, fullgraph=True,
                                  options={"triton.cudagraphs": True, "guard_filter_fn": _guards_on_inputs})
     else:
+        warn_if_scalar_kernels()
         # The generated C++ wrapper saves the Python glue around each kernel.
         compiled = torch.compile(module, dynamic=False, fullgraph=True,
                                  options={"cpp_wrapper": True, "guard_filter_fn": _guards_on_inputs})
@@ -539,6 +540,60 @@ def _compile(model, cache: StaticCache, device: torch.device, freeze: bool):
     else:
         step = _FrozenFirstCall(compiled, _frozen_cpu_options(model), fallback=lambda: _compile(model, cache, device, freeze=False))
     return lambda model, cache, *inputs: step(model, cache, *map(_own_strides, inputs))
+
+
+@functools.cache
+def warn_if_scalar_kernels() -> bool:
+    """Warn (once per process; True when warned) when inductor will write scalar C++ for this CPU
+    although it has vector units. Inductor vectorizes only for the instruction sets its probe
+    confirms: it builds a small library and loads it in a child Python that is given this process's
+    ``sys.path`` ahead of the standard library. A file named like a standard module (``struct.py``)
+    in the script's or notebook's folder is then imported instead, the probe fails, and every
+    compiled kernel runs scalar (here the compiled step became about 7x slower), with no error."""
+    if platform.machine().lower() not in ("x86_64", "amd64") or not torch.cpu.get_capabilities().get("avx2"):
+        return False  # only x86 with AVX2 is sure to have an instruction set inductor vectorizes for
+    try:
+        from torch._inductor.cpu_vec_isa import pick_vec_isa
+        if pick_vec_isa():
+            return False
+    except Exception:  # noqa: BLE001 (a torch without this module, or no compiler: inductor reports that itself)
+        return False
+    warnings.warn("compile=True: inductor's check of this CPU's vector instructions failed, so the compiled kernels "
+                  "are scalar and several times slower than they should be" + _why_a_child_python_fails(), stacklevel=2)
+    return True
+
+
+def _why_a_child_python_fails() -> str:
+    """Why a child Python given this ``sys.path`` ahead of its own (as inductor's probe is) cannot
+    load a library through ``ctypes``, as the end of a sentence; "" when it can."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    try:
+        child = subprocess.run([sys.executable, "-c", "import ctypes"], env=env, capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    if child.returncode == 0:
+        return ""
+    files = [f for f in shadowing_files() if f in child.stderr]
+    if files:
+        return (f"; {', '.join(files)} {'is' if len(files) == 1 else 'are'} imported instead of the standard module of "
+                "that name by the child Python that runs the check: rename or move it")
+    return f"; a child Python given this sys.path cannot import ctypes ({child.stderr.strip().splitlines()[-1]})"
+
+
+def shadowing_files() -> list[str]:
+    """Files on ``sys.path`` outside the installation (a script's or notebook's folder, PYTHONPATH)
+    named like a standard-library module."""
+    installed = {os.path.realpath(p) for p in (sys.prefix, sys.base_prefix, *sysconfig.get_paths().values())}
+    found = []
+    for entry in dict.fromkeys(sys.path):
+        folder, real = os.path.abspath(entry or "."), os.path.realpath(entry or ".")
+        if not os.path.isdir(folder) or any(real == p or real.startswith(p + os.sep) for p in installed):
+            continue
+        for name in sorted(sys.stdlib_module_names):
+            for candidate in (f"{name}.py", os.path.join(name, "__init__.py")):
+                if os.path.isfile(os.path.join(folder, candidate)):
+                    found.append(os.path.join(folder, candidate))
+    return found
 
 
 def _own_strides(t: torch.Tensor | None) -> torch.Tensor | None:
