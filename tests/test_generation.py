@@ -311,6 +311,18 @@ def test_top_k_1_sampling_is_greedy(stories260k):
     assert torch.equal(ours.generate(prompt, max_new_tokens=50, do_sample=True, top_k=1, seed=7), greedy)
 
 
+def test_one_row_stops_at_its_eos_as_transformers_does(stories260k):
+    """A single row reads its own token to stop (no mask of unfinished rows): the same tokens
+    and length as transformers, with one eos id and with the second of two."""
+    hf, ours = stories260k
+    prompt = torch.tensor([[1]])
+    free = ours.generate(prompt, max_new_tokens=40, eos_token_id=None)
+    for eos in (int(free[0, 9]), [int(free[0, 30]), int(free[0, 12])]):
+        got = ours.generate(prompt, max_new_tokens=40, eos_token_id=eos, pad_token_id=0)
+        expected = hf.generate(prompt, max_new_tokens=40, do_sample=False, eos_token_id=eos, pad_token_id=0)
+        assert got.shape[1] < free.shape[1] and torch.equal(got, expected)
+
+
 def test_min_new_tokens_suppresses_eos(stories260k):
     _, ours = stories260k
     prompt = torch.tensor([[1]])

@@ -349,21 +349,26 @@ def decode_n_tokens(
     """Pick, append, decode, until every row has emitted an eos id or the buffer is full.
     A finished row gets ``pad_token_id`` while the others go on."""
     max_length = state.sequences.shape[1]
-    eos = torch.tensor(eos_ids, dtype=torch.long, device=logits.device) if eos_ids else None
-    unfinished = torch.ones(logits.shape[0], dtype=torch.bool, device=logits.device)
+    # Several rows keep a mask of those still going; one row stops at its own eos, and its
+    # token is the only thing to read (four tensor operations a token fewer).
+    rows = bool(eos_ids) and logits.shape[0] > 1
+    eos = torch.tensor(eos_ids, dtype=torch.long, device=logits.device) if rows else None
+    unfinished = torch.ones(logits.shape[0], dtype=torch.bool, device=logits.device) if rows else None
     while True:
         scores = processors(state.sequences[:, : state.length], logits) if processors else logits
         tokens = next_tokens(scores, do_sample, generator)
-        if eos is not None:
+        if rows:
             tokens = torch.where(unfinished, tokens, pad_token_id)
         state.sequences[:, state.length] = tokens
         state.length += 1
         if streamer is not None:
             streamer.put(tokens.cpu())
-        if eos is not None:
+        if rows:
             unfinished &= torch.isin(tokens, eos, invert=True)
             if not bool(unfinished.any()):  # the one host sync per token
                 break
+        elif eos_ids and int(tokens) in eos_ids:  # one row: the one host sync per token
+            break
         if state.length >= max_length:
             break
         logits = decode_one_token(model, state)
