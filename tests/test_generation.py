@@ -138,7 +138,8 @@ def test_compiled_generate_matches_eager():
     model as from_pretrained loads it (its weights slices of the memory-mapped file: frozen as
     they were, every token after the first came out 0), and other lengths within one cache
     bucket run the same compiled step: nothing is compiled again (once, every length recompiled,
-    unfrozen, because the token slices' strides changed)."""
+    unfrozen, because the token slices' strides changed; the number of slots attention reads
+    is a symbol of the compiled step)."""
     from torch._dynamo.utils import counters
 
     ours = llama_edu.LlamaForCausalLM.from_pretrained(stories260k_hf())
@@ -149,6 +150,14 @@ def test_compiled_generate_matches_eager():
     graphs = counters["stats"]["unique_graphs"]
     for n in (60, 150):
         assert torch.equal(ours.generate(prompt, max_new_tokens=n, compile=True), ours.generate(prompt, max_new_tokens=n))
+    assert counters["stats"]["unique_graphs"] == graphs
+    # Attention reads only the slots written so far, not the whole bucket behind a mask: NaN in
+    # every slot (a masked NaN value still poisons the weighted sum, 0 x NaN) changes nothing.
+    with torch.inference_mode():  # (the cache was made in generate's inference mode)
+        for cache, _, _ in ours.__dict__["_compiled_decode_steps"].values():
+            for t in cache.key_cache + cache.value_cache:
+                t.fill_(float("nan"))
+    assert torch.equal(ours.generate(prompt, max_new_tokens=100, compile=True), ours.generate(prompt, max_new_tokens=100))
     assert counters["stats"]["unique_graphs"] == graphs
 
 
