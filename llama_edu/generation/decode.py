@@ -623,7 +623,8 @@ def _why_a_child_python_fails() -> str:
     if files:
         return (f"; {', '.join(files)} {'is' if len(files) == 1 else 'are'} imported instead of the standard module of "
                 "that name by the child Python that runs the check: rename or move it")
-    return f"; a child Python given this sys.path cannot import ctypes ({child.stderr.strip().splitlines()[-1]})"
+    last = (child.stderr.strip().splitlines() or [f"exit status {child.returncode}"])[-1]
+    return f"; a child Python given this sys.path cannot import ctypes ({last})"
 
 
 def shadowing_files() -> list[str]:
