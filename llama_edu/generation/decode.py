@@ -23,6 +23,7 @@ import platform
 import subprocess
 import sys
 import sysconfig
+import tempfile
 import types
 import warnings
 from dataclasses import dataclass
@@ -395,13 +396,13 @@ def _frozen_cpu_options(model) -> dict:
     kernel there and keeps the faster of the two (which makes compiling slower)."""
     float_only = all(type(m) is torch.nn.Linear for m in model.modules() if hasattr(m, "in_features"))
     return {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP" if float_only else "CPP,ATEN",
-            "autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False, "cpp_wrapper": True}
+            "autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False}
 
 
 class _DecodeStep(torch.nn.Module):
-    """:func:`forward_step` with the model as a submodule. Compiled as a module, the model's
-    weights are the graph's parameters, which inductor can freeze; compiled as a function taking
-    the model as an argument, they would be ordinary inputs."""
+    """:func:`forward_step` with the model as a submodule (compiled on CUDA). Compiled as a
+    module, the model's weights are the graph's parameters; compiled as a function taking the
+    model as an argument, they would be ordinary inputs."""
 
     def __init__(self, model: torch.nn.Module) -> None:
         super().__init__()
@@ -409,6 +410,36 @@ class _DecodeStep(torch.nn.Module):
 
     def forward(self, cache, input_ids, position_ids, cache_position, padding_mask, head_t=None):
         return forward_step(self.model, cache, input_ids, position_ids, cache_position, padding_mask, head_t)
+
+
+class _CpuDecodeStep(torch.nn.Module):
+    """:func:`forward_step` on a CPU, over the cache's buffers given as tensors (what
+    ``torch.export`` traces: tensors, not a Cache object). ``written`` holds the slots 0 ..
+    newest; attention reads only those, as eager decoding's trimmed cache does, and their count
+    is ``written``'s length, a symbol of the compiled step: one step serves every length."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, key_cache, value_cache, length, written, input_ids, position_ids, cache_position,
+                padding_mask=None, head_t=None):
+        cache = _WrittenSlots(key_cache, value_cache, length, written)
+        return forward_step(self.model, cache, input_ids, position_ids, cache_position, padding_mask, head_t)
+
+
+class _WrittenSlots(StaticCache):
+    """A trimmed :class:`~llama_edu.cache.StaticCache` over given buffers, inside the compiled
+    CPU step. Attention reads ``written``'s length of slots: a shape, which compiled code can
+    have, where the eager cache reads the newest position as a number (``keys_length``)."""
+
+    def __init__(self, key_cache, value_cache, length: torch.Tensor, written: torch.Tensor) -> None:
+        self.key_cache, self.value_cache, self.length = list(key_cache), list(value_cache), length
+        self.max_batch_size, self.max_cache_len = key_cache[0].shape[0], key_cache[0].shape[2]
+        self.trim, self.visible = True, written.shape[0]
+
+    def keys_length(self, cache_position: torch.Tensor) -> int:
+        return self.visible
 
 
 class _CompiledSteps(dict):
@@ -480,13 +511,16 @@ def _compiled_step(model, batch_size: int, max_length: int, device: torch.device
 
     - On CUDA: CUDA graphs (``mode="reduce-overhead"``), the cache at fixed addresses; attention
       reads every slot, and the causal mask hides those not written yet.
-    - On a CPU: inductor *freezes* the weights (they become constants of the compiled code) and
-      runs every matrix product through its own C++ GEMM template, with the weights packed once
-      into the layout its matrix-vector kernel reads fastest (``freezing`` + ``max_autotune`` with
-      the ``CPP`` backend): 2-4x the plain compiled step on one decoded row. Frozen weights are a
-      copy: a model whose weights change (training, ``load_state_dict``, merging LoRA) is
-      compiled again, and a model over :data:`FREEZE_MAX_BYTES` keeps its weights as inputs.
-      Attention reads only the slots written so far (:class:`_WrittenSlotsCache`).
+    - On a CPU: the step is exported (``torch.export``) and compiled ahead of time by AOTInductor
+      into a library that the loop calls directly, with none of ``torch.compile``'s Python
+      between the call and the kernels (its guards and wrappers were about 150 µs of the shipped
+      model's 550 µs step). Inductor *freezes* the weights into it (they become constants of the
+      compiled code) and runs every matrix product through its own C++ GEMM template, with the
+      weights packed once into the layout its matrix-vector kernel reads fastest (``freezing`` +
+      ``max_autotune`` with the ``CPP`` backend). Frozen weights are a copy: a model whose weights
+      change (training, ``load_state_dict``, merging LoRA) is compiled again, and a model over
+      :data:`FREEZE_MAX_BYTES` keeps its weights as inputs of a ``torch.compile`` step.
+      Attention reads only the slots written so far (:class:`_CpuDecodeStep`).
     """
     steps = model.__dict__.get("_compiled_decode_steps")
     if steps is None:
@@ -499,41 +533,13 @@ def _compiled_step(model, batch_size: int, max_length: int, device: torch.device
         _own_storages(model)
     state = _model_key(model)
     if key not in steps or steps[key][2] != state:
-        cache_type = StaticCache if device.type == "cuda" else _WrittenSlotsCache
-        cache = cache_type(model.config, batch_size, max_cache_len, device=device, dtype=model.dtype)
+        # On a CPU the prefill, which runs eagerly, reads only the slots written (trim)
+        cache = StaticCache(model.config, batch_size, max_cache_len, device=device, dtype=model.dtype,
+                            trim=device.type == "cpu")
         steps[key] = (cache, _compile(model, cache, device, freeze=freeze), state)
     cache, step, _ = steps[key]
     cache.reset()
     return cache, step
-
-
-class _WrittenSlotsCache(StaticCache):
-    """compile=True's cache on a CPU. Attention reads only the slots written so far, as eager
-    decoding's trimmed cache does (:class:`~llama_edu.cache.StaticCache`'s ``trim``), not the
-    whole bucket behind a mask (128 tokens after 8, alternating runs: 3-10% faster on the shipped
-    model at one thread, 5-27% on the stories15M shape). Their number is a value (the newest
-    position + 1), which compiled code cannot turn into a shape; before each compiled call,
-    :meth:`mark_written` gives it as the length of ``written``, a size that the compiled step
-    treats as a symbol: one compiled step serves every length."""
-
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, trim=True, **kwargs)
-        self.slots = torch.arange(self.max_cache_len, device=self.length.device)
-        self.written = self.slots
-
-    def mark_written(self, cache_position: torch.Tensor) -> None:
-        """Slots 0 .. the newest of ``cache_position``, with their count marked as a symbol
-        (at least 2: a decode step follows a prompt; at most the cache's length - 1: the loop
-        stops when the cache is full). Marked at every call, so a recompilation (a padded
-        batch after an unpadded one) gets the symbol too."""
-        self.written = self.slots[: int(cache_position[-1]) + 1]
-        torch._dynamo.mark_dynamic(self.written, 0, min=2, max=self.max_cache_len - 1)
-
-    def keys_length(self, cache_position: torch.Tensor) -> int:
-        if not torch.compiler.is_compiling():  # the prefill, which runs eagerly
-            return super().keys_length(cache_position)
-        self.visible = self.written.shape[0]
-        return self.visible
 
 
 def _own_storages(model) -> None:
@@ -549,43 +555,109 @@ def _own_storages(model) -> None:
                 t.data = t.data.clone()
 
 
+def _module_of_its_own(cls: type, model) -> torch.nn.Module:
+    """``cls(model)``, of a class of its own (a copy of the forward's code). Dynamo keeps its
+    compiled graphs on the code object of the forward it compiles, and reuses one for any module
+    whose guards pass: with the guards on the model dropped, another model of the same shape
+    would run these weights. A copy per model and shape keeps each compiled step to its model,
+    and keeps one process's steps (fp32, int8, thread counts...) from crowding each other out of
+    torch._dynamo.config.recompile_limit."""
+    forward = cls.forward
+    code_copy = types.FunctionType(forward.__code__.replace(), forward.__globals__, forward.__name__, forward.__defaults__)
+    return type(cls.__name__, (cls,), {"forward": code_copy})(model)
+
+
 def _compile(model, cache: StaticCache, device: torch.device, freeze: bool):
     """The compiled decode step, called as :func:`forward_step` is."""
-    # Dynamo keeps its compiled graphs on the code object of the forward it compiles, and reuses
-    # one for any module whose guards pass: with frozen weights, another model of the same shape
-    # would run these weights. A class of its own per model and shape (a copy of the code) keeps
-    # each compiled step to its model, and keeps one process's steps (fp32, int8, int4, thread
-    # counts...) from crowding each other out of torch._dynamo.config.recompile_limit.
-    forward = _DecodeStep.forward
-    code_copy = types.FunctionType(forward.__code__.replace(), forward.__globals__, forward.__name__, forward.__defaults__)
-    module = type("_DecodeStep", (_DecodeStep,), {"forward": code_copy})(model)
     if device.type == "cuda":
         # CUDA graphs replay fixed memory addresses: the cache must stay where it is.
         for t in cache.key_cache + cache.value_cache + [cache.length]:
             torch._dynamo.mark_static_address(t)
         # (mode="reduce-overhead" is these CUDA-graph options; a mode cannot be given with options)
-        compiled = torch.compile(module, dynamic=False, fullgraph=True,
+        compiled = torch.compile(_module_of_its_own(_DecodeStep, model), dynamic=False, fullgraph=True,
                                  options={"triton.cudagraphs": True, "guard_filter_fn": _guards_on_inputs})
+        head_t = model.column_major_head(cache.max_batch_size, device)
+        return lambda model, cache, *inputs: compiled(cache, *map(_own_strides, inputs), head_t=head_t)
+    warn_if_scalar_kernels()
+    if freeze:
+        step = _AheadOfTimeStep(model, cache.max_cache_len, _frozen_cpu_options(model),
+                                fallback=lambda: _plain_cpu_step(model, cache))
     else:
-        warn_if_scalar_kernels()
-        # The generated C++ wrapper saves the Python glue around each kernel.
-        compiled = torch.compile(module, dynamic=False, fullgraph=True,
-                                 options={"cpp_wrapper": True, "guard_filter_fn": _guards_on_inputs})
-    # The column-major head (see LlamaForCausalLM.logits) goes in as an argument: a tensor
-    # argument is guarded by its shape, not its identity. A frozen head needs none.
-    head_t = None if freeze else model.column_major_head(cache.max_batch_size, device)
-    if not freeze:
-        step = lambda model, cache, *inputs: compiled(cache, *inputs, head_t=head_t)  # noqa: E731
-    else:
-        step = _FrozenFirstCall(compiled, _frozen_cpu_options(model), fallback=lambda: _compile(model, cache, device, freeze=False))
-    if device.type == "cuda":
-        return lambda model, cache, *inputs: step(model, cache, *map(_own_strides, inputs))
+        step = _plain_cpu_step(model, cache)
+    slots = torch.arange(cache.max_cache_len, device=device)
 
     def cpu_step(model, cache, input_ids, position_ids, cache_position, padding_mask):
-        cache.mark_written(cache_position)
-        return step(model, cache, *map(_own_strides, (input_ids, position_ids, cache_position, padding_mask)))
+        written = slots[: int(cache_position[-1]) + 1]
+        inputs = map(_own_strides, (input_ids, position_ids, cache_position, padding_mask))
+        return step(cache.key_cache, cache.value_cache, cache.length, written, *inputs)
 
     return cpu_step
+
+
+def _plain_cpu_step(model, cache: StaticCache):
+    """:class:`_CpuDecodeStep` through ``torch.compile``, the weights as inputs (a model over
+    :data:`FREEZE_MAX_BYTES`, or where the ahead-of-time step cannot be built), called as
+    :class:`_AheadOfTimeStep` is. The column-major head (see LlamaForCausalLM.logits) goes in as
+    an argument: a tensor argument is guarded by its shape, not its identity."""
+    compiled = torch.compile(_module_of_its_own(_CpuDecodeStep, model), dynamic=False, fullgraph=True,
+                             # the generated C++ wrapper saves the Python glue around each kernel
+                             options={"cpp_wrapper": True, "guard_filter_fn": _guards_on_inputs})
+    head_t = model.column_major_head(cache.max_batch_size, cache.length.device)
+
+    def step(key_cache, value_cache, length, written, *inputs):
+        # the count of written slots, as a symbol (2: a decode step follows a prompt; at most
+        # the cache's length - 1: the loop stops when the cache is full)
+        torch._dynamo.mark_dynamic(written, 0, min=2, max=cache.max_cache_len - 1)
+        return compiled(key_cache, value_cache, length, written, *inputs, head_t=head_t)
+
+    return step
+
+
+class _AheadOfTimeStep:
+    """The CPU decode step of a model of at most :data:`FREEZE_MAX_BYTES`: :class:`_CpuDecodeStep`
+    exported and compiled ahead of time by AOTInductor, its weights frozen in (see
+    :func:`_compiled_step`). One library per case (with a padding mask, or without), built on
+    first use with ``options``; where one cannot be built (a CPU or compiler that inductor's
+    C++ GEMM template does not cover), it warns and uses the plain compiled step instead."""
+
+    def __init__(self, model, max_cache_len: int, options: dict, fallback) -> None:
+        self.module = _CpuDecodeStep(model)
+        self.max_cache_len, self.options, self.fallback = max_cache_len, options, fallback
+        self.libraries: dict[bool, Any] = {}
+
+    def __call__(self, *args):
+        padded = args[-1] is not None
+        library = self.libraries.get(padded)
+        if library is None:  # set only once built: a build stopped by Ctrl-C is tried again
+            library = self.libraries[padded] = self._build(args)
+        return library(*args)
+
+    def _build(self, args):
+        try:
+            return _aot_compile(self.module, args, self.max_cache_len, self.options)
+        except Exception as error:  # noqa: BLE001 (a compiler failure: fall back, and say so)
+            warnings.warn(f"compile=True: the ahead-of-time CPU step did not build ({type(error).__name__}: {error}); "
+                          "using the plain compiled step", stacklevel=4)
+            return self.fallback()
+
+
+def _aot_compile(module: torch.nn.Module, args: tuple, max_cache_len: int, options: dict):
+    """``module`` exported with ``args`` (``written``, the fourth, of any length from 2 to
+    ``max_cache_len`` - 1) and compiled by AOTInductor with ``options``: a callable taking
+    arguments like ``args``. The package file is only a way in: it is loaded, then deleted."""
+    layers = len(args[0])
+    written = torch.export.Dim("written", min=2, max=max_cache_len - 1)
+    shapes = ([None] * layers, [None] * layers, None, {0: written}) + (None,) * (len(args) - 4)
+    with warnings.catch_warnings():
+        # torch's own code (not ours) still calls Tensor.storage(), isinstance(..., LeafSpec), torch.jit
+        warnings.filterwarnings("ignore", message="TypedStorage is deprecated")
+        warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+        warnings.filterwarnings("ignore", message=".*torch.jit.script_method.*")
+        program = torch.export.export(module, args, dynamic_shapes=shapes, strict=False)
+        with tempfile.TemporaryDirectory(prefix="llama_edu_step_") as folder:
+            path = torch._inductor.aoti_compile_and_package(
+                program, package_path=os.path.join(folder, "decode_step.pt2"), inductor_configs=options)
+            return torch._inductor.aoti_load_package(path)
 
 
 @functools.cache
@@ -649,32 +721,3 @@ def _own_strides(t: torch.Tensor | None) -> torch.Tensor | None:
     guards every input's strides, and would be compiled again (unfrozen, and only up to dynamo's
     recompile limit) for every other generation length."""
     return None if t is None else t.clone(memory_format=torch.contiguous_format)
-
-
-class _FrozenFirstCall:
-    """Calls the compiled step, compiling it on the first call with ``options``: inductor reads
-    ``freezing`` from its global config when it compiles, so the options are set around that
-    call only. Where inductor cannot build the frozen step (a CPU its C++ GEMM template does not
-    cover), it warns and uses the plain compiled step instead."""
-
-    def __init__(self, compiled, options: dict, fallback) -> None:
-        self.compiled, self.options, self.fallback, self.first = compiled, options, fallback, True
-
-    def __call__(self, model, cache, *inputs):
-        if not self.first:
-            return self.compiled(cache, *inputs)
-        import torch._inductor.config as inductor_config
-
-        try:
-            with inductor_config.patch(self.options), warnings.catch_warnings():
-                # inductor's autotuner (not our code) still calls Tensor.storage()
-                warnings.filterwarnings("ignore", message="TypedStorage is deprecated")
-                out = self.compiled(cache, *inputs)
-        except Exception as error:  # noqa: BLE001 (a compiler failure: fall back, and say so)
-            warnings.warn(f"compile=True: the frozen-weight CPU step did not compile ({type(error).__name__}: {error}); "
-                          "using the plain compiled step", stacklevel=2)
-            plain = self.fallback()
-            self.compiled = lambda cache, *inputs: plain(model, cache, *inputs)
-            out = plain(model, cache, *inputs)
-        self.first = False  # set only now: a compile stopped by Ctrl-C is tried again, frozen
-        return out
