@@ -470,8 +470,9 @@ def _model_key(model) -> tuple:
     """Changes whenever something the compiled step bakes in does: a weight (replaced, or updated
     in place: ``_version`` counts writes), a module (replaced, switched between train and eval,
     given a hook) or a setting (an attribute such as ``variance_epsilon``, ``act_fn`` or a
-    quantized layer's ``compute_dtype``, the config's fields). Read once per ``generate``: it
-    stands in for dynamo's guards on the model, which :func:`_guards_on_inputs` drops."""
+    quantized layer's ``compute_dtype``, the config's fields). Read once per ``generate``: the
+    ahead-of-time CPU step has no guards at all, and the ``torch.compile`` steps drop dynamo's
+    guards on the model (:func:`_guards_on_inputs`)."""
     weights = tuple(map(tensor_key, (*model.parameters(), *model.buffers())))
     modules = tuple(
         (type(m), m.training, len(m._forward_hooks) + len(m._forward_pre_hooks), _settings(m))
