@@ -271,6 +271,31 @@ def test_a_model_loaded_in_inference_mode_generates():
         assert model.generate(prompt, max_new_tokens=8).shape == plain.shape
 
 
+def test_an_interrupted_build_is_built_again(gqa_twins, monkeypatch):
+    """Ctrl-C during the ahead-of-time build (20-30 s) keeps nothing half-built: the next
+    generate builds the step again and decodes the eager tokens (the build is replaced by the
+    identity, which runs the step eagerly, so the test takes a second)."""
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
+    builds = []
+
+    def build(module, *args):
+        builds.append(module)
+        if len(builds) == 1:
+            raise KeyboardInterrupt
+        return module
+
+    monkeypatch.setattr(G, "_aot_compile", build)
+    _, ours = gqa_twins
+    ours.__dict__.pop("_compiled_decode_steps", None)
+    kw = dict(max_new_tokens=12, pad_token_id=PAD)
+    prompt = torch.tensor([[3, 4, 5]])
+    with pytest.raises(KeyboardInterrupt):
+        ours.generate(prompt, compile=True, **kw)
+    assert torch.equal(ours.generate(prompt, compile=True, **kw), ours.generate(prompt, **kw))
+    assert len(builds) == 2
+    ours.__dict__.pop("_compiled_decode_steps", None)
+
+
 def test_compiled_step_falls_back_when_inductor_cannot_freeze(gqa_twins, monkeypatch):
     """Where inductor cannot build the frozen ahead-of-time step (here: its C++ compiler is
     missing, caches off), generate warns and decodes with the plain compiled step: the same tokens."""
