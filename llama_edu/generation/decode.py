@@ -648,17 +648,26 @@ def _aot_compile(module: torch.nn.Module, args: tuple, max_cache_len: int, optio
     arguments like ``args``. The package file is only a way in: it is loaded, then deleted."""
     layers = len(args[0])
     written = torch.export.Dim("written", min=2, max=max_cache_len - 1)
+    if hasattr(torch._inductor.config.aot_inductor, "package_constants_on_disk_format"):
+        # The frozen weights go in a file beside the library, not inside it: a loaded library is
+        # never unloaded (its file stays mapped until the process ends), and weights inside it
+        # stayed in memory with it after the model was deleted, the model's size per compiled model.
+        options = {**options, "aot_inductor.package_constants_in_so": False,
+                   "aot_inductor.package_constants_on_disk_format": "binary_blob"}
     shapes = ([None] * layers, [None] * layers, None, {0: written}) + (None,) * (len(args) - 4)
-    with warnings.catch_warnings():
-        # torch's own code (not ours) still calls Tensor.storage(), isinstance(..., LeafSpec), torch.jit
-        warnings.filterwarnings("ignore", message="TypedStorage is deprecated")
-        warnings.filterwarnings("ignore", message=".*LeafSpec.*")
-        warnings.filterwarnings("ignore", message=".*torch.jit.script_method.*")
-        program = torch.export.export(module, args, dynamic_shapes=shapes, strict=False)
-        with tempfile.TemporaryDirectory(prefix="llama_edu_step_") as folder:
-            path = torch._inductor.aoti_compile_and_package(
-                program, package_path=os.path.join(folder, "decode_step.pt2"), inductor_configs=options)
-            library = torch._inductor.aoti_load_package(path)
+    try:
+        with warnings.catch_warnings():
+            # torch's own code (not ours) still calls Tensor.storage(), isinstance(..., LeafSpec), torch.jit
+            warnings.filterwarnings("ignore", message="TypedStorage is deprecated")
+            warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+            warnings.filterwarnings("ignore", message=".*torch.jit.script_method.*")
+            program = torch.export.export(module, args, dynamic_shapes=shapes, strict=False)
+            with tempfile.TemporaryDirectory(prefix="llama_edu_step_") as folder:
+                path = torch._inductor.aoti_compile_and_package(
+                    program, package_path=os.path.join(folder, "decode_step.pt2"), inductor_configs=options)
+                library = torch._inductor.aoti_load_package(path)
+    finally:
+        _forget_last_trace()
     # Called as a function, the library parses its input and output layouts from JSON and
     # flattens the arguments at every call (22 µs a token on a 4-layer model); its loader takes
     # the flat list of tensors: the arguments in order, lists opened, None left out.
@@ -670,6 +679,15 @@ def _aot_compile(module: torch.nn.Module, args: tuple, max_cache_len: int, optio
         return run([*key_cache, *value_cache, *(t for t in tensors if t is not None)])[0]
 
     return step
+
+
+def _forget_last_trace() -> None:
+    """Empty the map from traced values to graph nodes that ``torch.export`` (torch 2.13) keeps in a
+    module-level dict after it returns (it is read only while exporting, to report leaked fake
+    tensors). Through its nodes it held the last exported model's modules, weights included,
+    after the model itself was deleted."""
+    proxy_tensor = sys.modules.get("torch.fx.experimental.proxy_tensor")
+    getattr(proxy_tensor, "_FAKE_TENSOR_ID_TO_PROXY_MAP_FOR_EXPORT", {}).clear()
 
 
 @functools.cache
