@@ -261,6 +261,19 @@ def copy_bandwidth(device: str, mib: int = 256) -> float:
     return 2 * a.numel() * 4 / best / 1e9
 
 
+def last_level_cache_bytes() -> int | None:
+    """The size of the CPU's largest cache level (Linux sysfs), or None where it cannot be read."""
+    sizes = []
+    for entry in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        try:
+            level, size = int((entry / "level").read_text()), (entry / "size").read_text().strip()
+        except (OSError, ValueError):
+            continue
+        unit = {"K": 2**10, "M": 2**20, "G": 2**30}.get(size[-1:], 1)
+        sizes.append((level, int(size.rstrip("KMG")) * unit))
+    return max(sizes)[1] if sizes else None
+
+
 def bytes_read_per_token(model) -> int:
     """Bytes of weights one decoded token reads: every tensor of the state dict once (a tied
     tensor once), except the input embedding table, of which one row is read, unless it is
@@ -513,6 +526,11 @@ def run_targets(args) -> None:
     for threads in threads_list:
         what = "peak HBM bandwidth" if cuda and peak_gbps(args.peak_gbps) else "copy bandwidth (read + write)"
         print(f"{what} at {threads} thread(s): {bandwidth[threads]:.1f} GB/s")
+    cache = None if cuda else last_level_cache_bytes()
+    if cache:
+        # Weights smaller than this can stay in the cache between tokens: their rows may read over
+        # 100% of the copy bandwidth, and int8 then has little memory traffic to save.
+        print(f"last-level CPU cache: {cache / 2**20:.0f} MiB")
     print()
     print("| model | threads | variant | tok/s | MB read / token | % of bandwidth |")
     print("|---|---:|---|---:|---:|---:|")
