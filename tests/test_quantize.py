@@ -397,6 +397,28 @@ def test_bad_input_errors_name_the_fix(calibration):
         quantize(fresh(), "int8", include_lm_head=True)
 
 
+
+def test_quantizing_a_model_leaves_the_others_built_from_its_config_alone(tmp_path):
+    """``LlamaForCausalLM(config)`` keeps the config object it is given, so two models built from
+    one config share it. Quantizing one wrote ``quantization_config`` into the shared object: its
+    full-precision sibling was then refused by ``quantize`` ("already quantized") and saved with a
+    config.json that promised int8 layers its weights did not have. The quantized model now gets a
+    config of its own, which all of its modules read."""
+    config = LlamaConfig(**SMALL)
+    torch.manual_seed(0)
+    full, quantized = LlamaForCausalLM(config), LlamaForCausalLM(config)
+    quantize(quantized, "int8")
+    assert quantized.config.quantization_config["scheme"] == "int8"
+    assert getattr(config, "quantization_config", None) is None and full.config is config
+    holders = [m for m in quantized.modules() if "config" in m.__dict__]
+    assert len(holders) > 2 and all(m.config is quantized.config for m in holders)
+    full.save_pretrained(tmp_path)
+    assert "quantization_config" not in json.loads((tmp_path / "config.json").read_text())
+    reloaded = LlamaForCausalLM.from_pretrained(tmp_path)
+    assert not any(isinstance(m, QuantizedLinear) for m in reloaded.modules())
+    quantize(full, "int4", group_size=-1)  # no longer refused
+    assert full.config.quantization_config["scheme"] == "int4" and quantized.config.quantization_config["scheme"] == "int8"
+
 # ----------------------------------------------------------------------------- command line
 def test_cli_quantize(tmp_path, capsys):
     text = find_data_file("tinyshakespeare.txt").read_text(encoding="utf-8")[:20_000]

@@ -44,6 +44,7 @@ from .quantize import (
     check_group_size,
     check_can_quantize,
     minmax_params,
+    record_quantization,
     round_to_grid,
     set_submodule,
 )
@@ -224,11 +225,11 @@ def gptq(
     if was_training:
         model.train()
     n_tokens = sum(b.numel() for b in batches)
-    model.config.quantization_config = {
+    record_quantization(model, {
         "quant_method": QUANT_METHOD, "scheme": "gptq", "bits": bits, "group_size": group_size,
         "act_order": act_order, "percdamp": percdamp, "block_size": block_size,
         "calibration_tokens": n_tokens, "modules": names,
-    }
+    })
     return model
 
 

@@ -45,6 +45,7 @@ kernel reads the packed bytes and multiplies in one pass, and a test checks that
 
 from __future__ import annotations
 
+import copy
 from typing import Any, Iterator
 
 import torch
@@ -695,8 +696,9 @@ def quantize(
     groups of ``group_size`` input columns, -1 for one group per row; ``bits`` 2, 3, 4 or 8)
     or ``"nf4"`` (QLoRA's NormalFloat4, blocks of ``block_size``, double-quantized scales).
     The embeddings, norms and (unless ``include_lm_head``) the LM head stay in full precision.
-    The scheme is recorded in ``model.config.quantization_config``, which ``save_pretrained``
-    writes to config.json and ``from_pretrained`` reads back.
+    The scheme is recorded in ``model.config.quantization_config`` (a copy of the config, the
+    model's own: see :func:`record_quantization`), which ``save_pretrained`` writes to
+    config.json and ``from_pretrained`` reads back.
     """
     bits = _check_scheme(scheme, bits)
     check_can_quantize(model)
@@ -724,9 +726,25 @@ def quantize(
         qconfig["group_size"] = group_size
     if scheme == "nf4":
         qconfig.update(block_size=block_size, scale_block_size=256, double_quant=True)
-    if config is not None:
-        config.quantization_config = qconfig
+    record_quantization(model, qconfig)
     return model
+
+
+def record_quantization(model: nn.Module, qconfig: dict[str, Any]) -> None:
+    """Set ``model.config.quantization_config = qconfig`` in a config of the model's own.
+    ``LlamaForCausalLM(config)`` keeps the object it is given (as transformers does), so models
+    built from one config share it; written there, a full-precision sibling would say it is
+    quantized: ``quantize`` refused it and ``save_pretrained`` wrote a config.json that does not
+    match its weights. The copy replaces the shared object in every module of this model that
+    holds it, so this model's modules still read one config."""
+    shared = getattr(model, "config", None)
+    if shared is None:
+        return
+    own = copy.deepcopy(shared)
+    own.quantization_config = qconfig
+    for module in model.modules():
+        if module.__dict__.get("config") is shared:
+            module.config = own
 
 
 def empty_quantized_layer(qconfig: dict[str, Any], in_features: int, out_features: int, bias: bool, device: Any = None) -> QuantizedLinear:
