@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import warnings
 
 import pytest
@@ -662,6 +663,34 @@ def test_packed_kernels_follow_new_weights_and_leave_gradients_to_the_reference(
         xg = x.clone().requires_grad_()
         layer(xg).sum().backward()
         assert torch.allclose(xg.grad, layer.dequantize().sum(0)[None], atol=1e-4)
+
+
+def test_layers_made_in_inference_mode_raise_nothing_per_call():
+    """A model loaded and quantized inside ``torch.inference_mode`` holds inference tensors, whose
+    write counter cannot be read (reading it raises). The packed layers look at their buffers on
+    every call to know the packed copy is current; a raised and caught error there cost more
+    than the matmul itself (an int8 layer took twice as long). The check must ask, not catch."""
+    with torch.inference_mode():
+        layers = _layers(96, 256, 64)
+    x = torch.randn(1, 256)
+    raised = []
+
+    def trace(frame, event, arg):
+        if event == "exception":
+            raised.append(f"{frame.f_code.co_name}: {arg[1]}")
+        return trace
+
+    for layer in layers:
+        layer.compute_dtype = torch.float32  # the packed kernel, exact, where this CPU has it
+        with torch.inference_mode():
+            layer(x)  # packs once
+            sys.settrace(trace)
+            try:
+                out = layer(x)
+            finally:
+                sys.settrace(None)
+        assert raised == []
+        assert torch.allclose(out, _reference(layer, x), atol=1e-5)
 
 
 def test_quantized_model_decodes_the_same_through_the_kernels():

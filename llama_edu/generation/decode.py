@@ -460,10 +460,9 @@ def tensor_key(t: torch.Tensor) -> tuple[int, int]:
     and its in-place writes, which only inference mode allows, go unnoticed; so do writes through
     ``.data``, which PyTorch gives a counter of its own (optimizers and ``load_state_dict`` write
     to the tensor itself, under ``no_grad``)."""
-    try:
-        return t.data_ptr(), t._version
-    except RuntimeError:  # "Inference tensors do not track version counter"
-        return t.data_ptr(), -1
+    # Asked, not caught: reading ``_version`` of an inference tensor raises, and a raised and
+    # caught C++ error costs more than the packed matmul this key guards (it runs every call).
+    return t.data_ptr(), -1 if t.is_inference() else t._version
 
 
 def _model_key(model) -> tuple:
