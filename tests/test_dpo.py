@@ -102,7 +102,10 @@ def test_a_short_dpo_run_prefers_the_chosen_answers(tok):
     apply_lora(model, LoraConfig(r=8, lora_alpha=16, target_modules=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")))
     history = train_dpo(model, tok, load_jsonl(DPO_DATA, "train")[:96], beta=0.1, steps=12, batch_size=8, lr=1e-3, log=None)
     assert history["loss"][0] == pytest.approx(math.log(2), abs=1e-5)
-    assert history["margin"][0] == 0.0
+    # The policy starts as the reference (LoRA's B is zero), so the first margin is 0, up to rounding:
+    # the reference scored chosen and rejected answers in batches of their own, the step scores them
+    # together, and a BLAS may sum the differently padded rows in another order (an AMD host: -4.8e-8).
+    assert history["margin"][0] == pytest.approx(0.0, abs=1e-5)
     assert sum(history["margin"][-3:]) / 3 > 0.2
     held_out = evaluate_preferences(model, tok, load_jsonl(DPO_DATA, "test"), beta=0.1)
     assert held_out["reward_accuracy"] > 0.9 and held_out["margin"] > 0.1, held_out
