@@ -3,8 +3,9 @@
 1. The notebooks run a second way, on other arithmetic paths: one thread (``OMP_NUM_THREADS=1``:
    other reduction orders) and PyTorch's portable kernels (``ATEN_CPU_CAPABILITY=default``: no
    AVX2/AVX-512). A cell marked ``# NBVAL_CHECK_OUTPUT`` must print the same there, so its
-   stored output cannot hold digits that only this CPU produces. nbval runs in a subprocess
-   (one for all notebooks, each notebook one kernel) and a failure names the cells.
+   stored output cannot hold digits that only this CPU produces. nbval runs each notebook in a
+   subprocess of its own, as many at a time as the machine has cores (each uses one thread),
+   and a failure names the cells.
 2. Without the shared data (no ``$LLAMA_EDU_DATA``, no ``../shared/data``, offline), tests and
    notebook cells that need a data file skip, saying which file and where it comes from,
    instead of erroring: a copy of the checkout without ``../shared`` is tested in a subprocess.
@@ -18,7 +19,9 @@ import re
 import shutil
 import subprocess
 import sys
+import uuid
 import xml.etree.ElementTree as ET
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -44,7 +47,7 @@ def checked_notebooks() -> list[Path]:
 def run_pytest(args: list[str], env: dict[str, str], cwd: Path, timeout: float) -> dict[str, list[tuple[str, str]]]:
     """``python -m pytest ARGS`` in a subprocess; the outcome of every test, from its JUnit XML:
     {"passed"|"failed"|"error"|"skipped": [(test id, message)]}."""
-    report = cwd / f".junit-{os.getpid()}.xml"
+    report = cwd / f".junit-{uuid.uuid4().hex}.xml"  # several may run at once
     cmd = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-o", "addopts=", "-q", f"--junitxml={report}", *args]
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     if not report.is_file():
@@ -61,9 +64,19 @@ def run_pytest(args: list[str], env: dict[str, str], cwd: Path, timeout: float) 
     return outcomes
 
 
+def cores() -> int:
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def second_way(notebooks: list[Path], cwd: Path = REPO, timeout: float = 1800) -> dict[str, list[tuple[str, str]]]:
+    """nbval on ``notebooks`` the second way, each in a pytest of its own. They run one thread
+    each, so as many run at once as there are cores: the suite's longest test, halved on 2 cores.
+    Every notebook writes only to temporary folders of its own, so they cannot collide."""
     env = {**os.environ, **SECOND_WAY, "PYTHONPATH": str(REPO)}
-    return run_pytest(["--nbval-lax", *map(str, notebooks)], env, cwd, timeout)
+    with ThreadPoolExecutor(max(1, min(cores(), len(notebooks)))) as pool:
+        runs = list(pool.map(lambda nb: run_pytest(["--nbval-lax", str(nb)], env, cwd, timeout), notebooks))
+    return {kind: [case for run in runs for case in run[kind]] for kind in ("passed", "failed", "error", "skipped")}
 
 
 def _failures(outcomes) -> str:
@@ -106,7 +119,7 @@ def test_the_second_way_runs_other_arithmetic_and_names_the_failing_cells(tmp_pa
 
 def test_checked_notebooks_hold_on_another_arithmetic_path():
     """Every notebook with checked cells, run with OMP_NUM_THREADS=1 ATEN_CPU_CAPABILITY=default
-    (one subprocess, a few minutes: each notebook runs once more, as in CI's first pass)."""
+    (a few minutes: each notebook runs once more, as in CI's first pass)."""
     notebooks = checked_notebooks()
     assert notebooks, f"no notebook in {NOTEBOOKS} has a {CHECK} cell"
     outcomes = second_way(notebooks)
