@@ -29,7 +29,7 @@ def _missing_data_reason(error: BaseException) -> str | None:
         source = re.search(r"(?:download from|its public original:) (\S+)", text)
         where = f"download it from {source.group(1)}" if source else "put it there by hand"
         return (f"missing shared data: {name} is not in $LLAMA_EDU_DATA, ../shared/data or the cache and could not be "
-                f"downloaded: {where} (see the README, 'Where data comes from')")
+                f"downloaded: {where} (see the README, section 'Data')")
     return None
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 import shutil
 from pathlib import Path
 
@@ -162,6 +163,9 @@ def test_offline_the_error_says_where_the_file_comes_from(tmp_path, monkeypatch)
         data.find_data_file("tinyshakespeare.txt")
     assert err.value.name == "tinyshakespeare.txt" and err.value.source == "http://127.0.0.1:9/input.txt"
     assert isinstance(err.value, FileNotFoundError)
+    # The skip line a test prints names a README section: it must be one (it once named none).
+    section = re.search(r"see the README, section '([^']+)'", err.value.summary()).group(1)
+    assert f"\n## {section}\n" in (data.REPO_ROOT / "README.md").read_text()
     with pytest.raises(FileNotFoundError, match="training text nope.txt not found"):
         data.find_input_file("nope.txt", "training text")
 

@@ -72,7 +72,7 @@ class DataFileNotFound(FileNotFoundError):
         """One line for a skipped test: the file, and where it comes from."""
         where = f"download it from {self.source}" if self.source else "put it there by hand"
         return (f"{self.name} is not in $LLAMA_EDU_DATA, ../shared/data or {cache_dir()} and could not be "
-                f"downloaded: {where} (see the README, 'Where data comes from')")
+                f"downloaded: {where} (see the README, section 'Data')")
 
 
 KNOWN_FILES = {
