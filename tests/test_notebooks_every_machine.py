@@ -165,7 +165,7 @@ def hidden_checkout(tmp_path: Path, tests: list[str]) -> tuple[Path, dict[str, s
     clone = tmp_path / "clone"
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
     shutil.copytree(REPO / "llama_edu", clone / "llama_edu", ignore=ignore)
-    for name in ("conftest.py", "pyproject.toml"):
+    for name in ("conftest.py", "pyproject.toml", "README.md"):
         shutil.copy(REPO / name, clone / name)
     (clone / "tests").mkdir()
     shutil.copy(REPO / "tests" / "conftest.py", clone / "tests" / "conftest.py")
