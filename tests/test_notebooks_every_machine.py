@@ -9,6 +9,8 @@
 2. Without the shared data (no ``$LLAMA_EDU_DATA``, no ``../shared/data``, offline), tests and
    notebook cells that need a data file skip, saying which file and where it comes from,
    instead of erroring: a copy of the checkout without ``../shared`` is tested in a subprocess.
+3. In parallel (``python -m pytest -n auto``, the README's command) each notebook still runs whole,
+   in order, in one kernel.
 """
 
 from __future__ import annotations
@@ -202,3 +204,21 @@ def test_without_shared_data_the_suite_skips_instead_of_erroring(tmp_path):
     assert "https://archive.ics.uci.edu/static/public/228/sms+spam+collection.zip" in short["test_a_zip_original"]
     assert "tinyshakespeare.txt" in short["Cell 1"] and "https://raw.githubusercontent.com/karpathy/char-rnn" in short["Cell 1"]
     assert "tinyshakespeare.txt" in short["Cell 2"]
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. In parallel
+# ---------------------------------------------------------------------------------------------
+def test_the_parallel_command_runs_each_notebook_whole_in_one_kernel(tmp_path):
+    """The root conftest sends whole files to pytest-xdist's workers. xdist's default would deal
+    a notebook's cells out one by one to both workers, and a cell would miss the names that the
+    cells before it defined in the other kernel."""
+    pytest.importorskip("xdist")
+    clone, env = hidden_checkout(tmp_path, [])
+    (clone / "notebooks").mkdir()
+    cells = [("x = 0", "")] + [(f"{CHECK}\nx += 1\nprint(x)", f"{i}\n") for i in range(1, 9)]
+    for name in ("a", "b"):
+        _notebook(clone / "notebooks" / f"{name}.ipynb", cells)
+    outcomes = run_pytest(["-n", "2", "--nbval-lax", "notebooks"], env, clone, timeout=300)
+    assert not outcomes["failed"] and not outcomes["error"], _failures(outcomes)
+    assert len(outcomes["passed"]) == 2 * len(cells)
