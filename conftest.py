@@ -62,8 +62,8 @@ def pytest_runtest_call(item):
 
 
 #: The longest file, which runs the notebooks a second time on every core itself: last, so that it
-#: has the machine to itself at the end (started first beside the other worker, it took 487 s instead
-#: of 253, and the whole suite 17.3 minutes instead of 15 on 2 cores).
+#: has the machine to itself at the end (started first beside the other worker it took 487 s, not
+#: 250-300, and the whole suite 17.3 minutes, not 15.5, on 2 cores).
 EVERY_CORE_LAST = "tests/test_notebooks_every_machine.py"
 
 
